@@ -1,0 +1,208 @@
+"""Scale-MAE encoder as a timm ``VisionTransformer`` for linear probing, finetuning and feature extraction.
+
+The only change to timm's ViT is the positional-embedding hook: instead of the learned ``pos_embed`` table, every
+forward adds the GSD-scaled sin-cos embedding of ``input_res`` (per sample, any square input side, cls slot zero).
+The learned ``pos_embed`` parameter stays in the state dict (timm key names, original checkpoint layout) but is not
+used. Loading a Scale-MAE pretraining checkpoint goes through :func:`load_mae_checkpoint`, which checks that the
+missing and unexpected keys are exactly the expected ones instead of silently loading with ``strict=False``.
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Mapping, NamedTuple, Optional, Union
+
+import torch
+import torch.nn as nn
+from timm.models import vision_transformer as timm_vit
+from timm.models._manipulate import checkpoint_seq
+
+from models_mae import _as_res, unsafe_patch_embed
+from util.pos_embed import gsd_sincos_pos_embed
+
+__all__ = [
+    "VisionTransformer",
+    "vit_tiny_patch16",
+    "vit_base_patch16",
+    "vit_large_patch16",
+    "vit_huge_patch14",
+    "MODELS",
+    "load_mae_checkpoint",
+    "checkpoint_filter_fn",
+    "MAE_ONLY_PREFIXES",
+]
+
+# Keys of a pretraining checkpoint that have no counterpart in the encoder (decoder, heads, unused tables).
+MAE_ONLY_PREFIXES = (
+    "mask_token",
+    "mask_token_decoder",
+    "decoder_pos_embed",
+    "decoder_embed.",
+    "decoder_blocks.",
+    "decoder_norm.",
+    "fpn.",
+    "fcn_high.",
+    "fcn_low.",
+    "fcn.",
+    "pos_emb_projection.",
+)
+
+
+class VisionTransformer(timm_vit.VisionTransformer):
+    """timm ViT with Scale-MAE's GSD positional embedding.
+
+    Args:
+        global_pool: mean of patch tokens followed by ``fc_norm`` (keys ``fc_norm.*``, no ``norm.*``) instead of
+            the cls token after ``norm``.
+        img_size: only sizes the unused learned ``pos_embed`` (checkpoint compatibility); any square input side
+            works at run time.
+        **kwargs: timm ``VisionTransformer`` arguments (``embed_dim``, ``depth``, ``num_heads``, ``num_classes``, ...).
+    """
+
+    def __init__(self, global_pool: bool = False, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 **kwargs: Any):
+        kwargs.setdefault("qkv_bias", True)
+        kwargs.setdefault("mlp_ratio", 4)
+        kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))
+        super().__init__(
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+            global_pool="avg" if global_pool else "token", **kwargs,
+        )
+        self.global_pool_enabled = global_pool
+        self.patch_embed = unsafe_patch_embed(patch_size, in_chans, self.embed_dim)
+
+    def _pos_embed(self, x: torch.Tensor, input_res: Optional[torch.Tensor] = None, grid: int = 0) -> torch.Tensor:
+        """x: [N, L, D] patch tokens -> [N, 1 + L, D] with cls prepended and the GSD embedding added."""
+        n = x.shape[0]
+        pos = gsd_sincos_pos_embed(x.shape[-1], grid, _as_res(input_res, n, x)).to(x.dtype)
+        x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1) + pos
+        return self.pos_drop(x)
+
+    def forward_features(self, x: torch.Tensor, input_res: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [N, C, H, H], input_res: [N] (None means ones) -> tokens [N, 1 + L, D] after the final norm."""
+        if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
+            raise ValueError(f"expected a square batch [N, C, S, S], got shape {tuple(x.shape)}")
+        grid = x.shape[-1] // self.patch_embed.patch_size[0]
+        x = self.patch_embed(x)
+        x = self._pos_embed(x, input_res, grid)
+        x = self.norm_pre(self.patch_drop(x))
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def forward(self, x: torch.Tensor, input_res: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [N, C, H, H], input_res: [N] -> logits [N, num_classes] (features [N, D] when ``num_classes=0``)."""
+        return self.forward_head(self.forward_features(x, input_res))
+
+
+def _vit(patch_size: int, embed_dim: int, depth: int, num_heads: int, **kwargs: Any) -> VisionTransformer:
+    return VisionTransformer(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kwargs)
+
+
+def vit_tiny_patch16(**kwargs: Any) -> VisionTransformer:
+    """Encoder of ``models_mae.mae_vit_tiny_patch16`` (192-d, 4 blocks, 3 heads)."""
+    return _vit(16, 192, 4, 3, **kwargs)
+
+
+def vit_base_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-B/16 (768-d, 12 blocks, 12 heads)."""
+    return _vit(16, 768, 12, 12, **kwargs)
+
+
+def vit_large_patch16(**kwargs: Any) -> VisionTransformer:
+    """ViT-L/16 (1024-d, 24 blocks, 16 heads): the released Scale-MAE encoder."""
+    return _vit(16, 1024, 24, 16, **kwargs)
+
+
+def vit_huge_patch14(**kwargs: Any) -> VisionTransformer:
+    """ViT-H/14 (1280-d, 32 blocks, 16 heads)."""
+    return _vit(14, 1280, 32, 16, **kwargs)
+
+
+MODELS = {
+    "vit_tiny_patch16": vit_tiny_patch16,
+    "vit_base_patch16": vit_base_patch16,
+    "vit_large_patch16": vit_large_patch16,
+    "vit_huge_patch14": vit_huge_patch14,
+}
+
+
+class LoadReport(NamedTuple):
+    """Keys the model did not get from the checkpoint, and checkpoint keys the model has no use for."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict"):
+        if key in checkpoint and isinstance(checkpoint[key], Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = dict(checkpoint)
+    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from a DDP wrapper
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
+    """Adapt a pretraining (or encoder) state dict to ``model``.
+
+    Drops the tensors whose shape legitimately differs: the unused learned ``pos_embed`` (input size other than the
+    checkpoint's) and a classifier ``head`` of another size. Decoder keys are left in place so that the loader can
+    report them as the expected unexpected keys.
+    """
+    own = model.state_dict()
+    out = dict(state_dict)
+    for key in [k for k in out if k == "pos_embed" or k.startswith("head.")]:
+        if key in own and own[key].shape != out[key].shape:
+            del out[key]
+    return out
+
+
+def load_mae_checkpoint(
+    model: VisionTransformer,
+    checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
+) -> LoadReport:
+    """Load a Scale-MAE checkpoint (ours, the original's ``{'model': ...}`` release, or an encoder-only state dict).
+
+    The missing keys must be exactly the classifier head (plus ``fc_norm.*`` with global pooling, plus the unused
+    ``pos_embed`` when the input size differs) and the unexpected keys only decoder tensors (plus ``norm.*`` with
+    global pooling). Anything else (a wrong architecture, a truncated file, another model's weights) raises a
+    ``ValueError`` naming the keys and shapes.
+    """
+    source = "state dict"
+    if not isinstance(checkpoint, Mapping):
+        from util.checkpoint import load_checkpoint
+
+        source = str(checkpoint)
+        checkpoint = load_checkpoint(checkpoint)
+    state_dict = checkpoint_filter_fn(_extract_state_dict(checkpoint), model)
+
+    own = model.state_dict()
+    mismatched = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state_dict.items() if k in own and own[k].shape != v.shape
+    ]
+    if mismatched:
+        raise ValueError(f"{source} does not match the model (wrong --model or in_chans?):\n  " + "\n  ".join(mismatched))
+
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    pooled = model.global_pool_enabled
+    bad_missing = [
+        k for k in missing
+        if not (k.startswith("head.") or k == "pos_embed" or (pooled and k.startswith("fc_norm.")))
+    ]
+    bad_unexpected = [
+        k for k in unexpected if not (k.startswith(MAE_ONLY_PREFIXES) or (pooled and k.startswith("norm.")))
+    ]
+    if bad_missing or bad_unexpected:
+        raise ValueError(
+            f"{source} is not a Scale-MAE checkpoint for this encoder: missing {sorted(bad_missing)}, "
+            f"unexpected {sorted(bad_unexpected)} (expected missing: head.*; unexpected: decoder keys only)"
+        )
+    model.load_state_dict(state_dict, strict=False)
+    return LoadReport(missing, unexpected)
