@@ -220,6 +220,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         self.patch_size = patch_size
         self.in_chans = in_chans
+        self.embed_dim = embed_dim
         self.absolute_scale = absolute_scale
         self.use_l1_loss = use_l1_loss
         self.l1_loss_weight = l1_loss_weight
@@ -555,6 +556,48 @@ def mae_vit_huge_patch14(**kwargs) -> MaskedAutoencoderViT:
 mae_vit_base_patch16_dec512d8b = mae_vit_base_patch16
 mae_vit_large_patch16_dec512d8b = mae_vit_large_patch16
 mae_vit_huge_patch14_dec512d8b = mae_vit_huge_patch14
+
+def infer_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
+    """Factory name and constructor kwargs that rebuild the model a pretraining state dict came from.
+
+    Reads the tensor shapes (encoder width, depth, patch, channels, decoder width/depth, head layout), so that a
+    checkpoint can be evaluated without knowing its ``--model``. Raises ``ValueError`` for an encoder that matches no
+    factory.
+    """
+    try:
+        patch_w = state_dict["patch_embed.proj.weight"]
+        dec_w = state_dict["decoder_embed.weight"]
+    except KeyError as err:
+        raise ValueError(f"not a Scale-MAE pretraining state dict: key {err} is missing") from None
+
+    def count(prefix: str) -> int:
+        ids = {k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)}
+        return len({i for i in ids if i.isdigit()})
+
+    embed_dim, in_chans, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[-1]
+    depth = count("blocks.")
+    encoders = {(16, 192, 4): "mae_vit_tiny_patch16", (16, 768, 12): "mae_vit_base_patch16",
+                (16, 1024, 24): "mae_vit_large_patch16", (14, 1280, 32): "mae_vit_huge_patch14"}
+    name = encoders.get((patch, embed_dim, depth))
+    if name is None:
+        raise ValueError(
+            f"checkpoint encoder (patch {patch}, width {embed_dim}, depth {depth}) matches no factory in "
+            f"{sorted(encoders.values())}; pass --model and the model options explicitly"
+        )
+    independent = any(k.startswith("fcn_high.") for k in state_dict)
+    head = "fcn_high." if independent else "fcn."
+    kwargs = dict(
+        in_chans=in_chans,
+        decoder_embed_dim=dec_w.shape[0],
+        decoder_depth=count("decoder_blocks."),
+        fcn_dim=state_dict[head + "proj.weight"].shape[0],
+        fcn_layers=count(head + "conv_blocks."),
+        independent_fcn_head=independent,
+        progressive="fpn.fpn1.0.ln.weight" in state_dict,
+        img_size=int(round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)) * patch,
+    )
+    return name, kwargs  # head counts do not change shapes: the factories' values are assumed
+
 
 MODELS = {
     "mae_vit_tiny_patch16": mae_vit_tiny_patch16,

@@ -1,0 +1,274 @@
+"""Checkpoint saving and loading.
+
+* ``save_checkpoint`` writes atomically: a crash or an exception while serialising never leaves a
+  half-written file in place of an older good one.
+* ``load_checkpoint`` always uses ``torch.load(weights_only=True)``. Checkpoints written by the original
+  Scale-MAE/MAE scripts pickle the whole ``argparse.Namespace`` (sometimes with ``pathlib`` paths inside);
+  those few classes are allow-listed, and the loaded ``args`` is converted to a plain dict. Any other
+  non-tensor global is refused with an error naming the file and the global; there is no fallback to
+  ``weights_only=False``.
+* New checkpoints store ``args`` as a plain dict (``args_to_plain``), so they load without any allow-list.
+
+File layout written by the training scripts: ``{'model', 'optimizer', 'epoch', 'scaler', 'args'}`` in
+``checkpoint-{epoch}.pth`` and ``checkpoint-latest.pth`` inside the output directory.
+"""
+from __future__ import annotations
+
+import argparse
+import enum
+import os
+import pathlib
+import re
+import tempfile
+import urllib.parse
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CheckpointError",
+    "save_checkpoint",
+    "args_to_plain",
+    "load_checkpoint",
+    "find_latest_checkpoint",
+    "describe_state_dict_mismatch",
+]
+
+LATEST_NAME = "checkpoint-latest.pth"
+_EPOCH_RE = re.compile(r"^checkpoint-(\d+)\.pth$")
+
+# Classes that checkpoints of the original scripts may contain besides tensors and builtins.
+_PATH_CLASSES = (pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.Path,
+                 pathlib.PurePath)
+_SAFE_GLOBALS: list[Any] = [argparse.Namespace, *_PATH_CLASSES]
+# Python >= 3.13 pickles paths as ``pathlib._local.X``; map those names onto this interpreter's classes.
+_SAFE_GLOBALS += [(cls, f"pathlib._local.{cls.__name__}") for cls in _PATH_CLASSES
+                  if cls.__module__ != "pathlib._local"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be read or does not have the expected content."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------------------
+def _fsync_dir(directory: Path) -> None:
+    if os.name != "posix":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
+    """Atomically ``torch.save`` ``obj`` to ``path`` and return the path.
+
+    The object is written to a temporary file in the same directory, flushed and fsynced, then moved over
+    ``path`` with ``os.replace``; the directory is fsynced afterwards. If serialisation fails the temporary
+    file is removed and any previous file at ``path`` is left untouched. A top-level ``'args'`` entry that is an
+    ``argparse.Namespace`` is stored as a plain dict so the file loads with ``weights_only=True``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(obj, Mapping) and isinstance(obj.get("args"), argparse.Namespace):
+        obj = {**obj, "args": args_to_plain(obj["args"])}
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; match a plain open()
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, argparse.Namespace):
+        return {str(k): _plain(v) for k, v in vars(value).items()}
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value
+        return [_plain(v) for v in items]
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", None) == ():  # numpy scalar
+        return value.item()
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy / torch arrays
+        return value.tolist()
+    return repr(value)
+
+
+def args_to_plain(args: argparse.Namespace | Mapping[str, Any] | None) -> dict[str, Any]:
+    """Convert parsed arguments to a dict of plain data (str/int/float/bool/None, lists, dicts).
+
+    Paths become strings, tuples and sets become lists, devices/dtypes become strings, numpy/torch scalars
+    become Python numbers; anything else is stored as its ``repr``. The result loads with ``weights_only=True``.
+    """
+    if args is None:
+        return {}
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, Mapping):
+        raise TypeError(f"args_to_plain expects an argparse.Namespace or a mapping, got {type(args).__name__}")
+    return {str(k): _plain(v) for k, v in args.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+def _resolve_source(path_or_url: str | os.PathLike, progress: bool) -> Path:
+    """Turn a path, ``file://`` URL or ``http(s)://`` URL (downloaded to the torch hub cache) into a local path."""
+    text = os.fspath(path_or_url)
+    parsed = urllib.parse.urlparse(text)
+    scheme = parsed.scheme.lower()
+    if scheme in ("http", "https"):
+        cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        name = os.path.basename(urllib.parse.unquote(parsed.path)) or "checkpoint.pth"
+        cached = cache_dir / name
+        if not cached.exists():
+            try:
+                torch.hub.download_url_to_file(text, str(cached), progress=progress)
+            except Exception as e:
+                raise CheckpointError(f"could not download checkpoint {text}: {type(e).__name__}: {e}") from e
+        return cached
+    if scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise CheckpointError(f"file URL {text} names a remote host {parsed.netloc!r}; only local files work")
+        return Path(urllib.request.url2pathname(parsed.path))
+    return Path(text)
+
+
+def _unsupported_global(message: str) -> str | None:
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if match:
+        return match.group(1)
+    match = re.search(r"GLOBAL ([\w.]+) was not an allowed global", message)
+    return match.group(1) if match else None
+
+
+def load_checkpoint(path_or_url: str | os.PathLike, map_location: Any = "cpu", progress: bool = True) -> dict:
+    """Load a checkpoint dict with ``weights_only=True`` from a path, ``file://`` or ``http(s)://`` URL.
+
+    HTTP(S) files are cached under ``$TORCH_HOME/hub/checkpoints`` (reused when present). ``argparse.Namespace``
+    and ``pathlib`` paths written by the original scripts are allowed; a top-level ``args`` entry (Namespace or
+    dict) is returned as a plain dict (``args_to_plain``). Raises ``FileNotFoundError`` for a missing file and
+    ``CheckpointError`` (naming the file) for a truncated/corrupt file, a disallowed global, or content that is
+    not a dict.
+    """
+    path = _resolve_source(path_or_url, progress)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}" +
+                                (f" (from {os.fspath(path_or_url)})" if os.fspath(path_or_url) != str(path) else ""))
+    try:
+        with torch.serialization.safe_globals(_SAFE_GLOBALS):
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        offending = _unsupported_global(str(e))
+        if offending is not None:
+            raise CheckpointError(
+                f"refusing to load checkpoint {path}: it contains the Python object '{offending}', which is not a "
+                f"tensor or plain data and is not on the allow-list (argparse.Namespace, pathlib paths). Loading it "
+                f"would require weights_only=False, i.e. running arbitrary code from the file. Re-save the "
+                f"checkpoint with plain data (e.g. state dicts and args_to_plain(args)) from a trusted environment."
+            ) from None
+        raise CheckpointError(
+            f"could not read checkpoint {path} ({path.stat().st_size} bytes): the file is truncated, corrupt or not "
+            f"a PyTorch checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
+        ) from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict "
+                              f"(e.g. {{'model': state_dict, ...}})")
+    if isinstance(obj.get("args"), (argparse.Namespace, Mapping)):
+        obj["args"] = args_to_plain(obj["args"])
+    return obj
+
+
+def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Checkpoint to resume from in ``output_dir``: ``checkpoint-latest.pth`` if present, else the
+    ``checkpoint-{epoch}.pth`` with the highest epoch, else ``None`` (also when the directory does not exist)."""
+    directory = Path(output_dir)
+    if not directory.is_dir():
+        return None
+    latest = directory / LATEST_NAME
+    if latest.is_file():
+        return latest
+    best: tuple[int, Path] | None = None
+    for entry in directory.iterdir():
+        match = _EPOCH_RE.match(entry.name)
+        if match and entry.is_file():
+            epoch = int(match.group(1))
+            if best is None or epoch > best[0]:
+                best = (epoch, entry)
+    return best[1] if best else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Diagnostics
+# --------------------------------------------------------------------------------------------------------------
+def _shape(value: Any) -> tuple[int, ...] | None:
+    shape = getattr(value, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+def _listing(keys: list[str], limit: int) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def describe_state_dict_mismatch(model_sd: Mapping[str, Any], ckpt_sd: Mapping[str, Any], limit: int = 20) -> str:
+    """Human-readable differences between a model's state dict and a checkpoint's.
+
+    Lists missing keys (in the model, not the checkpoint), unexpected keys (in the checkpoint, not the model) and
+    shape mismatches as ``key: checkpoint (a, b) vs model (c, d)``; at most ``limit`` entries per category.
+    Returns an empty string when keys and shapes agree.
+    """
+    missing = [k for k in model_sd if k not in ckpt_sd]
+    unexpected = [k for k in ckpt_sd if k not in model_sd]
+    mismatched = []
+    for key, value in model_sd.items():
+        if key in ckpt_sd:
+            m, c = _shape(value), _shape(ckpt_sd[key])
+            if m is not None and c is not None and m != c:
+                mismatched.append(f"{key}: checkpoint {_fmt_shape(c)} vs model {_fmt_shape(m)}")
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_listing(missing, limit)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected, limit)}")
+    if mismatched:
+        parts.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched, limit)}")
+    return "\n".join(parts)
