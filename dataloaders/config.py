@@ -1,0 +1,300 @@
+"""YAML dataset configs: loading, validation, path resolution, CLI overrides, saving.
+
+A config file has one top-level key, ``data``, in the schema of the original Scale-MAE configs
+(``type, img_dir, mean, std, oversample, vis_factor, length, size, base_resolution, input_size``) plus the
+keys of the GeoTIFF datasets (``bands, nodata, aoi, reference_gsd, scale, glob, min_valid``) and of the
+built-in demo data (``num_classes, seed``). See ``config/*.yaml`` for commented examples.
+
+Rules
+* ``type`` is case-insensitive and returned lower-case: ``fmow``, ``resisc``, ``eurosat``, ``naip``,
+  ``sentinel2``, ``geotiff``, ``demo``.
+* Unknown keys, keys that do not apply to the type, wrong types and inconsistent values raise
+  :class:`ConfigError` naming the file and the key. ``null`` means "not set".
+* Relative paths (``img_dir``, ``aoi``) resolve against ``data_root`` when given, otherwise against the
+  folder that holds the YAML file -- never against the current working directory. ``~`` and ``$VARS`` are
+  expanded first.
+* Overrides are ``"data.key=value"`` strings (``"key=value"`` is accepted too); the value is parsed as YAML,
+  so ``data.mean=[0.5,0.5,0.5]`` and ``data.length=100`` work. They are applied before validation.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+
+import yaml
+
+from .stats import DEMO_MEAN, DEMO_STD
+
+PathLike = Union[str, os.PathLike]
+
+FOLDER_TYPES = ("fmow", "resisc", "eurosat")
+GEO_TYPES = ("naip", "sentinel2", "geotiff")
+DEMO_TYPES = ("demo",)
+ALL_TYPES = FOLDER_TYPES + GEO_TYPES + DEMO_TYPES
+
+
+class ConfigError(ValueError):
+    """Invalid dataset config; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class _Field:
+    kind: str  # "str", "path", "int", "float", "floats", "ints"
+    types: tuple = ALL_TYPES  # dataset types the key applies to
+    doc: str = ""
+
+
+SCHEMA: dict[str, _Field] = {
+    "type": _Field("str", doc="dataset type: " + ", ".join(ALL_TYPES)),
+    "img_dir": _Field("path", FOLDER_TYPES + GEO_TYPES,
+                      "ImageFolder root, split-list file, or folder/file of GeoTIFFs"),
+    "mean": _Field("floats", doc="per-channel mean, in the scale of the input tensor"),
+    "std": _Field("floats", doc="per-channel std, same scale as mean"),
+    "oversample": _Field("float", doc="DataLoader batch multiplier (default 1.0)"),
+    "vis_factor": _Field("float", doc="visualisation divisor (default 1.0)"),
+    "length": _Field("int", GEO_TYPES + DEMO_TYPES, "samples per epoch (GeoTIFF) / images (demo)"),
+    "size": _Field("int", GEO_TYPES + DEMO_TYPES, "window side read from rasters / demo image side (px)"),
+    "base_resolution": _Field("float", doc="informational, as in the original (CLI --base_resolution is used)"),
+    "input_size": _Field("int", doc="informational, as in the original (CLI --input_size is used)"),
+    "bands": _Field("ints", GEO_TYPES, "1-based band indexes to read (GDAL order)"),
+    "nodata": _Field("float", GEO_TYPES, "nodata value overriding the files' own"),
+    "aoi": _Field("path", GEO_TYPES, "area-of-interest polygon file (GeoJSON/GPKG/...)"),
+    "reference_gsd": _Field("float", GEO_TYPES, "metres; res is multiplied by gsd / reference_gsd"),
+    "scale": _Field("float", GEO_TYPES, "raw DN divisor applied before mean/std (default 1.0)"),
+    "glob": _Field("str", GEO_TYPES, "file pattern under img_dir (default: *.tif/*.tiff, recursive)"),
+    "min_valid": _Field("float", GEO_TYPES, "minimum valid-pixel fraction of a window (default 0.0)"),
+    "num_classes": _Field("int", DEMO_TYPES, "demo: number of synthetic scene classes"),
+    "seed": _Field("int", DEMO_TYPES, "demo: generator seed"),
+}
+
+DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"oversample": 1.0, "vis_factor": 1.0},
+    "naip": {"scale": 1.0, "min_valid": 0.0},
+    "sentinel2": {"scale": 1.0, "min_valid": 0.0},
+    "geotiff": {"scale": 1.0, "min_valid": 0.0},
+    "demo": {"length": 256, "size": 96, "num_classes": 4, "seed": 0, "mean": list(DEMO_MEAN), "std": list(DEMO_STD)},
+}
+
+_TYPE_ALIASES = {t: t for t in ALL_TYPES}
+
+
+def _where(source: str, key: str) -> str:
+    return f"{source}: data.{key}"
+
+
+def _check_value(source: str, key: str, field: _Field, value: Any) -> Any:
+    """Return ``value`` converted to the field's kind or raise ConfigError (expected vs got)."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{_where(source, key)}: expected {expected}, got {value!r} "
+                           f"({type(value).__name__})")
+
+    def is_num(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    kind = field.kind
+    if kind in ("str", "path"):
+        if not isinstance(value, str) or not value.strip():
+            raise fail("a non-empty string" if kind == "str" else "a path (string)")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("an integer")
+        return value
+    if kind == "float":
+        if not is_num(value):
+            raise fail("a number")
+        return float(value)
+    if kind == "floats":
+        if not isinstance(value, (list, tuple)) or not value or not all(is_num(v) for v in value):
+            raise fail("a non-empty list of numbers")
+        return [float(v) for v in value]
+    if kind == "ints":
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise fail("a non-empty list of integers")
+        return [int(v) for v in value]
+    raise AssertionError(kind)
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    expanded = os.path.expandvars(os.path.expanduser(value))
+    p = Path(expanded)
+    if not p.is_absolute():
+        p = base / p
+    return str(p.resolve(strict=False))
+
+
+def validate_config(raw: Any, source: str = "<config>", base_dir: Optional[PathLike] = None) -> dict:
+    """Validate a parsed config mapping and return a new, normalised ``{"data": {...}}`` dict.
+
+    Args:
+        raw: the parsed YAML (must be a mapping with a ``data`` mapping).
+        source: name used in error messages (normally the YAML file path).
+        base_dir: folder that relative paths resolve against; ``None`` leaves them untouched.
+
+    Raises:
+        ConfigError: unknown or inapplicable key, wrong type, missing required key, inconsistent values.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping with a top-level 'data' key, got {type(raw).__name__}")
+    extra = sorted(set(raw) - {"data"})
+    if extra:
+        raise ConfigError(f"{source}: unknown top-level key(s) {extra}; only 'data' is allowed")
+    if "data" not in raw or not isinstance(raw["data"], Mapping):
+        raise ConfigError(f"{source}: missing 'data' mapping")
+    data_in = {k: v for k, v in raw["data"].items() if v is not None}
+
+    for key in data_in:
+        if key not in SCHEMA:
+            raise ConfigError(f"{_where(source, key)}: unknown key; allowed keys: {', '.join(SCHEMA)}")
+    if "type" not in data_in:
+        raise ConfigError(f"{_where(source, 'type')}: required key missing (one of {', '.join(ALL_TYPES)})")
+    dtype = _check_value(source, "type", SCHEMA["type"], data_in["type"]).lower()
+    if dtype not in _TYPE_ALIASES:
+        raise ConfigError(f"{_where(source, 'type')}: expected one of {', '.join(ALL_TYPES)} "
+                          f"(case-insensitive), got {data_in['type']!r}")
+    dtype = _TYPE_ALIASES[dtype]
+
+    out: dict[str, Any] = {"type": dtype}
+    for key, value in data_in.items():
+        if key == "type":
+            continue
+        field = SCHEMA[key]
+        if dtype not in field.types:
+            raise ConfigError(f"{_where(source, key)}: not valid for type {dtype!r} "
+                              f"(only for {', '.join(field.types)})")
+        value = _check_value(source, key, field, value)
+        if field.kind == "path" and base_dir is not None:
+            value = _resolve_path(value, Path(base_dir))
+        out[key] = value
+
+    for key, value in {**DEFAULTS["*"], **DEFAULTS.get(dtype, {})}.items():
+        out.setdefault(key, value)
+
+    _check_consistency(source, out)
+    return {"data": out}
+
+
+def _check_consistency(source: str, d: dict) -> None:
+    dtype = d["type"]
+    if dtype != "demo" and "img_dir" not in d:
+        raise ConfigError(f"{_where(source, 'img_dir')}: required for type {dtype!r}")
+    if dtype != "demo":
+        for key in ("mean", "std"):
+            if key not in d:
+                raise ConfigError(f"{_where(source, key)}: required for type {dtype!r}")
+    if "mean" in d and "std" in d and len(d["mean"]) != len(d["std"]):
+        raise ConfigError(f"{_where(source, 'std')}: expected {len(d['mean'])} values (as many as data.mean), "
+                          f"got {len(d['std'])}")
+    if "std" in d and any(s <= 0 for s in d["std"]):
+        raise ConfigError(f"{_where(source, 'std')}: expected positive values, got {d['std']}")
+    if dtype in FOLDER_TYPES and "mean" in d and len(d["mean"]) != 3:
+        raise ConfigError(f"{_where(source, 'mean')}: expected 3 values (RGB images) for type {dtype!r}, "
+                          f"got {len(d['mean'])}")
+    if "bands" in d:
+        if any(b < 1 for b in d["bands"]):
+            raise ConfigError(f"{_where(source, 'bands')}: expected 1-based band indexes (>= 1), got {d['bands']}")
+        if "mean" in d and len(d["bands"]) != len(d["mean"]):
+            raise ConfigError(f"{_where(source, 'bands')}: expected {len(d['mean'])} bands (as many as "
+                              f"data.mean), got {len(d['bands'])}")
+    for key in ("length", "size", "num_classes", "input_size"):
+        if key in d and d[key] < 1:
+            raise ConfigError(f"{_where(source, key)}: expected a positive integer, got {d[key]}")
+    for key in ("oversample", "vis_factor", "scale", "reference_gsd", "base_resolution"):
+        if key in d and d[key] <= 0:
+            raise ConfigError(f"{_where(source, key)}: expected a positive number, got {d[key]}")
+    if "min_valid" in d and not 0.0 <= d["min_valid"] <= 1.0:
+        raise ConfigError(f"{_where(source, 'min_valid')}: expected a fraction in [0, 1], got {d['min_valid']}")
+
+
+def apply_overrides(raw: Any, overrides: Iterable[str], source: str = "<config>") -> Any:
+    """Apply ``"data.key=value"`` strings (YAML-parsed values) to a parsed config; returns a new mapping."""
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("data"), Mapping):
+        return raw  # validate_config reports the structural problem
+    data = dict(raw["data"])
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override {item!r}: expected 'data.key=value'")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key.startswith("data."):
+            key = key[len("data."):]
+        if key not in SCHEMA:
+            raise ConfigError(f"{source}: override {item!r}: unknown key data.{key}; allowed keys: "
+                              f"{', '.join(SCHEMA)}")
+        try:
+            data[key] = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: override {item!r}: value is not valid YAML ({exc})") from None
+    return {**raw, "data": data}
+
+
+def load_config(path: PathLike, data_root: Optional[PathLike] = None,
+                overrides: Optional[Sequence[str]] = None) -> dict:
+    """Load, override and validate a YAML dataset config.
+
+    Args:
+        path: the YAML file.
+        data_root: folder that relative paths in the config resolve against; default: the YAML file's folder.
+        overrides: ``"data.key=value"`` strings applied before validation.
+
+    Returns:
+        ``{"data": {...}}`` with ``type`` lower-cased, defaults filled in and paths absolute.
+
+    Raises:
+        ConfigError: missing/unreadable file, invalid YAML, or any schema violation (names file and key).
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read config file ({exc})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: invalid YAML ({exc})") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides, source)
+    base = Path(data_root) if data_root is not None else path.resolve().parent
+    return validate_config(raw, source, base_dir=base)
+
+
+def save_config(cfg: Mapping, path: PathLike) -> Path:
+    """Write ``cfg`` as YAML to ``path`` atomically (temporary file + rename); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = yaml.safe_dump(_to_plain(cfg), sort_keys=False, default_flow_style=None)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(plain)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def data_section(cfg: Mapping) -> dict:
+    """Return the inner ``data`` mapping of a config (accepts either ``{"data": {...}}`` or the inner dict)."""
+    if "data" in cfg and isinstance(cfg["data"], Mapping):
+        return dict(cfg["data"])
+    return dict(cfg)

@@ -1,0 +1,194 @@
+"""One epoch of linear-probe / finetune training, and evaluation (used by ``main_linprobe.py``).
+
+Batches: training ``(imgs [N, C, S, S], input_res [N], labels [N])``; evaluation ``(imgs, labels)`` with the
+per-sample ``input_res`` supplied by the caller (``eval_res``). The model is called as
+``model(imgs, input_res=input_res)`` and returns logits ``[N, num_classes]``.
+
+* Learning rate: set at every optimizer step (accumulation boundary) from the fractional epoch
+  ``epoch + step / len(loader)`` by ``util.lr_sched.adjust_learning_rate`` (per-iteration warmup + cosine).
+* Gradient accumulation over ``args.accum_iter`` micro-batches; the loss is divided by ``accum_iter``; under DDP the
+  gradient all-reduce is skipped (``no_sync``) on the micro-steps that do not step the optimizer.
+* Mixed precision: ``amp_dtype`` float16 (autocast + ``GradScaler``) or bfloat16 (autocast only) or ``None`` (fp32).
+* Evaluation sums correct-prediction counts, loss sums and sample counts over all ranks (no averages of averages);
+  the caller's sampler must not duplicate samples (``main_linprobe.ShardSampler``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from util import dist as dist_util
+from util.lr_sched import adjust_learning_rate
+from util.metrics import MetricLogger, SmoothedValue
+
+__all__ = ["LossScaler", "NonFiniteLossError", "train_one_epoch", "evaluate", "autocast_context"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class LossScaler:
+    """``torch.amp.GradScaler`` wrapper: scaled backward, optional unscale + clip, step, update.
+
+    ``__call__`` returns the total gradient L2 norm (after unscaling) on optimizer steps and ``None`` on
+    accumulation-only micro-steps. With ``enabled=False`` (fp32 / bf16) it is a plain backward + step.
+    """
+
+    state_dict_key = "amp_scaler"
+
+    def __init__(self, device_type: str = "cuda", enabled: bool = True) -> None:
+        self.enabled = bool(enabled)
+        self._scaler = torch.amp.GradScaler(device_type, enabled=self.enabled)
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter],
+                 update_grad: bool = True, clip_grad: Optional[float] = None) -> Optional[torch.Tensor]:
+        self._scaler.scale(loss).backward()
+        if not update_grad:
+            return None
+        self._scaler.unscale_(optimizer)
+        params = [p for p in parameters if p.grad is not None]
+        if clip_grad is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            norm = _grad_norm(params)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        return norm
+
+    def state_dict(self) -> dict:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        # a disabled scaler saves {}; loading that into an enabled one would raise
+        if self.enabled and state:
+            self._scaler.load_state_dict(state)
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    if not params:
+        return torch.tensor(0.0)
+    device = params[0].grad.device
+    return torch.norm(torch.stack([torch.norm(p.grad.detach().float(), 2).to(device) for p in params]), 2)
+
+
+def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
+    """``torch.autocast`` for ``amp_dtype`` on ``device``'s type, or a null context for fp32."""
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _no_sync(model: nn.Module, skip_sync: bool):
+    if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, loss_scaler: LossScaler, args: Any,
+                    log_writer: Any = None, amp_dtype: Optional[torch.dtype] = None,
+                    max_norm: Optional[float] = None) -> dict[str, float]:
+    """Train ``model`` for one epoch; returns the epoch averages ``{'loss', 'lr'}`` (loss averaged over ranks).
+
+    ``args`` provides ``accum_iter``, ``lr``, ``min_lr``, ``warmup_epochs``, ``epochs`` and ``print_freq``.
+    TensorBoard (``log_writer``, rank 0): ``train/loss`` (mean over ranks) and ``train/lr`` at
+    x = ``int(1000 * fractional epoch)``, at every optimizer step.
+    """
+    model.train(True)
+    accum_iter = max(1, int(getattr(args, "accum_iter", 1) or 1))
+    print_freq = int(getattr(args, "print_freq", 20) or 20)
+    metric_logger = MetricLogger(delimiter="  ")
+    metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    num_steps = len(data_loader)  # type: ignore[arg-type]
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    optimizer.zero_grad(set_to_none=True)
+    for step, (samples, input_res, targets) in enumerate(
+            metric_logger.log_every(data_loader, print_freq, header, batch_size=getattr(args, "batch_size", None))):
+        if step % accum_iter == 0:
+            adjust_learning_rate(optimizer, step / num_steps + epoch, args)
+
+        samples = samples.to(device, non_blocking=True)
+        input_res = input_res.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
+
+        with _no_sync(model, not update):
+            with autocast_context(device, amp_dtype):
+                outputs = model(samples, input_res=input_res)
+                loss = criterion(outputs.float(), targets)
+            loss_value = float(loss.item())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, step {step}: stopping training "
+                                         f"(try a lower --blr, --amp bf16/none, or check the data)")
+            loss_scaler(loss / accum_iter, optimizer, params, update_grad=update, clip_grad=max_norm)
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+        lr = max(group["lr"] for group in optimizer.param_groups)
+        metric_logger.update(loss=loss_value, lr=lr)
+        loss_reduced = dist_util.all_reduce_mean(loss_value)
+        if log_writer is not None and update:
+            x = int((step / num_steps + epoch) * 1000)
+            log_writer.add_scalar("train/loss", loss_reduced, x)
+            log_writer.add_scalar("train/lr", lr, x)
+
+    metric_logger.synchronize_between_processes()
+    print("Averaged stats:", metric_logger, flush=True)
+    return {"loss": metric_logger.meters["loss"].global_avg, "lr": metric_logger.meters["lr"].value}
+
+
+@torch.no_grad()
+def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, eval_res: float,
+             amp_dtype: Optional[torch.dtype] = None, print_freq: int = 20,
+             topk: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) and mean cross-entropy on ``data_loader``, over all ranks.
+
+    Correct counts, loss sums and sample counts are summed across ranks before dividing, so the result is the exact
+    accuracy over the union of the ranks' samples. ``k`` is clipped to the number of classes (top-5 of a 4-class
+    problem is 100 %). Returns ``{'acc1', 'acc5', 'loss', 'n'}``.
+    """
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    metric_logger = MetricLogger(delimiter="  ")
+    sums = torch.zeros(2 + len(topk), dtype=torch.float64)  # [loss_sum, n, correct@k...]
+    for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        samples = samples.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        res = torch.full((samples.shape[0],), float(eval_res), device=device)
+        with autocast_context(device, amp_dtype):
+            output = model(samples, input_res=res)
+        output = output.float()
+        loss_sum = criterion(output, targets)
+        kmax = min(max(topk), output.shape[1])
+        pred = output.topk(kmax, dim=1).indices
+        hits = pred.eq(targets.view(-1, 1))
+        batch = [float(loss_sum.item()), float(samples.shape[0])]
+        batch += [float(hits[:, :min(k, kmax)].any(dim=1).sum().item()) for k in topk]
+        sums += torch.tensor(batch, dtype=torch.float64)
+        n = samples.shape[0]
+        metric_logger.update(loss=batch[0] / n, acc1=100.0 * batch[2] / n)
+
+    if dist_util.is_dist_avail_and_initialized():
+        t = sums.to(dist_util._comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        sums = t.cpu()
+    total = float(sums[1].item())
+    if total == 0:
+        raise RuntimeError("evaluation set is empty: no samples reached evaluate()")
+    stats = {"loss": float(sums[0].item()) / total, "n": int(total)}
+    for i, k in enumerate(topk):
+        stats[f"acc{k}"] = 100.0 * float(sums[2 + i].item()) / total
+    print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats.get('acc5', float('nan')):.3f} loss {stats['loss']:.4f} "
+          f"({stats['n']} images)", flush=True)
+    return stats

@@ -1,0 +1,167 @@
+"""One pretraining epoch: warmup/cosine lr per step, AMP, gradient accumulation, logging, mid-epoch checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import numpy as np
+import torch
+
+from dataloaders.seeding import sample_seed
+from util import dist as dist_util
+from util.lr_sched import adjust_learning_rate
+from util.metrics import MetricLogger, SmoothedValue
+
+__all__ = ["NonFiniteLossError", "AmpConfig", "train_one_epoch"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stops without writing a checkpoint."""
+
+
+class AmpConfig:
+    """Mixed-precision settings resolved from ``--amp {auto,none,fp16,bf16}``.
+
+    ``auto`` is fp16 on CUDA (the original's autocast + GradScaler) and none on CPU. bf16 needs no scaler and works
+    on CPU too.
+    """
+
+    def __init__(self, mode: str, device: torch.device):
+        if mode == "auto":
+            mode = "fp16" if device.type == "cuda" else "none"
+        if mode not in ("none", "fp16", "bf16"):
+            raise ValueError(f"--amp must be one of auto, none, fp16, bf16; got {mode!r}")
+        self.mode = mode
+        self.device_type = device.type
+        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def pick_source_size(args: Any) -> Optional[int]:
+    """Encoder input side for this step (``--source_size`` / ``--source_size_scheduler``); None = the input as is."""
+    sizes = args.source_size
+    size = int(np.random.choice(sizes)) if args.source_size_scheduler == "random" else int(sizes[0])
+    return None if size == args.input_size else size
+
+
+def mask_noise(args: Any, epoch: int, step: int, batch: int, num_patches: int, device: torch.device) -> torch.Tensor:
+    """This rank's rows of the step's global masking noise [batch, L].
+
+    The noise of the whole global batch is drawn from a generator seeded by (seed, epoch, step) and rank ``r`` takes
+    rows ``r, r + w, ...`` (its samples' global positions), so the masks do not depend on the number of processes.
+    """
+    world, rank = dist_util.get_world_size(), dist_util.get_rank()
+    gen = torch.Generator().manual_seed(sample_seed(args.seed, epoch, step))
+    noise = torch.rand(batch * world, num_patches, generator=gen)[rank::world]
+    return noise.to(device, non_blocking=True)
+
+
+def _grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    data_loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    epoch: int,
+    amp: AmpConfig,
+    args: Any,
+    log_writer=None,
+    start_step: int = 0,
+    steps_per_epoch: Optional[int] = None,
+    on_step_end: Optional[Callable[[int], None]] = None,
+    on_visualize: Optional[Callable[[int, tuple], None]] = None,
+) -> dict[str, float]:
+    """Train for one epoch (or its remainder when resuming at ``start_step``).
+
+    Batches are ``(imgs [N, C, H, H], input_res [N], targets [N, C, 2H, 2H], target_res [N])``.
+    ``on_step_end(step)`` runs after every optimizer step (mid-epoch checkpoints); ``on_visualize(step, outputs)``
+    every ``args.print_freq`` steps on rank 0. Returns the epoch's averaged metrics.
+    Raises ``NonFiniteLossError`` naming the epoch and step if the loss is not finite.
+    """
+    model.train(True)
+    accum_iter = args.accum_iter
+    steps_per_epoch = steps_per_epoch or len(data_loader)
+    logger = MetricLogger(delimiter="  ")
+    logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    header = f"Epoch: [{epoch}]"
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    tick = time.time()
+
+    for local_step, batch in enumerate(logger.log_every(data_loader, args.print_freq, header,
+                                                        batch_size=args.batch_size)):
+        step = start_step + local_step
+        if step % accum_iter == 0:
+            adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
+        imgs, input_res, targets, target_res = (t.to(device, non_blocking=True) for t in batch)
+        update = (step + 1) % accum_iter == 0 or step + 1 == steps_per_epoch
+        # DDP: only the last micro-step of an accumulation window all-reduces gradients
+        sync = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        source_size = pick_source_size(args)
+        side = source_size or imgs.shape[-1]
+        noise = mask_noise(args, epoch, step, imgs.shape[0], (side // args.patch_size) ** 2, device)
+        with sync:
+            with amp.autocast():
+                outputs = model(imgs, targets, mask_ratio=args.mask_ratio, input_res=input_res,
+                                target_res=target_res, source_size=source_size, noise=noise)
+            loss = outputs[0]
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(
+                    f"loss is {loss_value} at epoch {epoch}, step {step} (global step "
+                    f"{epoch * steps_per_epoch + step}); stopping without saving. The last checkpoint in "
+                    f"{args.output_dir} is untouched. Try a lower --blr, --amp bf16 instead of fp16, or --clip_grad."
+                )
+            amp.scaler.scale(loss / accum_iter).backward()
+
+        grad_norm = None
+        if update:
+            amp.scaler.unscale_(optimizer)
+            if args.clip_grad:
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+            else:
+                grad_norm = _grad_norm(params)
+            amp.scaler.step(optimizer)
+            amp.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+
+        lr = optimizer.param_groups[0]["lr"]
+        now = time.time()
+        images_per_s = imgs.shape[0] * dist_util.get_world_size() / max(now - tick, 1e-9)
+        tick = now
+        logger.update(loss=loss_value, lr=lr, input_res=input_res.mean().item())
+        if grad_norm is not None:
+            logger.update(grad_norm=float(grad_norm))
+
+        if update:
+            loss_all = dist_util.all_reduce_mean(loss_value)
+            if log_writer is not None:
+                x = int((epoch + (step + 1) / steps_per_epoch) * 1000)  # the original's 1000 * fractional epoch
+                log_writer.add_scalar("train_loss", loss_all, x)
+                log_writer.add_scalar("lr", lr, x)
+                log_writer.add_scalar("grad_norm", float(grad_norm), x)
+                log_writer.add_scalar("images_per_s", images_per_s, x)
+                log_writer.add_scalar("input_res_mean", input_res.mean().item(), x)
+                if device.type == "cuda":
+                    log_writer.add_scalar("memory_gb", torch.cuda.max_memory_allocated() / 2**30, x)
+            if on_step_end is not None:
+                on_step_end(step)
+        if on_visualize is not None and step % args.print_freq == 0 and dist_util.is_main_process():
+            on_visualize(epoch * steps_per_epoch + step, (imgs, targets, outputs))
+
+    logger.synchronize_between_processes()
+    print("Averaged stats:", logger, flush=True)
+    return logger.global_averages()

@@ -1,0 +1,165 @@
+"""Multiscale kNN evaluation of a Scale-MAE encoder (``main_pretrain.py --eval_only`` and the training monitor).
+
+Semantics are the original's: features are the cls token after the final norm of the unmasked encoder, in float32,
+for images area-resized to each evaluation side; ``res`` is ``eval_base_resolution`` (times ``224 / scale`` with
+``eval_gsd``); cosine similarity, top-k neighbours, votes weighted by ``exp(sim / T)``. Unlike the original, the
+bank holds exactly the real samples (no zero padding, no sampler duplicates) gathered from every rank, the feature
+width comes from the model, and the search runs in chunks (``util/knn.py``).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from util import dist as dist_util
+from util.knn import knn_predict_multi_k, topk_accuracy
+
+__all__ = ["ShardSampler", "eval_res", "extract_features", "evaluate_knn", "format_table", "save_knn_report"]
+
+
+class ShardSampler(Sampler[int]):
+    """Rank ``r`` of ``w`` takes indices ``r, r + w, ...``: every sample exactly once across ranks (no padding)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None):
+        self.length = len(dataset)
+        self.num_replicas = num_replicas if num_replicas is not None else dist_util.get_world_size()
+        self.rank = rank if rank is not None else dist_util.get_rank()
+
+    def __iter__(self):
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))
+
+
+def eval_res(scale: int, base_resolution: float = 1.0, eval_gsd: bool = False, reference: int = 224) -> float:
+    """Relative GSD given to the encoder at an evaluation side: ``base * reference / scale`` with ``eval_gsd``."""
+    return base_resolution * reference / scale if eval_gsd else base_resolution
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module,
+    loader: Iterable,
+    scale: int,
+    res: float,
+    device: torch.device,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """kNN features of a whole (sharded) dataset, gathered from all ranks.
+
+    Batches are ``(imgs [B, C, H, W], labels [B])``; images are area-resized to ``scale`` px and encoded with
+    ``model(x, input_res=res, knn_feats=True)``. Returns features [N, D] (float32, on ``device``) and labels [N].
+    """
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for imgs, target in loader:
+        imgs = imgs.to(device, non_blocking=True)
+        if imgs.shape[-1] != scale or imgs.shape[-2] != scale:
+            imgs = F.interpolate(imgs, size=(scale, scale), mode="area")
+        res_vec = torch.full((imgs.shape[0],), float(res), device=device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out = model(imgs, input_res=res_vec, knn_feats=True)
+        feats.append(out.float())
+        labels.append(torch.as_tensor(target, device=device).long())
+    model.train(was_training)
+    width = getattr(model, "embed_dim", None) or model.cls_token.shape[-1]
+    local_feats = torch.cat(feats) if feats else torch.zeros(0, width, device=device)
+    local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    return dist_util.gather_tensors_variable(local_feats), dist_util.gather_tensors_variable(local_labels)
+
+
+def evaluate_knn(
+    model: torch.nn.Module,
+    train_set: Dataset,
+    val_set: Dataset,
+    scales: Sequence[int] = (56, 112, 224),
+    ks: Sequence[int] = (20,),
+    temperature: float = 0.07,
+    base_resolution: float = 1.0,
+    eval_gsd: bool = False,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    num_classes: Optional[int] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> dict[str, Any]:
+    """kNN accuracy at every evaluation side.
+
+    Returns ``{"scales": {scale: {"res": r, "k": {k: {"top1": %, "top5": %}}}}, "mean": {k: {"top1", "top5"}},
+    "bank_size": n_train, "num_queries": n_val}`` (accuracies in percent).
+    """
+    device = torch.device(device)
+
+    def loader(ds: Dataset) -> DataLoader:
+        return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(ds), num_workers=num_workers,
+                          pin_memory=device.type == "cuda", drop_last=False)
+
+    train_loader, val_loader = loader(train_set), loader(val_set)
+    result: dict[str, Any] = {"scales": {}, "k_values": list(ks), "temperature": temperature}
+    for scale in scales:
+        res = eval_res(scale, base_resolution, eval_gsd)
+        bank, bank_labels = extract_features(model, train_loader, scale, res, device, amp_dtype)
+        query, query_labels = extract_features(model, val_loader, scale, res, device, amp_dtype)
+        per_k = {}
+        for k, (_, scores) in knn_predict_multi_k(bank, bank_labels, query, ks=ks, temperature=temperature,
+                                                   num_classes=num_classes).items():
+            top1, top5 = topk_accuracy(scores, query_labels, ks=(1, 5))
+            per_k[k] = {"top1": top1, "top5": top5}
+        result["scales"][int(scale)] = {"res": res, "k": per_k}
+        result["bank_size"], result["num_queries"] = int(bank.shape[0]), int(query.shape[0])
+    result["mean"] = {
+        k: {m: sum(s["k"][k][m] for s in result["scales"].values()) / len(scales) for m in ("top1", "top5")}
+        for k in ks
+    }
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Paper-style table: one row per evaluation side and a mean row, top-1/top-5 for each k."""
+    ks = result["k_values"]
+    header = "| scale (px) | res | " + " | ".join(f"top-1 k={k} | top-5 k={k}" for k in ks) + " |"
+    rule = "|" + "---|" * (2 + 2 * len(ks))
+    rows = [header, rule]
+    for scale, entry in result["scales"].items():
+        cells = " | ".join(f"{entry['k'][k]['top1']:.2f} | {entry['k'][k]['top5']:.2f}" for k in ks)
+        rows.append(f"| {scale} | {entry['res']:.3g} | {cells} |")
+    cells = " | ".join(f"{result['mean'][k]['top1']:.2f} | {result['mean'][k]['top5']:.2f}" for k in ks)
+    rows.append(f"| mean | | {cells} |")
+    return "\n".join(rows)
+
+
+def save_knn_report(result: dict[str, Any], output_dir: str | os.PathLike, tag: str = "knn") -> dict[str, Path]:
+    """Write ``{tag}.json``, ``{tag}.md`` and an accuracy-vs-scale plot ``{tag}.png`` to ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{tag}.json", "md": out / f"{tag}.md", "png": out / f"{tag}.png"}
+    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    paths["md"].write_text(format_table(result) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = list(result["scales"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k in result["k_values"]:
+        ax.plot(scales, [result["scales"][s]["k"][k]["top1"] for s in scales], marker="o", label=f"top-1, k={k}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(scales, [str(s) for s in scales])
+    ax.set_xlabel("evaluation image side (px)")
+    ax.set_ylabel("kNN accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=100)
+    plt.close(fig)
+    return paths
