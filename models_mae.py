@@ -61,6 +61,47 @@ class Norm2d(nn.Module):
         return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
+# The decoder's convolutional part runs channels-last ([N, H, W, C], the layout the transformer tokens already have):
+# a 1x1 conv is a matmul over the last dim, a transposed conv with kernel == stride is a matmul followed by a pixel
+# shuffle, and Norm2d needs no permutes. On CPU this is several times faster than the NCHW conv kernels (whose
+# transposed-conv backward dominates the original's step); parameters and results are the same.
+def apply_nhwc(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply one decoder layer to a channels-last map x: [N, H, W, C]."""
+    if isinstance(layer, nn.ConvTranspose2d):
+        k = layer.kernel_size[0]
+        if layer.stride != (k, k) or layer.padding != (0, 0) or layer.groups != 1:
+            raise ValueError(f"channels-last path expects kernel == stride transposed convs, got {layer}")
+        c_in, c_out = layer.weight.shape[:2]
+        weight = layer.weight.permute(2, 3, 1, 0).reshape(k * k * c_out, c_in)  # rows ordered (i, j, out)
+        bias = layer.bias.repeat(k * k) if layer.bias is not None else None
+        n, h, w, _ = x.shape
+        y = F.linear(x, weight, bias).view(n, h, w, k, k, c_out)
+        return y.permute(0, 1, 3, 2, 4, 5).reshape(n, h * k, w * k, c_out)
+    if isinstance(layer, nn.Conv2d):
+        if layer.kernel_size == (1, 1) and layer.groups == 1:
+            return F.linear(x, layer.weight.flatten(1), layer.bias)
+        groups, c_in = layer.groups, layer.in_channels
+        if groups > 1 and layer.out_channels == groups:
+            # each output sums `per_group` input channels: a depthwise conv then a sum of neighbours (its backward
+            # is ~3x faster than the grouped kernel's on CPU)
+            per_group = c_in // groups
+            depthwise = layer.weight.reshape(c_in, 1, *layer.kernel_size)
+            y = F.conv2d(x.permute(0, 3, 1, 2), depthwise, None, layer.stride, layer.padding, layer.dilation, c_in)
+            y = y.permute(0, 2, 3, 1)
+            y = y.reshape(*y.shape[:3], groups, per_group).sum(-1)
+            return y + layer.bias if layer.bias is not None else y
+        return layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    if isinstance(layer, Norm2d):
+        return layer.ln(x)
+    return layer(x)
+
+
+def run_nhwc(layers: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = apply_nhwc(layer, x)
+    return x
+
+
 def _upsample2x(dim: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
 
@@ -82,9 +123,9 @@ class FPNHead(nn.Module):
         self.fpn2 = nn.Sequential(_upsample2x(dim))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [N, Dd, G, G] -> ([N, Dd, 4G, 4G], [N, Dd, 2G, 2G])"""
-        coarse = self.fpn2(x)
-        fine = self.fpn1(coarse if self.progressive else x)
+        """x: [N, G, G, Dd] (channels last) -> ([N, 4G, 4G, Dd], [N, 2G, 2G, Dd])"""
+        coarse = run_nhwc(self.fpn2, x)
+        fine = run_nhwc(self.fpn1, coarse if self.progressive else x)
         return fine, coarse
 
 
@@ -106,8 +147,8 @@ class HFFB(nn.Module):
         self.residual = nn.Conv2d(dim, dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, dim, h, w] -> [N, dim, h, w]"""
-        return self.convs(x) + self.residual(x)
+        """x: [N, h, w, dim] (channels last) -> [N, h, w, dim]"""
+        return run_nhwc(self.convs, x) + apply_nhwc(self.residual, x)
 
 
 class FCNHead(nn.Module):
@@ -135,21 +176,23 @@ class FCNHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, in_dim, h, w] -> [N, out_chans, 8h, 8w]"""
-        return self.pred(self.conv_blocks(self.proj(x)))
+        """x: [N, h, w, in_dim] (channels last) -> image [N, out_chans, 8h, 8w] (NCHW)"""
+        x = apply_nhwc(self.proj, x)
+        for block in self.conv_blocks:
+            x = block(x)
+        return run_nhwc(self.pred, x).permute(0, 3, 1, 2)
 
 
 def _as_res(res: ResLike, n: int, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample relative GSD as a float ``[n]`` tensor on ``like``'s device (None means ones)."""
+    """Relative GSD as a float tensor on ``like``'s device: ``[n]`` per sample, or ``[1]`` when one value (a number,
+    a 0-d tensor, or None = 1) is shared by the batch, so its tables are computed once and broadcast."""
     if res is None:
-        return torch.ones(n, device=like.device)
+        return torch.ones(1, device=like.device)
     res = torch.as_tensor(res, device=like.device)
     if not res.is_floating_point():
         res = res.float()
-    if res.dim() == 0:
-        res = res.expand(n)
     res = res.reshape(-1)
-    if res.shape[0] != n:
+    if res.shape[0] not in (1, n):
         raise ValueError(f"res must have one value per sample: got {res.shape[0]} values for a batch of {n}")
     return res
 
@@ -352,20 +395,21 @@ class MaskedAutoencoderViT(nn.Module):
     ):
         """Masked GSD-aware encoder.
 
-        imgs: [N, C, H, H]; input_res: [N].
+        imgs: [N, C, H, H]; input_res: [N] (or [1], shared by the batch).
         Returns latent [N, 1 + L_keep, D] (after the final norm), mask [N, L], ids_restore [N, L],
         pos_embed_encoder [N, 1 + L, Dd] (the decoder-width GSD table of the same grid and res).
         """
+        n = imgs.shape[0]
         x = self.patch_embed(imgs)  # [N, L, D]
         grid = imgs.shape[-1] // self.patch_size
-        pos = gsd_sincos_pos_embed(x.shape[-1], grid, input_res).to(x.dtype)  # [N, 1 + L, D]
+        pos = gsd_sincos_pos_embed(x.shape[-1], grid, input_res).to(x.dtype)  # [N or 1, 1 + L, D]
         x = x + pos[:, 1:]
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
-        cls = (self.cls_token + pos[:, :1]).to(x.dtype)  # the cls row of the table is zero
+        cls = (self.cls_token + pos[:, :1]).to(x.dtype).expand(n, -1, -1)  # the cls row of the table is zero
         x = torch.cat([cls, x], dim=1)
         x = self.norm(self._run_blocks(self.blocks, x))
         pos_embed_encoder = gsd_sincos_pos_embed(self.decoder_embed.out_features, grid, input_res)
-        return x, mask, ids_restore, pos_embed_encoder
+        return x, mask, ids_restore, pos_embed_encoder.expand(n, -1, -1)
 
     # ------------------------------------------------------------------------------------------- decoder
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor, pos_embed_encoder: torch.Tensor):
@@ -383,8 +427,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = x[:, 1:]  # the decoder works on patch tokens only (cls dropped)
         x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))  # [N, L, Dd]
         grid = int(round(length**0.5))
-        x = x.reshape(n, grid, grid, -1).permute(0, 3, 1, 2)  # [N, Dd, G, G]
-        fine, coarse = self.fpn(x)
+        fine, coarse = self.fpn(x.reshape(n, grid, grid, -1))  # tokens are already a channels-last map
         if self.independent_fcn_head:
             return self.fcn_high(fine), self.fcn_low(coarse)
         return self.fcn(fine), self.fcn(coarse)
@@ -417,16 +460,25 @@ class MaskedAutoencoderViT(nn.Module):
         High band: squared error, or ``l1_loss_weight * |error|`` with ``use_l1_loss``; low band: squared error.
         """
         target_high, target_low = self.band_targets(targets, pred_low.shape[-1])
-        grid = int(round(mask.shape[1] ** 0.5))
-        mask_map = mask.reshape(-1, 1, grid, grid).to(pred_high.dtype)
-        mask_high = F.interpolate(mask_map, size=pred_high.shape[-2:], mode="nearest")
-        mask_low = F.interpolate(mask_map, size=pred_low.shape[-2:], mode="nearest")
-
         err_high = target_high - pred_high
         err_high = err_high.abs() * self.l1_loss_weight if self.use_l1_loss else err_high.square()
-        loss_high = (err_high * mask_high).sum() / (mask_high.sum() + 1e-9)
-        loss_low = ((target_low - pred_low).square() * mask_low).sum() / (mask_low.sum() + 1e-9)
+        loss_high = self._masked_mean(err_high, mask)
+        loss_low = self._masked_mean((target_low - pred_low).square(), mask)
         return loss_high + loss_low
+
+    @staticmethod
+    def _masked_mean(err: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """sum(err * up(mask)) / (sum(up(mask)) + 1e-9), ``up`` = nearest upsampling of the token mask.
+
+        err: [N, C, S, S] with S a multiple of the grid G; mask: [N, L = G*G]. Summing each token's pixels first
+        gives the original's value without building the full-size mask and product.
+        """
+        n, _, side, _ = err.shape
+        grid = int(round(mask.shape[1] ** 0.5))
+        cell = side // grid
+        per_token = err.sum(1).reshape(n, grid, cell, grid, cell).sum((2, 4)).reshape(n, grid * grid)
+        mask = mask.to(per_token.dtype)
+        return (per_token * mask).sum() / (mask.sum() * cell * cell + 1e-9)
 
     def combine_bands(self, pred_high: torch.Tensor, pred_low: torch.Tensor) -> torch.Tensor:
         """Full image from the two bands: bilinear_up(area_down(pred_low, dim1)) + pred_high: [N, C, T, T]."""
@@ -476,7 +528,7 @@ class MaskedAutoencoderViT(nn.Module):
             targets: high-resolution image [N, C, 32G, 32G] (2x the input at p = 16).
             mask_ratio: fraction of patch tokens removed.
             knn_feats: return the cls token after the final norm, [N, D], of the unmasked encoder.
-            input_res / target_res: per-sample relative GSD [N] (None means ones).
+            input_res / target_res: relative GSD, per sample [N] or one number for the batch (None means 1).
             source_size: optional smaller encoder input side (multiple of p); input and targets are area-resized.
             noise: [N, L] uniform noise deciding the masking (argsort ascending, keep the smallest).
 
@@ -519,7 +571,7 @@ class MaskedAutoencoderViT(nn.Module):
 
         pos_embed_decoder = gsd_sincos_pos_embed(
             self.decoder_embed.out_features, targets.shape[-1] // self.patch_size, target_res
-        )
+        ).expand(imgs.shape[0], -1, -1)
         preds = [self.patchify(p, self._pred_patch(p.shape[-1], grid)) for p in (pred_high, pred_low, pred_all)]
         return loss, preds, mask, 0, 1, pos_embed_encoder, pos_embed_decoder, imgs
 

@@ -23,7 +23,7 @@ class Encoder(torch.nn.Module):
 
     def forward(self, x, input_res=None, knn_feats=False):
         assert knn_feats
-        return torch.cat([x.mean(dim=(2, 3)), input_res[:, None]], dim=1)
+        return torch.cat([x.mean(dim=(2, 3)), torch.full((x.shape[0], 1), float(input_res))], dim=1)
 
 
 def labelled_set(n: int, seed: int = 0) -> TensorDataset:

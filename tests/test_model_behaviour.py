@@ -244,3 +244,15 @@ def test_patch14_predictions_are_patchified_per_token():
     loss, (high, low, full), *_ = model(imgs, targets)
     assert high.shape == (2, 16, 32 * 32 * 3) and low.shape == (2, 16, 16 * 16 * 3)
     assert torch.isfinite(loss)
+
+
+def test_one_res_for_the_batch_equals_a_constant_vector(tiny_mae):
+    model = tiny_mae()
+    imgs, targets, noise = batch()
+    shared = model(imgs, targets, input_res=2.0, target_res=1.0, noise=noise)
+    vector = model(imgs, targets, input_res=torch.full((3,), 2.0), target_res=torch.ones(3), noise=noise)
+    assert torch.equal(shared[0], vector[0])
+    assert shared[5].shape == vector[5].shape == (3, 17, 16)
+    assert shared[6].shape == vector[6].shape == (3, 65, 16)
+    with pytest.raises(ValueError, match="one value per sample"):
+        model(imgs, targets, input_res=torch.ones(2), noise=noise)

@@ -172,3 +172,22 @@ def test_geotiff_six_band_run_uses_gsd(tmp_path):
     ckpt = torch.load(out / "checkpoint-latest.pth", weights_only=True)
     assert ckpt["model"]["patch_embed.proj.weight"].shape[1] == 6
     assert ckpt["model"]["fcn_high.pred.7.weight"].shape[1] == 6
+
+
+def test_released_architecture_resumes_with_original_optimizer_layout():
+    """--model mae_vit_large_patch16 takes the 393-key release dict strictly, and our optimizer has the original's
+    two groups (138 decayed tensors, 253 not) so an original optimizer state maps one to one (meta device)."""
+    spec = json.loads((DATA_DIR / "mae_vit_large_patch16.json").read_text())
+    args = main_pretrain.get_args_parser().parse_args(["--model", "mae_vit_large_patch16"])
+    args.target_size = [448]
+    with torch.device("meta"):
+        model = main_pretrain.build_model(args, "mae_vit_large_patch16", {}, 3)
+    released = {key: torch.empty(shape, device="meta") for key, shape, _ in spec["keys"]}
+    main_pretrain.load_model_weights(model, {f"module.{k}": v for k, v in released.items()}, "release")
+    groups = main_pretrain.param_groups_weight_decay(model, 0.05)
+    assert [len(g["params"]) for g in groups] == [138, 253]
+    assert {"cls_token", "mask_token", "mask_token_decoder"} <= set(groups[0]["param_names"])
+    missing = dict(released)
+    del missing["decoder_norm.bias"]
+    with pytest.raises(SystemExit, match="decoder_norm.bias"):
+        main_pretrain.load_model_weights(model, missing, "truncated")

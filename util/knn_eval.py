@@ -64,9 +64,8 @@ def extract_features(
         imgs = imgs.to(device, non_blocking=True)
         if imgs.shape[-1] != scale or imgs.shape[-2] != scale:
             imgs = F.interpolate(imgs, size=(scale, scale), mode="area")
-        res_vec = torch.full((imgs.shape[0],), float(res), device=device)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(imgs, input_res=res_vec, knn_feats=True)
+            out = model(imgs, input_res=float(res), knn_feats=True)  # one res: its table is built once
         feats.append(out.float())
         labels.append(torch.as_tensor(target, device=device).long())
     model.train(was_training)
