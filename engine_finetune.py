@@ -8,9 +8,10 @@ per-sample ``input_res`` supplied by the caller (``eval_res``). The model is cal
   ``epoch + step / len(loader)`` by ``util.lr_sched.adjust_learning_rate`` (per-iteration warmup + cosine).
 * Gradient accumulation over ``args.accum_iter`` micro-batches; the loss is divided by ``accum_iter``; under DDP the
   gradient all-reduce is skipped (``no_sync``) on the micro-steps that do not step the optimizer.
-* Mixed precision: ``amp_dtype`` float16 (autocast + ``GradScaler``) or bfloat16 (autocast only) or ``None`` (fp32).
+* Mixed precision: ``amp`` (``util.amp.AmpConfig``) float16 (autocast + ``GradScaler``) or bfloat16 (autocast
+  only) or none (fp32); ``evaluate`` takes the autocast dtype (``amp.dtype``).
 * Evaluation sums correct-prediction counts, loss sums and sample counts over all ranks (no averages of averages);
-  the caller's sampler must not duplicate samples (``main_linprobe.ShardSampler``).
+  the caller's sampler must not duplicate samples (``util.dist.ShardSampler``).
 """
 from __future__ import annotations
 
@@ -23,65 +24,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from util import dist as dist_util
+from util.amp import AmpConfig, NonFiniteLossError, autocast_context
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, SmoothedValue
 
-__all__ = ["LossScaler", "NonFiniteLossError", "train_one_epoch", "evaluate", "autocast_context"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-class LossScaler:
-    """``torch.amp.GradScaler`` wrapper: scaled backward, optional unscale + clip, step, update.
-
-    ``__call__`` returns the total gradient L2 norm (after unscaling) on optimizer steps and ``None`` on
-    accumulation-only micro-steps. With ``enabled=False`` (fp32 / bf16) it is a plain backward + step.
-    """
-
-    state_dict_key = "amp_scaler"
-
-    def __init__(self, device_type: str = "cuda", enabled: bool = True) -> None:
-        self.enabled = bool(enabled)
-        self._scaler = torch.amp.GradScaler(device_type, enabled=self.enabled)
-
-    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, parameters: Iterable[nn.Parameter],
-                 update_grad: bool = True, clip_grad: Optional[float] = None) -> Optional[torch.Tensor]:
-        self._scaler.scale(loss).backward()
-        if not update_grad:
-            return None
-        self._scaler.unscale_(optimizer)
-        params = [p for p in parameters if p.grad is not None]
-        if clip_grad is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
-        else:
-            norm = _grad_norm(params)
-        self._scaler.step(optimizer)
-        self._scaler.update()
-        return norm
-
-    def state_dict(self) -> dict:
-        return self._scaler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        # a disabled scaler saves {}; loading that into an enabled one would raise
-        if self.enabled and state:
-            self._scaler.load_state_dict(state)
-
-
-def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    if not params:
-        return torch.tensor(0.0)
-    device = params[0].grad.device
-    return torch.norm(torch.stack([torch.norm(p.grad.detach().float(), 2).to(device) for p in params]), 2)
-
-
-def autocast_context(device: torch.device, amp_dtype: Optional[torch.dtype]):
-    """``torch.autocast`` for ``amp_dtype`` on ``device``'s type, or a null context for fp32."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+__all__ = ["AmpConfig", "NonFiniteLossError", "train_one_epoch", "evaluate", "autocast_context"]
 
 
 def _no_sync(model: nn.Module, skip_sync: bool):
@@ -91,9 +38,8 @@ def _no_sync(model: nn.Module, skip_sync: bool):
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                    device: torch.device, epoch: int, loss_scaler: LossScaler, args: Any,
-                    log_writer: Any = None, amp_dtype: Optional[torch.dtype] = None,
-                    max_norm: Optional[float] = None) -> dict[str, float]:
+                    device: torch.device, epoch: int, amp: AmpConfig, args: Any,
+                    log_writer: Any = None, max_norm: Optional[float] = None) -> dict[str, float]:
     """Train ``model`` for one epoch; returns the epoch averages ``{'loss', 'lr'}`` (loss averaged over ranks).
 
     ``args`` provides ``accum_iter``, ``lr``, ``min_lr``, ``warmup_epochs``, ``epochs`` and ``print_freq``.
@@ -121,14 +67,14 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
 
         with _no_sync(model, not update):
-            with autocast_context(device, amp_dtype):
+            with amp.autocast():
                 outputs = model(samples, input_res=input_res)
                 loss = criterion(outputs.float(), targets)
             loss_value = float(loss.item())
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, step {step}: stopping training "
                                          f"(try a lower --blr, --amp bf16/none, or check the data)")
-            loss_scaler(loss / accum_iter, optimizer, params, update_grad=update, clip_grad=max_norm)
+            amp.backward_step(loss / accum_iter, optimizer, params, update_grad=update, clip_grad=max_norm)
         if update:
             optimizer.zero_grad(set_to_none=True)
 

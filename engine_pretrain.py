@@ -11,37 +11,11 @@ import torch
 
 from dataloaders.seeding import sample_seed
 from util import dist as dist_util
+from util.amp import AmpConfig, NonFiniteLossError
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, SmoothedValue
 
 __all__ = ["NonFiniteLossError", "AmpConfig", "train_one_epoch"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; training stops without writing a checkpoint."""
-
-
-class AmpConfig:
-    """Mixed-precision settings resolved from ``--amp {auto,none,fp16,bf16}``.
-
-    ``auto`` is fp16 on CUDA (the original's autocast + GradScaler) and none on CPU. bf16 needs no scaler and works
-    on CPU too.
-    """
-
-    def __init__(self, mode: str, device: torch.device):
-        if mode == "auto":
-            mode = "fp16" if device.type == "cuda" else "none"
-        if mode not in ("none", "fp16", "bf16"):
-            raise ValueError(f"--amp must be one of auto, none, fp16, bf16; got {mode!r}")
-        self.mode = mode
-        self.device_type = device.type
-        self.dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mode)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=(mode == "fp16"))
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
 
 
 def pick_source_size(args: Any) -> Optional[int]:
@@ -61,13 +35,6 @@ def mask_noise(args: Any, epoch: int, step: int, batch: int, num_patches: int, d
     gen = torch.Generator().manual_seed(sample_seed(args.seed, epoch, step))
     noise = torch.rand(batch * world, num_patches, generator=gen)[rank::world]
     return noise.to(device, non_blocking=True)
-
-
-def _grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.tensor(0.0)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
 
 
 def train_one_epoch(
@@ -125,17 +92,10 @@ def train_one_epoch(
                     f"{epoch * steps_per_epoch + step}); stopping without saving. The last checkpoint in "
                     f"{args.output_dir} is untouched. Try a lower --blr, --amp bf16 instead of fp16, or --clip_grad."
                 )
-            amp.scaler.scale(loss / accum_iter).backward()
-
-        grad_norm = None
+            # --clip_grad 0 means off here (the original's flag), hence ``or None``
+            grad_norm = amp.backward_step(loss / accum_iter, optimizer, params, update_grad=update,
+                                          clip_grad=args.clip_grad or None)
         if update:
-            amp.scaler.unscale_(optimizer)
-            if args.clip_grad:
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
-            else:
-                grad_norm = _grad_norm(params)
-            amp.scaler.step(optimizer)
-            amp.scaler.update()
             optimizer.zero_grad(set_to_none=True)
 
         lr = optimizer.param_groups[0]["lr"]

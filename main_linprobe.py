@@ -22,25 +22,24 @@ random resized crop (area fraction in [scale_min, scale_max]); validation uses o
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
-import random
-import sys
-import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 import models_vit
-from engine_finetune import LossScaler, NonFiniteLossError, evaluate, train_one_epoch
+from engine_finetune import evaluate, train_one_epoch
 from util import dist as dist_util
+from util.amp import AmpConfig
 from util.checkpoint import (CheckpointError, args_to_plain, describe_state_dict_mismatch, find_latest_checkpoint,
-                             load_checkpoint, save_checkpoint)
+                             load_checkpoint, strip_module_prefix)
+from util.dist import ShardSampler
+from util.launch import (add_distributed_args, add_loader_args, add_run_args, init_run, open_log_writer,
+                         save_epoch_checkpoints, save_run_config, training_run, warn_dead_flags)
 from util.lr_decay import apply_linear_layer_scale, param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
@@ -108,10 +107,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction")
     g.add_argument("--base_resolution", default=2.5, type=float,
                    help="train res = (crop - 1) / input_size * base_resolution")
-    g.add_argument("--num_workers", default=10, type=int)
-    g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    p.set_defaults(pin_mem=True)
+    add_loader_args(g)
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", default="resisc", type=str,
@@ -130,24 +126,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_reference_resolution", default=224, type=float)
     g.add_argument("--eval", action="store_true", help="evaluate (the resumed model) and exit")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, config.yaml")
-    g.add_argument("--log_dir", default="./output_dir", help="TensorBoard events")
-    g.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu when CUDA is unavailable)")
-    g.add_argument("--seed", default=0, type=int, help="torch/numpy seed (+ rank)")
-    g.add_argument("--resume", default="", help="checkpoint of this script to resume from (path or URL)")
-    g.add_argument("--no_autoresume", action="store_true", help="ignore output_dir/checkpoint-latest.pth")
-    g.add_argument("--restart", action="store_true", help="load weights (and optimizer) but start at epoch 0")
-    g.add_argument("--start_epoch", default=0, type=int, help="overwritten by resume")
+    g = add_run_args(p, output_dir_help="checkpoints, log.txt, config.yaml",
+                     resume_help="checkpoint of this script to resume from (path or URL)")
     g.add_argument("--checkpoint_interval", default=20, type=int,
                    help="keep checkpoint-{epoch}.pth every n epochs (and the last); checkpoint-latest.pth always")
     g.add_argument("--print_freq", default=20, type=int, help="progress line every n steps")
 
-    g = p.add_argument_group("distributed")
-    g.add_argument("--world_size", default=1, type=int, help="overwritten by the launcher's environment")
-    g.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by torch.distributed.launch")
-    g.add_argument("--dist_on_itp", action="store_true", help="OpenMPI environment (OMPI_COMM_WORLD_*)")
-    g.add_argument("--dist_url", default="env://", help="process group init method")
+    add_distributed_args(p)
 
     g = p.add_argument_group("accepted for compatibility, no effect")
     g.add_argument("--drop_path", type=float, default=0.1, help="ignored, as in the original")
@@ -163,33 +148,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
-def warn_dead_flags(args: argparse.Namespace) -> None:
-    parser = get_args_parser()
-    for flag, why in DEAD_FLAGS.items():
-        if getattr(args, flag) != parser.get_default(flag):
-            print(f"WARNING: --{flag} has no effect ({why})")
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        print("CUDA is not available: running on CPU")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
-def resolve_amp(mode: str, device: torch.device) -> Optional[torch.dtype]:
-    """``--amp`` -> autocast dtype (None = fp32). auto = fp16 on CUDA, none elsewhere."""
-    if mode == "auto":
-        mode = "fp16" if device.type == "cuda" else "none"
-    return {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[mode]
-
-
 def resolve_model_name(name: str) -> str:
     """A ``models_vit`` factory name; MAE names (``mae_vit_large_patch16[_dec512d8b]``) map to their encoder."""
     if name in models_vit.MODELS:
@@ -236,24 +194,6 @@ def report_resolutions(args: argparse.Namespace) -> dict[str, float]:
               f"To match, pass --eval_base_resolution {mid:.3g} (or --base_resolution "
               f"{args.base_resolution * ev / mid:.3g}). The original's defaults have this mismatch.")
     return {"train_res_min": lo, "train_res_median": mid, "train_res_max": hi, "eval_res": ev}
-
-
-class ShardSampler(Sampler[int]):
-    """Sequential shard of a dataset for one rank, **without padding**: rank r gets indices r, r + W, r + 2W, ...
-
-    Every sample is evaluated exactly once over all ranks (torch's DistributedSampler repeats samples to even out
-    the shards, which biases the accuracy); ranks may get one sample less than others.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0) -> None:
-        self.n = len(dataset)  # type: ignore[arg-type]
-        self.num_replicas, self.rank = int(num_replicas), int(rank)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.n, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.num_replicas))
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -311,10 +251,7 @@ def read_pretrained(path: str) -> dict[str, torch.Tensor]:
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
             break
-    sd = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return strip_module_prefix({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)})
 
 
 def load_pretrained(model: models_vit.VisionTransformer, path: str) -> models_vit.LoadReport:
@@ -373,7 +310,7 @@ def build_param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[
     return apply_linear_layer_scale(groups, args.linear_layer_scale)
 
 
-def _load_resume(args, resume: str, model: nn.Module, optimizer, scaler: LossScaler) -> float:
+def _load_resume(args, resume: str, model: nn.Module, optimizer, amp: AmpConfig) -> float:
     """Weights (strict), and unless ``--eval`` optimizer/scaler/epoch; returns the best acc1 so far."""
     try:
         ckpt = load_checkpoint(resume)
@@ -381,9 +318,7 @@ def _load_resume(args, resume: str, model: nn.Module, optimizer, scaler: LossSca
         raise SystemExit(f"--resume: {err}") from None
     if "model" not in ckpt:
         raise SystemExit(f"resume checkpoint {resume} has no 'model' entry (keys: {sorted(ckpt)})")
-    state = ckpt["model"]
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    state = strip_module_prefix(ckpt["model"])
     problem = describe_state_dict_mismatch(model.state_dict(), state)
     if problem:
         raise SystemExit(f"resume checkpoint {resume} does not match the model (a pretraining checkpoint goes to "
@@ -397,7 +332,7 @@ def _load_resume(args, resume: str, model: nn.Module, optimizer, scaler: LossSca
         except (ValueError, KeyError) as err:
             raise SystemExit(f"resume checkpoint {resume}: its optimizer state does not fit this run (linear probe "
                              f"vs --finetune?): {err}") from None
-        scaler.load_state_dict(ckpt.get("scaler") or {})
+        amp.load_state_dict(ckpt.get("scaler"))
         args.start_epoch = 0 if args.restart else int(ckpt["epoch"]) + 1
         print(f"resumed optimizer; starting at epoch {args.start_epoch} (best acc1 so far {best:.2f})")
     return best
@@ -407,19 +342,14 @@ def _load_resume(args, resume: str, model: nn.Module, optimizer, scaler: LossSca
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run a linear probe / finetune (or ``--eval``). Returns ``{'test': last stats, 'best_acc1', 'history'}``
     (``--eval``: the evaluation stats ``{'acc1', 'acc5', 'loss', 'n'}``)."""
-    dist_util.init_distributed_mode(args)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and args.distributed:
-        device = torch.device("cuda", args.gpu)
+    device = init_run(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    seed_everything(args.seed + rank)
-    torch.backends.cudnn.benchmark = True
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir is not None and dist_util.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"job dir: {Path(__file__).resolve().parent}")
     args.model = resolve_model_name(args.model)
-    amp_dtype = resolve_amp(args.amp, device)
+    amp = AmpConfig(args.amp, device)
+    amp_dtype = amp.dtype
     if amp_dtype == torch.float16 and device.type != "cuda":
         print("NOTE: fp16 autocast on CPU is slow and loses precision; --amp bf16 is the CPU choice")
 
@@ -453,10 +383,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g} (blr {args.blr:.3g})")
     param_groups = build_param_groups(model, args)
     optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
-    scaler = LossScaler(device.type, enabled=amp_dtype == torch.float16)
     best_acc1 = 0.0
     if resume:
-        best_acc1 = _load_resume(args, resume, model, optimizer, scaler)
+        best_acc1 = _load_resume(args, resume, model, optimizer, amp)
 
     model_without_ddp = model
     if args.distributed:
@@ -468,11 +397,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                             num_workers=args.num_workers, pin_memory=pin, drop_last=False)
 
     if dist_util.is_main_process() and out_dir is not None:
-        from dataloaders.config import save_config
-
-        save_config({"args": args_to_plain(args), "data": (cfg or {}).get("data"), "resolution": res_info},
-                    out_dir / ("config_eval.yaml" if args.eval else "config.yaml"))
-    warn_dead_flags(args)
+        save_run_config(out_dir, args, cfg, evaluating=args.eval, resolution=res_info)
+    warn_dead_flags(args, get_args_parser(), DEAD_FLAGS)
 
     if args.eval:
         stats = evaluate(val_loader, model, device, eval_res, amp_dtype, args.print_freq)
@@ -490,35 +416,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"the training set gives {len(train_sampler)} samples per process, fewer than the batch "
                          f"size {train_batch}: lower --batch_size or add data")
 
-    log_writer = None
-    if dist_util.is_main_process() and args.log_dir:
-        from torch.utils.tensorboard import SummaryWriter
-
-        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-        log_writer = SummaryWriter(log_dir=args.log_dir)
+    log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() and args.log_dir else None
     jsonl = JsonlLogger(out_dir)
 
     history: list[dict[str, Any]] = []
     test_stats: dict[str, float] = {}
     print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
-    start = time.time()
-    try:
+    with training_run(log_writer):
         for epoch in range(args.start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)
             train_stats = train_one_epoch(model, nn.CrossEntropyLoss(), train_loader, optimizer, device, epoch,
-                                          scaler, args, log_writer=log_writer, amp_dtype=amp_dtype,
-                                          max_norm=args.clip_grad)
+                                          amp, args, log_writer=log_writer, max_norm=args.clip_grad)
             test_stats = evaluate(val_loader, model, device, eval_res, amp_dtype, args.print_freq)
             best_acc1 = max(best_acc1, test_stats["acc1"])
             print(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.2f} % "
                   f"(best {best_acc1:.2f} %)")
             if dist_util.is_main_process() and out_dir is not None:
                 state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "scaler": scaler.state_dict(), "args": args_to_plain(args),
+                         "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args),
                          "best_acc1": best_acc1}
-                if epoch % args.checkpoint_interval == 0 or epoch + 1 == args.epochs:
-                    save_checkpoint(state, out_dir / f"checkpoint-{epoch}.pth")
-                save_checkpoint(state, out_dir / "checkpoint-latest.pth")
+                save_epoch_checkpoints(state, out_dir, epoch, args)
             if log_writer is not None:
                 log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
                 log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
@@ -529,13 +446,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                          "epoch": epoch, "n_parameters": n_train, "max_accuracy": best_acc1}
             history.append(log_stats)
             jsonl.log(log_stats)
-    except NonFiniteLossError as err:
-        print(f"ERROR: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    finally:
-        if log_writer is not None:
-            log_writer.close()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
     dist_util.cleanup()
     return {"test": test_stats, "best_acc1": best_acc1, "history": history}
 

@@ -9,13 +9,8 @@ kNN of a checkpoint:               python main_pretrain.py --resume ckpt.pth --e
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
 import random
-import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,9 +18,13 @@ import numpy as np
 import torch
 
 import models_mae
-from engine_pretrain import AmpConfig, NonFiniteLossError, train_one_epoch
+from engine_pretrain import train_one_epoch
 from util import dist as dist_util
-from util.checkpoint import args_to_plain, describe_state_dict_mismatch, load_checkpoint, save_checkpoint
+from util.amp import AmpConfig, amp_dtype
+from util.checkpoint import (args_to_plain, describe_state_dict_mismatch, load_checkpoint, save_checkpoint,
+                             strip_module_prefix)
+from util.launch import (add_distributed_args, add_loader_args, add_run_args, init_run, open_log_writer,
+                         save_epoch_checkpoints, save_run_config, training_run, warn_dead_flags)
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import effective_lr
 
@@ -99,10 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale_min", default=0.2, type=float, help="random resized crop: min area fraction")
     g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction")
     g.add_argument("--base_resolution", default=2.5, type=float, help="res = (crop - 1) / target * base_resolution")
-    g.add_argument("--num_workers", default=10, type=int)
-    g.add_argument("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
-    g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
-    p.set_defaults(pin_mem=True)
+    add_loader_args(g)
 
     g = p.add_argument_group("kNN evaluation")
     g.add_argument("--eval_only", action="store_true", help="run kNN on the (resumed) model and exit")
@@ -124,25 +120,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast for kNN feature extraction (the original: fp32)")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--output_dir", default="./output_dir", help="checkpoints, log.txt, config.yaml, figures")
-    g.add_argument("--log_dir", default="./output_dir", help="TensorBoard events")
-    g.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu when CUDA is unavailable)")
-    g.add_argument("--seed", default=0, type=int, help="torch/numpy seed (+ rank)")
-    g.add_argument("--resume", default="", help="checkpoint path or URL to resume from")
-    g.add_argument("--no_autoresume", action="store_true", help="ignore output_dir/checkpoint-latest.pth")
-    g.add_argument("--restart", action="store_true", help="load weights (and optimizer) but start at epoch 0")
-    g.add_argument("--start_epoch", default=0, type=int, help="overwritten by resume")
+    g = add_run_args(p, output_dir_help="checkpoints, log.txt, config.yaml, figures",
+                     resume_help="checkpoint path or URL to resume from")
     g.add_argument("--checkpoint_interval", default=20, type=int, help="keep checkpoint-{epoch}.pth every n epochs")
     g.add_argument("--save_every_steps", default=0, type=int,
                    help="also save checkpoint-latest.pth every n optimizer steps, resumable mid-epoch (0 = off)")
     g.add_argument("--print_freq", default=20, type=int, help="log every n steps; also the reconstruction figure")
 
-    g = p.add_argument_group("distributed")
-    g.add_argument("--world_size", default=1, type=int, help="overwritten by the launcher's environment")
-    g.add_argument("--local_rank", "--local-rank", default=-1, type=int, help="set by torch.distributed.launch")
-    g.add_argument("--dist_on_itp", action="store_true", help="OpenMPI environment (OMPI_COMM_WORLD_*)")
-    g.add_argument("--dist_url", default="env://", help="process group init method")
+    add_distributed_args(p)
 
     g = p.add_argument_group("accepted for compatibility, no effect")
     g.add_argument("--norm_pix_loss", action="store_true", default=True)
@@ -159,25 +144,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
-def warn_dead_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    for flag, why in DEAD_FLAGS.items():
-        if getattr(args, flag) != parser.get_default(flag):
-            print(f"WARNING: --{flag} has no effect ({why})")
-
-
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        print("CUDA is not available: running on CPU")
-        return torch.device("cpu")
-    return torch.device(name)
-
-
 def rng_state() -> dict[str, Any]:
     """Plain-data RNG state (loads with weights_only=True) for exact mid-epoch resumption."""
     np_state = np.random.get_state()
@@ -244,8 +210,7 @@ UNUSED_TABLES = ("pos_embed", "decoder_pos_embed")
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    if state_dict and all(k.startswith("module.") for k in state_dict):
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    state_dict = strip_module_prefix(state_dict)
     own = model.state_dict()
     for key in UNUSED_TABLES:  # never read in forward: take the checkpoint's, whatever --input_size it was made at
         if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
@@ -298,7 +263,7 @@ def run_knn(args, model, knn_sets, device, epoch: Optional[int], log_writer) -> 
 
     train_set, val_set, num_classes = knn_sets
     ks = args.knn_ks or [args.knn]
-    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.eval_amp]
+    amp = amp_dtype(args.eval_amp)
     result = evaluate_knn(
         model, train_set, val_set, scales=args.eval_scale, ks=ks, temperature=args.knn_temperature,
         base_resolution=args.eval_base_resolution, eval_gsd=args.eval_gsd, device=device,
@@ -321,16 +286,10 @@ def run_knn(args, model, knn_sets, device, epoch: Optional[int], log_writer) -> 
 
 # ------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
-    dist_util.init_distributed_mode(args)
-    device = resolve_device(args.device)
-    if device.type == "cuda" and args.distributed:
-        device = torch.device("cuda", args.gpu)
-    seed_everything(args.seed + dist_util.get_rank())
-    torch.backends.cudnn.benchmark = True
+    device = init_run(args)
     out_dir = Path(args.output_dir)
     if dist_util.is_main_process():
         out_dir.mkdir(parents=True, exist_ok=True)
-    print(f"job dir: {Path(__file__).resolve().parent}")
 
     # --- what to resume from
     resume = args.resume
@@ -345,7 +304,7 @@ def main(args: argparse.Namespace) -> dict:
     cfg = None
     in_chans = 3
     if not args.eval_only:
-        from dataloaders.config import load_config, save_config
+        from dataloaders.config import load_config
 
         if not Path(args.config).is_file():
             raise SystemExit(f"--config {args.config} not found; pass a data config such as config/fmow.yaml "
@@ -388,8 +347,7 @@ def main(args: argparse.Namespace) -> dict:
         print(f"resumed model weights from {resume}")
         if "optimizer" in checkpoint and "epoch" in checkpoint and not args.eval_only:
             optimizer.load_state_dict(checkpoint["optimizer"])
-            if checkpoint.get("scaler") and amp.mode == "fp16":
-                amp.scaler.load_state_dict(checkpoint["scaler"])
+            amp.load_state_dict(checkpoint.get("scaler"))
             if args.restart:
                 args.start_epoch = 0
             elif "resume_step" in checkpoint:
@@ -403,19 +361,10 @@ def main(args: argparse.Namespace) -> dict:
     knn_due = args.eval_only or not args.skip_knn_eval
     knn_sets = build_knn_sets(args) if knn_due else None
 
-    log_writer = None
-    if dist_util.is_main_process() and not args.eval_only:
-        from torch.utils.tensorboard import SummaryWriter
-
-        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
-        log_writer = SummaryWriter(log_dir=args.log_dir)
+    log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() and not args.eval_only else None
     if dist_util.is_main_process():
-        resolved = {"args": args_to_plain(args), "data": (cfg or {}).get("data")}
-        with open(out_dir / ("config_eval.yaml" if args.eval_only else "config.yaml"), "w") as f:
-            import yaml
-
-            yaml.safe_dump(resolved, f, sort_keys=False)
-    warn_dead_flags(args, get_args_parser())
+        save_run_config(out_dir, args, cfg, evaluating=args.eval_only)
+    warn_dead_flags(args, get_args_parser(), DEAD_FLAGS)
 
     model_without_ddp = model
     if args.compile:
@@ -452,12 +401,11 @@ def main(args: argparse.Namespace) -> dict:
 
     def checkpoint_state(epoch_done: int) -> dict:
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done,
-                "scaler": amp.scaler.state_dict() if amp.mode == "fp16" else {}, "args": args_to_plain(args)}
+                "scaler": amp.state_dict(), "args": args_to_plain(args)}
 
     history = []
-    start = time.time()
     results: dict[str, Any] = {}
-    try:
+    with training_run(log_writer):
         for epoch in range(args.start_epoch, args.epochs + 1):
             if knn_due and start_step == 0 and (epoch % args.knn_eval_freq == 0 or epoch == args.epochs):
                 results[f"knn_epoch{epoch}"] = run_knn(args, model_without_ddp, knn_sets, device, epoch, log_writer)
@@ -477,10 +425,7 @@ def main(args: argparse.Namespace) -> dict:
                                     on_step_end=save_mid_epoch, on_visualize=visualize)
             start_step = 0
             if dist_util.is_main_process():
-                state = checkpoint_state(epoch)
-                if epoch % args.checkpoint_interval == 0 or epoch + 1 == args.epochs:
-                    save_checkpoint(state, out_dir / f"checkpoint-{epoch}.pth")
-                save_checkpoint(state, out_dir / "checkpoint-latest.pth")
+                save_epoch_checkpoints(checkpoint_state(epoch), out_dir, epoch, args)
             log_stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
             history.append(log_stats)
             if dist_util.is_main_process():
@@ -488,13 +433,6 @@ def main(args: argparse.Namespace) -> dict:
                     f.write(json.dumps(log_stats) + "\n")
                 if log_writer is not None:
                     log_writer.flush()
-    except NonFiniteLossError as err:
-        print(f"ERROR: {err}", file=sys.stderr, flush=True)
-        raise SystemExit(1) from None
-    finally:
-        if log_writer is not None:
-            log_writer.close()
-    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
     dist_util.cleanup()
     results["history"] = history
     return results

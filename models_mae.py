@@ -175,12 +175,24 @@ class FCNHead(nn.Module):
             nn.ConvTranspose2d(half, out_chans, kernel_size=2, stride=2),
         )
 
+        self.grad_checkpointing = False
+
+    # pred split where the activations are large: [Norm2d, ConvT x4, GELU] [grouped conv, GELU] [1x1, GELU, ConvT x2]
+    _PRED_STAGES = ((0, 3), (3, 5), (5, 8))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, h, w, in_dim] (channels last) -> image [N, out_chans, 8h, 8w] (NCHW)"""
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+
+        def run(fn, *args):
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
+
         x = apply_nhwc(self.proj, x)
         for block in self.conv_blocks:
-            x = block(x)
-        return run_nhwc(self.pred, x).permute(0, 3, 1, 2)
+            x = run(block, x)
+        for start, end in self._PRED_STAGES:
+            x = run(run_nhwc, self.pred[start:end], x)
+        return x.permute(0, 3, 1, 2)
 
 
 def _as_res(res: ResLike, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -332,8 +344,11 @@ class MaskedAutoencoderViT(nn.Module):
         return set()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute encoder and decoder blocks in backward to save activation memory."""
+        """Recompute encoder/decoder blocks, the FPN and the reconstruction heads in backward (less memory)."""
         self.grad_checkpointing = enable
+        for module in self.modules():
+            if isinstance(module, FCNHead):
+                module.grad_checkpointing = enable
 
     # -------------------------------------------------------------------------------------------- helpers
     def _pred_patch(self, side: int, grid: int) -> int:
@@ -381,12 +396,15 @@ class MaskedAutoencoderViT(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)
         return x_masked, mask, ids_restore
 
+    def _checkpointed(self, fn, *args):
+        """``fn(*args)``, recomputed in backward instead of stored when gradient checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
+            x = self._checkpointed(blk, x)
         return x
 
     # ------------------------------------------------------------------------------------------- encoder
@@ -427,7 +445,7 @@ class MaskedAutoencoderViT(nn.Module):
         x = x[:, 1:]  # the decoder works on patch tokens only (cls dropped)
         x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))  # [N, L, Dd]
         grid = int(round(length**0.5))
-        fine, coarse = self.fpn(x.reshape(n, grid, grid, -1))  # tokens are already a channels-last map
+        fine, coarse = self._checkpointed(self.fpn, x.reshape(n, grid, grid, -1))  # tokens: a channels-last map
         if self.independent_fcn_head:
             return self.fcn_high(fine), self.fcn_low(coarse)
         return self.fcn(fine), self.fcn(coarse)

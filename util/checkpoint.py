@@ -35,6 +35,7 @@ __all__ = [
     "load_checkpoint",
     "find_latest_checkpoint",
     "describe_state_dict_mismatch",
+    "strip_module_prefix",
 ]
 
 LATEST_NAME = "checkpoint-latest.pth"
@@ -230,6 +231,14 @@ def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
             if best is None or epoch > best[0]:
                 best = (epoch, entry)
     return best[1] if best else None
+
+
+def strip_module_prefix(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state_dict`` without the ``module.`` prefix that saving a DDP-wrapped model adds to every key (returned
+    as is unless every key has it)."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module."):]: v for k, v in state_dict.items()}
+    return state_dict
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -22,10 +22,11 @@ import builtins
 import datetime
 import os
 import re
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import Dataset, Sampler
 
 __all__ = [
     "init_distributed_mode",
@@ -40,6 +41,7 @@ __all__ = [
     "cleanup",
     "first_host_from_nodelist",
     "setup_for_distributed",
+    "ShardSampler",
 ]
 
 DEFAULT_MASTER_PORT = "29500"
@@ -309,3 +311,26 @@ def gather_tensors_variable(t: torch.Tensor) -> torch.Tensor:
     dist.all_gather(buffers, padded)
     out = torch.cat([buf[:n] for buf, n in zip(buffers, sizes)], dim=0)
     return out.to(device=orig_device, dtype=orig_dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------------------
+class ShardSampler(Sampler[int]):
+    """Sequential shard of a dataset for one rank, **without padding**: rank r of W gets indices r, r + W, ...
+
+    Every sample is evaluated exactly once over all ranks (torch's DistributedSampler repeats samples to even out
+    the shards, which biases the accuracy); ranks may get one sample less than others. ``num_replicas`` and
+    ``rank`` default to the current process group's (1 and 0 without one).
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None) -> None:
+        self.length = len(dataset)  # type: ignore[arg-type]
+        self.num_replicas = int(num_replicas) if num_replicas is not None else get_world_size()
+        self.rank = int(rank) if rank is not None else get_rank()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.length, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.num_replicas))

@@ -15,27 +15,13 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from util import dist as dist_util
+from util.dist import ShardSampler  # re-exported: callers import it from here
 from util.knn import knn_predict_multi_k, topk_accuracy
 
 __all__ = ["ShardSampler", "eval_res", "extract_features", "evaluate_knn", "format_table", "save_knn_report"]
-
-
-class ShardSampler(Sampler[int]):
-    """Rank ``r`` of ``w`` takes indices ``r, r + w, ...``: every sample exactly once across ranks (no padding)."""
-
-    def __init__(self, dataset: Dataset, num_replicas: Optional[int] = None, rank: Optional[int] = None):
-        self.length = len(dataset)
-        self.num_replicas = num_replicas if num_replicas is not None else dist_util.get_world_size()
-        self.rank = rank if rank is not None else dist_util.get_rank()
-
-    def __iter__(self):
-        return iter(range(self.rank, self.length, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.length, self.num_replicas))
 
 
 def eval_res(scale: int, base_resolution: float = 1.0, eval_gsd: bool = False, reference: int = 224) -> float:

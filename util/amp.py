@@ -1,0 +1,99 @@
+"""Mixed precision and the optimizer step shared by the pretraining and finetuning engines.
+
+``AmpConfig`` resolves ``--amp {auto,none,fp16,bf16}`` into an autocast context and a ``torch.amp.GradScaler``
+that is enabled only for fp16 (bf16 has fp32's exponent range and needs no loss scaling).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager, Iterable, Optional
+
+import torch
+
+__all__ = ["NonFiniteLossError", "AmpConfig", "amp_dtype", "autocast_context", "grad_norm"]
+
+_DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; training stops without writing a checkpoint."""
+
+
+def amp_dtype(mode: str, device: torch.device | str = "cpu") -> Optional[torch.dtype]:
+    """Autocast dtype of an ``--amp`` mode (None = fp32); ``auto`` is fp16 on CUDA and none elsewhere."""
+    if mode == "auto":
+        mode = "fp16" if torch.device(device).type == "cuda" else "none"
+    if mode not in _DTYPES:
+        raise ValueError(f"--amp must be one of auto, none, fp16, bf16; got {mode!r}")
+    return _DTYPES[mode]
+
+
+def autocast_context(device: torch.device | str, dtype: Optional[torch.dtype]) -> ContextManager:
+    """``torch.autocast`` for ``dtype`` on ``device``'s type, or a null context for fp32."""
+    if dtype is None:
+        # not autocast(enabled=False): that would switch off an autocast region the caller is already in
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
+    """Global L2 norm of the parameters' gradients (0 when none has a gradient); gradients are not modified."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    device = grads[0].device
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(g.float(), 2.0).to(device) for g in grads]), 2.0)
+
+
+class AmpConfig:
+    """Mixed-precision settings resolved from ``--amp {auto,none,fp16,bf16}``.
+
+    ``auto`` is fp16 on CUDA (the original's autocast + GradScaler) and none on CPU. bf16 needs no scaler and works
+    on CPU too. ``scaler`` is a ``torch.amp.GradScaler``, enabled only for fp16 (a disabled one is a pass-through).
+    """
+
+    def __init__(self, mode: str, device: torch.device | str) -> None:
+        device = torch.device(device)
+        self.dtype = amp_dtype(mode, device)
+        self.mode = {None: "none", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        self.device_type = device.type
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.mode == "fp16")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the loss is scaled (fp16)."""
+        return self.mode == "fp16"
+
+    def autocast(self) -> ContextManager:
+        """The forward pass's autocast context (a null context for fp32)."""
+        return autocast_context(self.device_type, self.dtype)
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                      parameters: Iterable[torch.nn.Parameter], update_grad: bool = True,
+                      clip_grad: Optional[float] = None) -> Optional[torch.Tensor]:
+        """Scaled backward; on optimizer steps (``update_grad``) also unscale, clip (when ``clip_grad`` is not
+        None), step and update the scale. Returns the gradient norm after unscaling (before clipping) on optimizer
+        steps, None on accumulation-only micro-steps. Does not zero the gradients."""
+        self.scaler.scale(loss).backward()
+        if not update_grad:
+            return None
+        self.scaler.unscale_(optimizer)  # clipping and the logged norm must see the true gradients
+        params = [p for p in parameters if p.grad is not None]
+        if clip_grad is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            norm = grad_norm(params)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        return norm
+
+    def state_dict(self) -> dict:
+        """The scaler's state (``{}`` unless fp16)."""
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        """Restore the scaler; an empty state (a run without fp16) is ignored."""
+        # loading {} into an enabled GradScaler raises, and a disabled one has nothing to restore
+        if self.enabled and state:
+            self.scaler.load_state_dict(state)
