@@ -22,7 +22,7 @@ test: $(STAMP)
 # A tiny Scale-MAE on built-in synthetic scenes, on CPU, in about a minute: progress display, checkpoints,
 # TensorBoard logs, reconstruction PNGs and a multiscale kNN table. Rerunning resumes (delete $(DEMO_DIR) to restart).
 DEMO_FLAGS = --config config/demo.yaml --model mae_vit_tiny_patch16 --input_size 64 --batch_size 32 --epochs 8 \
-	--warmup_epochs 1 --blr 5e-3 --device cpu --num_workers 2 --print_freq 8 --checkpoint_interval 4 \
+	--warmup_epochs 1 --blr 5e-3 --device cpu --num_workers 1 --print_freq 8 --checkpoint_interval 4 \
 	--eval_dataset demo --eval_scale 32 64 --eval_base_resolution 3.75 --knn_eval_freq 4 \
 	--output_dir $(DEMO_DIR) --log_dir $(DEMO_DIR)
 

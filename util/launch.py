@@ -51,8 +51,21 @@ def init_run(args: argparse.Namespace) -> torch.device:
         device = torch.device("cuda", args.gpu)
     seed_everything(args.seed + dist_util.get_rank())  # ranks must not draw the same augmentations
     torch.backends.cudnn.benchmark = True
+    limit_cpu_threads(device, getattr(args, "num_workers", 0), dist_util.get_world_size())
     print(f"job dir: {_REPO}")
     return device
+
+
+def limit_cpu_threads(device: torch.device, num_workers: int, local_processes: int = 1) -> None:
+    """On CPU, leave a core to each DataLoader worker: oversubscribed OpenMP threads spin and can make a step ten
+    times slower (measured on a 2-core machine: 1.5 s instead of 0.14 s for the tiny model)."""
+    if device.type != "cpu":
+        return
+    cores = max(1, (os.cpu_count() or 1) // max(1, local_processes))
+    threads = max(1, cores - num_workers)
+    if threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
+        print(f"CPU training: {threads} compute thread(s), leaving {num_workers} core(s) to the DataLoader workers")
 
 
 # ----------------------------------------------------------------------------------------------------- flags
