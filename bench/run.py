@@ -51,8 +51,9 @@ SUITES = {
     ],
     "quick": [
         ("machine", "bench_utils:machine_info", {}, None),
-        ("step_tiny", "bench_step", dict(config="tiny", batch=8, warmup=3, iters=10), None),
-        ("step_vit_base", "bench_step", dict(config="vit_base", batch=1, warmup=1, iters=3), None),
+        ("step_tiny", "bench_step", dict(config="tiny", batch=8, warmup=3, iters=10, fused_adamw_ours=True), None),
+        ("step_vit_base", "bench_step", dict(config="vit_base", batch=1, warmup=1, iters=3, fused_adamw_ours=True),
+         None),
         ("memory_plain", "bench_memory", dict(config="vit_base", batch=4, input_size=112, steps=2), None),
         ("memory_grad_ckpt", "bench_memory", dict(config="vit_base", batch=4, input_size=112, steps=2,
                                                    grad_checkpointing=True), None),
@@ -63,8 +64,8 @@ SUITES = {
     ],
     "full": [
         ("machine", "bench_utils:machine_info", {}, None),
-        ("step_tiny", "bench_step", dict(config="tiny", batch=8, warmup=5, iters=20), None),
-        ("step_vit_base", "bench_step", dict(config="vit_base", batch=2, warmup=2, iters=5,
+        ("step_tiny", "bench_step", dict(config="tiny", batch=8, warmup=5, iters=20, fused_adamw_ours=True), None),
+        ("step_vit_base", "bench_step", dict(config="vit_base", batch=2, warmup=2, iters=5, fused_adamw_ours=True,
                                              variants=["ours_fp32", "baseline_fp32", "ours_bf16", "ours_fp32_ckpt"]),
          None),
         ("memory_plain", "bench_memory", dict(config="vit_base", batch=4, steps=2), None),
