@@ -110,7 +110,7 @@ def test_multi_k_matches_single_k():
     for k, (pred, scores) in multi.items():
         single = knn_predict(train, labels, test, k=k, chunk_size=3)
         assert torch.equal(pred, single[0])
-        torch.testing.assert_close(scores, single[1])
+        torch.testing.assert_close(scores, single[1], rtol=1e-5, atol=1e-5)  # chunk sizes change GEMM rounding
     _assert_matches(multi[10], brute_knn(train, labels, test, 10, 0.07, int(labels.max()) + 1))
 
 

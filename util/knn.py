@@ -63,7 +63,9 @@ def knn_predict_multi_k(train_features: torch.Tensor, train_labels: torch.Tensor
         raise ValueError(f"knn: temperature must be > 0, got {temperature}")
     n_classes = _check_inputs(train_features, train_labels, test_features, num_classes)
     device = train_features.device
-    bank = F.normalize(train_features.float(), dim=1)
+    # cosine similarity without a normalised copy of the bank: scale each column of the similarity block instead
+    bank = train_features.float()
+    inv_norm = bank.norm(dim=1).clamp_min(1e-12).reciprocal()
     labels = train_labels.to(device=device, dtype=torch.long)
     n_bank, n_test = bank.shape[0], test_features.shape[0]
     k_max = min(max(ks), n_bank)
@@ -74,7 +76,7 @@ def knn_predict_multi_k(train_features: torch.Tensor, train_labels: torch.Tensor
     scores = {k: torch.zeros(n_test, n_classes, device=device) for k in ks}
     for start in range(0, n_test, chunk):
         query = F.normalize(test_features[start:start + chunk].to(device).float(), dim=1)
-        sim = query @ bank.T  # (chunk, bank)
+        sim = (query @ bank.T).mul_(inv_norm)  # (chunk, bank)
         top_sim, top_idx = sim.topk(k_max, dim=1, largest=True, sorted=True)
         del sim
         weights = (top_sim / temperature).exp_()
