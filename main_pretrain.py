@@ -311,6 +311,9 @@ def main(args: argparse.Namespace) -> dict:
                              f"or config/demo.yaml")
         cfg = load_config(args.config, data_root=args.data_root, overrides=args.data_override)
         in_chans = len(cfg["data"]["mean"])
+        if float(cfg["data"].get("oversample") or 1.0) != 1.0:
+            print(f"WARNING: data.oversample={cfg['data']['oversample']} in {args.config} is not used: the loader batch "
+                  f"is --batch_size (GeoTIFF configs filter windows with data.min_valid instead)")
     name, overrides = resolve_model_name(args, checkpoint)
     if "in_chans" in overrides and cfg is None:
         in_chans = overrides.pop("in_chans")
