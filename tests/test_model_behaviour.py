@@ -256,3 +256,30 @@ def test_one_res_for_the_batch_equals_a_constant_vector(tiny_mae):
     assert shared[6].shape == vector[6].shape == (3, 65, 16)
     with pytest.raises(ValueError, match="one value per sample"):
         model(imgs, targets, input_res=torch.ones(2), noise=noise)
+
+
+def _nchw(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+@pytest.mark.parametrize("overrides", [{}, {"progressive": True}, {"independent_fcn_head": False},
+                                       {"fcn_dim": 32, "in_chans": 6}, {"patch_size": 8}])
+@pytest.mark.parametrize("lean", [False, True])
+def test_channels_last_decoder_matches_the_nchw_modules(tiny_mae, overrides, lean):
+    """The fast channels-last FPN/heads compute what the registered NCHW modules compute."""
+    model = tiny_mae(**overrides)
+    model.set_grad_checkpointing(lean)
+    x = torch.randn(2, 16, 4, 4)
+    fpn = model.fpn
+    fine_ref = _nchw(fpn.fpn1, _nchw(fpn.fpn2, x) if fpn.progressive else x)
+    fine, coarse = fpn(x.permute(0, 2, 3, 1))
+    torch.testing.assert_close(fine.permute(0, 3, 1, 2), fine_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(coarse.permute(0, 3, 1, 2), _nchw(fpn.fpn2, x), atol=1e-5, rtol=1e-5)
+    head = model.fcn_high if model.independent_fcn_head else model.fcn
+    ref = head.proj(fine_ref)
+    for block in head.conv_blocks:
+        ref = _nchw(block.convs, ref) + block.residual(ref)
+    ref = _nchw(head.pred, ref)
+    torch.testing.assert_close(head(fine), ref, atol=1e-5, rtol=1e-5)
