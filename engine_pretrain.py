@@ -73,6 +73,7 @@ def train_one_epoch(
         step = start_step + local_step
         if step % accum_iter == 0:
             adjust_learning_rate(optimizer, epoch + step / steps_per_epoch, args)
+        res_mean = float(batch[1].mean())  # from the host copy: logging it must not sync the device
         imgs, input_res, targets, target_res = (t.to(device, non_blocking=True) for t in batch)
         update = (step + 1) % accum_iter == 0 or step + 1 == steps_per_epoch
         # DDP: only the last micro-step of an accumulation window all-reduces gradients
@@ -102,7 +103,7 @@ def train_one_epoch(
         now = time.time()
         images_per_s = imgs.shape[0] * dist_util.get_world_size() / max(now - tick, 1e-9)
         tick = now
-        logger.update(loss=loss_value, lr=lr, input_res=input_res.mean().item())
+        logger.update(loss=loss_value, lr=lr, input_res=res_mean)
         if grad_norm is not None:
             logger.update(grad_norm=float(grad_norm))
 
@@ -114,7 +115,7 @@ def train_one_epoch(
                 log_writer.add_scalar("lr", lr, x)
                 log_writer.add_scalar("grad_norm", float(grad_norm), x)
                 log_writer.add_scalar("images_per_s", images_per_s, x)
-                log_writer.add_scalar("input_res_mean", input_res.mean().item(), x)
+                log_writer.add_scalar("input_res_mean", res_mean, x)
                 if device.type == "cuda":
                     log_writer.add_scalar("memory_gb", torch.cuda.max_memory_allocated() / 2**30, x)
             if on_step_end is not None:

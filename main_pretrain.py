@@ -9,7 +9,6 @@ kNN of a checkpoint:               python main_pretrain.py --resume ckpt.pth --e
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +26,7 @@ from util.launch import (add_distributed_args, add_loader_args, add_run_args, in
                          save_epoch_checkpoints, save_run_config, training_run, warn_dead_flags)
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import effective_lr
+from util.metrics import JsonlLogger
 
 # Flags kept so that old command lines still parse; they change nothing (as in the original).
 DEAD_FLAGS = {
@@ -412,6 +412,7 @@ def main(args: argparse.Namespace) -> dict:
                 "scaler": amp.state_dict(), "args": args_to_plain(args)}
 
     history = []
+    epoch_log = JsonlLogger(out_dir)
     results: dict[str, Any] = {}
     with training_run(log_writer):
         for epoch in range(args.start_epoch, args.epochs + 1):
@@ -436,11 +437,9 @@ def main(args: argparse.Namespace) -> dict:
                 save_epoch_checkpoints(checkpoint_state(epoch), out_dir, epoch, args)
             log_stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
             history.append(log_stats)
-            if dist_util.is_main_process():
-                with open(out_dir / "log.txt", "a") as f:
-                    f.write(json.dumps(log_stats) + "\n")
-                if log_writer is not None:
-                    log_writer.flush()
+            epoch_log.log(log_stats)  # rank 0 only
+            if log_writer is not None:
+                log_writer.flush()
     dist_util.cleanup()
     results["history"] = history
     return results

@@ -110,6 +110,13 @@ def run_nhwc(layers: nn.Sequential, x: torch.Tensor, lean: bool = False) -> torc
     return x
 
 
+def maybe_checkpoint(enabled: bool, fn, *args):
+    """``fn(*args)``, recomputed in backward instead of stored when ``enabled`` and gradients are being recorded."""
+    if enabled and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 def _upsample2x(dim: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
 
@@ -191,16 +198,12 @@ class FCNHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, h, w, in_dim] (channels last) -> image [N, out_chans, 8h, 8w] (NCHW)"""
-        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
-
-        def run(fn, *args):
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False) if ckpt else fn(*args)
-
+        ckpt = self.grad_checkpointing
         x = apply_nhwc(self.proj, x)
         for block in self.conv_blocks:
-            x = run(block, x)
+            x = maybe_checkpoint(ckpt, block, x)
         for start, end in self._PRED_STAGES:
-            x = run(run_nhwc, self.pred[start:end], x, ckpt)
+            x = maybe_checkpoint(ckpt, run_nhwc, self.pred[start:end], x, ckpt)
         return x.permute(0, 3, 1, 2)
 
 
@@ -278,7 +281,9 @@ class MaskedAutoencoderViT(nn.Module):
                 "undefined name) and no released weights use it; leave project_pos_emb=False"
             )
         if embed_dim % 4 or decoder_embed_dim % 4:
-            raise ValueError(f"embed_dim ({embed_dim}) and decoder_embed_dim ({decoder_embed_dim}) must be divisible by 4")
+            raise ValueError(
+                f"embed_dim ({embed_dim}) and decoder_embed_dim ({decoder_embed_dim}) must be divisible by 4"
+            )
         if len(band_config) != 2:
             raise ValueError(f"band_config must be [dim1, dim2], got {list(band_config)}")
 
@@ -407,15 +412,9 @@ class MaskedAutoencoderViT(nn.Module):
         mask = torch.gather(mask, 1, ids_restore)
         return x_masked, mask, ids_restore
 
-    def _checkpointed(self, fn, *args):
-        """``fn(*args)``, recomputed in backward instead of stored when gradient checkpointing is on."""
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
-
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
         for blk in blocks:
-            x = self._checkpointed(blk, x)
+            x = maybe_checkpoint(self.grad_checkpointing, blk, x)
         return x
 
     # ------------------------------------------------------------------------------------------- encoder
@@ -456,7 +455,8 @@ class MaskedAutoencoderViT(nn.Module):
         x = x[:, 1:]  # the decoder works on patch tokens only (cls dropped)
         x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))  # [N, L, Dd]
         grid = int(round(length**0.5))
-        fine, coarse = self._checkpointed(self.fpn, x.reshape(n, grid, grid, -1))  # tokens: a channels-last map
+        tokens_map = x.reshape(n, grid, grid, -1)  # the tokens already are a channels-last map
+        fine, coarse = maybe_checkpoint(self.grad_checkpointing, self.fpn, tokens_map)
         if self.independent_fcn_head:
             return self.fcn_high(fine), self.fcn_low(coarse)
         return self.fcn(fine), self.fcn(coarse)
@@ -606,9 +606,11 @@ class MaskedAutoencoderViT(nn.Module):
 
 
 def _mae(patch_size: int, embed_dim: int, depth: int, num_heads: int, **kwargs) -> MaskedAutoencoderViT:
-    defaults = dict(decoder_embed_dim=512, decoder_num_heads=16, mlp_ratio=4, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    defaults = dict(decoder_embed_dim=512, decoder_num_heads=16, mlp_ratio=4,
+                    norm_layer=partial(nn.LayerNorm, eps=1e-6))
     defaults.update(kwargs)
-    return MaskedAutoencoderViT(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, **defaults)
+    return MaskedAutoencoderViT(patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                                **defaults)
 
 
 def mae_vit_tiny_patch16(**kwargs) -> MaskedAutoencoderViT:

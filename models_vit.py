@@ -18,6 +18,7 @@ from timm.models import vision_transformer as timm_vit
 from timm.models._manipulate import checkpoint_seq
 
 from models_mae import _as_res, unsafe_patch_embed
+from util.checkpoint import strip_module_prefix
 from util.pos_embed import gsd_sincos_pos_embed
 
 __all__ = [
@@ -141,10 +142,7 @@ def _extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor
         if key in checkpoint and isinstance(checkpoint[key], Mapping):
             checkpoint = checkpoint[key]
             break
-    state_dict = dict(checkpoint)
-    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from a DDP wrapper
-        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
-    return state_dict
+    return dict(strip_module_prefix(checkpoint))
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:

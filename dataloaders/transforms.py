@@ -199,6 +199,18 @@ def resized_crop_with_res(img: torch.Tensor, top: int, left: int, side: int, tar
             torch.tensor(target_res, dtype=torch.float32))
 
 
+def flip_and_square_crop(x: torch.Tensor, hflip_p: float, scale: Tuple[float, float], mean: torch.Tensor,
+                         std: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random horizontal flip, then a random square crop (area fraction in ``scale``), normalised: [C, s, s].
+
+    Normalisation is per-channel affine, so normalising only the crop is exact (and cheaper).
+    """
+    if float(torch.rand(1, generator=generator).item()) < hflip_p:
+        x = x.flip(-1)
+    top, left, side = sample_square_crop(x.shape[1], x.shape[2], scale, generator)
+    return to_float_normalized(x[:, top:top + side, left:left + side], mean, std)
+
+
 def _as_stat(values: Sequence[float]) -> torch.Tensor:
     return torch.as_tensor(list(values), dtype=torch.float32)
 
@@ -244,12 +256,9 @@ class PretrainTransform:
         if self.random_crop:
             top, left = random_crop_params(x.shape[1], x.shape[2], self.crop_size, generator)
             x = crop_with_zero_pad(x, top, left, self.crop_size)
-        if float(torch.rand(1, generator=generator).item()) < self.hflip_p:
-            x = x.flip(-1)
-        top, left, side = sample_square_crop(x.shape[1], x.shape[2], self.scale, generator)
-        # normalisation is per-channel affine, so normalising only the crop is exact
-        crop = to_float_normalized(x[:, top:top + side, left:left + side], self.mean, self.std)
-        return resized_crop_with_res(crop, 0, 0, side, self.target_size, self.input_size, self.base_resolution)
+        crop = flip_and_square_crop(x, self.hflip_p, self.scale, self.mean, self.std, generator)
+        return resized_crop_with_res(crop, 0, 0, crop.shape[-1], self.target_size, self.input_size,
+                                     self.base_resolution)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(input_size={self.input_size}, target_size={self.target_size}, "
@@ -287,10 +296,7 @@ class LinprobeTrainTransform:
         if self.resize_crop:
             top, left = random_crop_params(x.shape[1], x.shape[2], self.input_size, generator)
             x = crop_with_zero_pad(x, top, left, self.input_size)
-        if float(torch.rand(1, generator=generator).item()) < self.hflip_p:
-            x = x.flip(-1)
-        top, left, side = sample_square_crop(x.shape[1], x.shape[2], self.scale, generator)
-        crop = to_float_normalized(x[:, top:top + side, left:left + side], self.mean, self.std)
+        crop = flip_and_square_crop(x, self.hflip_p, self.scale, self.mean, self.std, generator)
         out = resize_align_corners(crop, self.input_size, "bicubic")
-        res = crop_res(side, self.input_size, self.base_resolution)
+        res = crop_res(crop.shape[-1], self.input_size, self.base_resolution)
         return out, torch.tensor(res, dtype=torch.float32)
