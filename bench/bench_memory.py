@@ -16,8 +16,14 @@ from bench_utils import CONFIGS, GIB, build_model, current_rss, peak_rss
 
 
 def run(config: str = "vit_base", batch: int = 4, grad_checkpointing: bool = False, steps: int = 2,
-        input_size: int = 0, seed: int = 0) -> dict:
+        input_size: int = 0, seed: int = 0, allocator: str = "system") -> dict:
+    """``allocator``: ``"system"`` (glibc defaults) or ``"reuse"`` (``--cpu_allocator reuse``, the CPU default of the
+    launchers: freed memory stays in the heap, so the peak RSS is higher)."""
     import torch
+
+    from util.cpu_memory import keep_freed_memory
+
+    applied = keep_freed_memory() if allocator == "reuse" else False
 
     from bench_step import _batch, _optimizer
 
@@ -49,7 +55,8 @@ def run(config: str = "vit_base", batch: int = 4, grad_checkpointing: bool = Fal
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state = n_params * 4 * 3  # fp32 gradients + AdamW exp_avg + exp_avg_sq (allocated during the first step)
     out = {"config": config, "batch": batch, "input_size": side, "target_size": 32 * grid,
-           "grad_checkpointing": grad_checkpointing, "steps": steps,
+           "grad_checkpointing": grad_checkpointing, "steps": steps, "allocator": allocator,
+           "allocator_applied": applied,
            "rss_after_import_gib": rss_import / GIB, "rss_model_gib": rss_model / GIB, "peak_rss_gib": peak / GIB,
            "step_rss_gib": (peak - rss_model) / GIB, "grads_and_adam_state_gib": state / GIB,
            "activations_gib": (peak - rss_model - state) / GIB, "last_step_s": times[-1], "losses": losses,

@@ -8,6 +8,11 @@ The share of CPU time other processes used during each round is recorded; when a
 clean (< 10 %), the medians are over the clean rounds only (``median_over``), the all-round figures are kept too.
 Before timing, ours and the baseline (same weights) run one forward on the same batch and masking noise and the
 relative loss difference is recorded (``loss_check``): the comparison is at equal maths.
+
+``allocator``: ``"system"`` (glibc's defaults, what the original runs with) or ``"reuse"`` (what
+``main_pretrain.py --device cpu`` sets up, ``util.cpu_memory.keep_freed_memory``). The setting is process-wide, so
+run.py measures ours as launched in a process of its own (``*_launch`` jobs) and compares it with the baseline of
+the ``system`` process.
 """
 from __future__ import annotations
 
@@ -44,8 +49,14 @@ def _batch(batch: int, side: int, grid: int, seed: int):
 
 
 def run(config: str = "tiny", batch: int = 8, warmup: int = 3, iters: int = 10, variants=VARIANTS,
-        input_size: int = 0, fused_adamw_ours: bool = False, seed: int = 0) -> dict:
+        input_size: int = 0, fused_adamw_ours: bool = False, seed: int = 0, allocator: str = "system") -> dict:
     import torch
+
+    from util.cpu_memory import keep_freed_memory
+
+    if allocator not in ("system", "reuse"):
+        raise ValueError(f"allocator must be 'system' or 'reuse', got {allocator!r}")
+    allocator_applied = keep_freed_memory() if allocator == "reuse" else False
 
     from baseline import baseline_from
 
@@ -72,7 +83,7 @@ def run(config: str = "tiny", batch: int = 8, warmup: int = 3, iters: int = 10, 
     loss_check["equal"] = loss_check["rel_diff"] is not None and loss_check["rel_diff"] <= 1e-5
 
     models = {"ours_fp32": ours, "ours_bf16": ours, "ours_fp32_ckpt": ours, "baseline_fp32": base}
-    opts = {"ours": _optimizer(ours, fused=fused_adamw_ours)}  # the baseline keeps the default (foreach) AdamW
+    opts = {"ours": _optimizer(ours, fused=fused_adamw_ours)}  # the baseline keeps torch's default AdamW, as the original
     if base is not None:
         opts["baseline"] = _optimizer(base)
 
@@ -117,7 +128,9 @@ def run(config: str = "tiny", batch: int = 8, warmup: int = 3, iters: int = 10, 
 
     out = {"config": config, "model_kwargs": cfg, "input_size": side, "target_size": 32 * grid, "batch": batch,
            "warmup": warmup, "iters": iters, "mask_ratio": 0.75, "optimizer": "AdamW(lr 1.5e-4, wd 0.05, 2 groups)",
-           "ours_adamw": "fused" if fused_adamw_ours else "foreach (torch default)",
+           "ours_adamw": "fused" if fused_adamw_ours else "torch default (single-tensor loop on CPU)",
+           "baseline_adamw": "torch default (single-tensor loop on CPU)",
+           "allocator": allocator, "allocator_applied": allocator_applied,
            "loss_check": loss_check, "other_load_per_round": other, "clean_rounds": sum(clean),
            "median_over": "clean rounds" if use_clean else "all rounds", "waited_for_idle_s": waited,
            "variants": {}}

@@ -42,6 +42,8 @@ SUITES = {
     "smoke": [
         ("machine", "bench_utils:machine_info", {}, "a"),
         ("step_tiny", "bench_step", dict(config="micro", batch=2, warmup=1, iters=2), "a"),
+        ("step_tiny_launch", "bench_step", dict(config="micro", batch=2, warmup=1, iters=2, allocator="reuse",
+                                                variants=["ours_fp32", "ours_bf16"]), "d"),
         ("data", "bench_data", dict(files=4, n_images=12, batch=4, workers=2, input_size=32, sizes=[48, 96],
                                     repeats=1), "a"),
         ("knn", "bench_knn", dict(method="ours", bank=2000, queries=200, dim=64, k=20), "a"),
@@ -52,8 +54,13 @@ SUITES = {
     "quick": [
         ("machine", "bench_utils:machine_info", {}, None),
         ("step_tiny", "bench_step", dict(config="tiny", batch=8, warmup=3, iters=10, fused_adamw_ours=True), None),
+        ("step_tiny_launch", "bench_step", dict(config="tiny", batch=8, warmup=3, iters=10, fused_adamw_ours=True,
+                                                allocator="reuse", variants=["ours_fp32", "ours_bf16"]), None),
         ("step_vit_base", "bench_step", dict(config="vit_base", batch=1, warmup=1, iters=3, fused_adamw_ours=True),
          None),
+        ("step_vit_base_launch", "bench_step", dict(config="vit_base", batch=1, warmup=1, iters=3,
+                                                    fused_adamw_ours=True, allocator="reuse",
+                                                    variants=["ours_fp32", "ours_bf16"]), None),
         ("memory_plain", "bench_memory", dict(config="vit_base", batch=4, input_size=112, steps=2), None),
         ("memory_grad_ckpt", "bench_memory", dict(config="vit_base", batch=4, input_size=112, steps=2,
                                                    grad_checkpointing=True), None),
@@ -65,12 +72,19 @@ SUITES = {
     "full": [
         ("machine", "bench_utils:machine_info", {}, None),
         ("step_tiny", "bench_step", dict(config="tiny", batch=8, warmup=5, iters=20, fused_adamw_ours=True), None),
+        ("step_tiny_launch", "bench_step", dict(config="tiny", batch=8, warmup=5, iters=20, fused_adamw_ours=True,
+                                                allocator="reuse", variants=["ours_fp32", "ours_bf16"]), None),
         ("step_vit_base", "bench_step", dict(config="vit_base", batch=2, warmup=2, iters=5, fused_adamw_ours=True,
-                                             variants=["ours_fp32", "baseline_fp32", "ours_bf16", "ours_fp32_ckpt"]),
-         None),
+                                             variants=["ours_fp32", "baseline_fp32", "ours_bf16"]), None),
+        ("step_vit_base_launch", "bench_step", dict(config="vit_base", batch=2, warmup=2, iters=5,
+                                                    fused_adamw_ours=True, allocator="reuse",
+                                                    variants=["ours_fp32", "ours_bf16", "ours_fp32_ckpt"]), None),
         ("memory_plain", "bench_memory", dict(config="vit_base", batch=4, steps=2), None),
         ("memory_grad_ckpt", "bench_memory", dict(config="vit_base", batch=4, steps=2, grad_checkpointing=True),
          None),
+        ("memory_plain_reuse", "bench_memory", dict(config="vit_base", batch=4, steps=2, allocator="reuse"), None),
+        ("memory_grad_ckpt_reuse", "bench_memory", dict(config="vit_base", batch=4, steps=2,
+                                                         grad_checkpointing=True, allocator="reuse"), None),
         ("data", "bench_data", dict(files=64, n_images=288, batch=32, workers=2, input_size=224, repeats=3), None),
         ("knn", "bench_knn", dict(method="ours", bank=100000, queries=10000, repeats=2), None),
         ("knn_naive", "bench_knn", dict(method="naive", bank=100000, queries=10000, compare_fp32=True), None),
@@ -166,27 +180,42 @@ def evaluate_targets(b: dict, suite: str) -> list:
         rows.append({"target": what, "measured": value, "goal": goal,
                      "met": None if met is None else bool(met), "exact_config": exact, "note": note})
 
+    def launched(name: str) -> tuple[dict, str]:
+        """Ours as main_pretrain.py runs it (``*_launch`` job, --cpu_allocator reuse) when measured, else the
+        code-only figure of the shared process."""
+        job = b.get(name + "_launch", {})
+        if job.get("ok"):
+            return job["variants"], "as launched (--cpu_allocator reuse) vs the baseline with glibc defaults"
+        return b[name]["variants"], "same process, glibc defaults for both"
+
     vb = b.get("step_vit_base", {})
     if vb.get("ok"):
         exact = vb["batch"] == 2 and vb["input_size"] == 224
+        ours, how = launched("step_vit_base")
+        base = vb["variants"]["baseline_fp32"]["s_per_step"]
+        fp = ours["ours_fp32"]["s_per_step"]
+        add(f"ViT-B 224->448 b{vb['batch']} fp32 step, ours / baseline", fp / base, "<= 0.70", fp / base <= 0.7,
+            exact, f"{fp:.2f} vs {base:.2f} s; {how}")
         r = vb.get("ratio_ours_fp32_vs_baseline")
-        add(f"ViT-B 224->448 b{vb['batch']} fp32 step, ours / baseline", r, "<= 0.70", r is not None and r <= 0.7,
-            exact, f"{vb['variants']['ours_fp32']['s_per_step']:.2f} vs "
-                   f"{vb['variants']['baseline_fp32']['s_per_step']:.2f} s")
+        add(f"ViT-B b{vb['batch']} fp32 step, code only (one process, glibc defaults)", r, "-", None, exact,
+            f"{vb['variants']['ours_fp32']['s_per_step']:.2f} vs {base:.2f} s")
         lc = vb["loss_check"]
         add("ViT-B equal loss (relative difference)", lc["rel_diff"], "<= 1e-5", lc["equal"], True)
-        bf, fp = vb["variants"]["ours_bf16"]["s_per_step"], vb["variants"]["ours_fp32"]["s_per_step"]
+        bf = ours["ours_bf16"]["s_per_step"]
         add(f"ViT-B b{vb['batch']} bf16 autocast step (s)", bf, "< fp32 and < 2.3 s (b2)",
             bf < fp and (bf < 2.3 if exact else True), exact, f"fp32 {fp:.2f} s")
     st = b.get("step_tiny", {})
     if st.get("ok"):
         exact = st["config"] == "tiny" and st["batch"] == 8
+        ours, how = launched("step_tiny")
+        base = st["variants"]["baseline_fp32"]["s_per_step"]
+        s = ours["ours_fp32"]["s_per_step"]
+        add(f"{st['config']} {st['input_size']}->{st['target_size']} b{st['batch']} step, ours / baseline", s / base,
+            "<= 0.70", s / base <= 0.7, exact, f"{s * 1000:.1f} ms vs {base * 1000:.1f} ms; {how}"
+            + (f"; original 88 ms -> goal <= 62 ms ({'met' if s <= 0.0616 else 'not met'})" if exact else ""))
         r = st.get("ratio_ours_fp32_vs_baseline")
-        s = st["variants"]["ours_fp32"]["s_per_step"]
-        add(f"{st['config']} {st['input_size']}->{st['target_size']} b{st['batch']} step, ours / baseline", r,
-            "<= 0.70", r is not None and r <= 0.7, exact, f"{s * 1000:.1f} ms vs "
-            f"{st['variants']['baseline_fp32']['s_per_step'] * 1000:.1f} ms; original 88 ms -> goal <= 62 ms "
-            f"({'met' if s <= 0.0616 else 'not met'})" if exact else "")
+        add(f"{st['config']} step, code only (one process, glibc defaults)", r, "-", None, exact,
+            f"{st['variants']['ours_fp32']['s_per_step'] * 1000:.1f} ms vs {base * 1000:.1f} ms")
         add(f"{st['config']} equal loss (relative difference)", st["loss_check"]["rel_diff"], "<= 1e-5",
             st["loss_check"]["equal"], True)
     m0, m1 = b.get("memory_plain", {}), b.get("memory_grad_ckpt", {})
@@ -268,36 +297,45 @@ def to_markdown(report: dict) -> str:
     steps = [(n, v) for n, v in b.items() if n.startswith("step_") and v.get("ok")]
     if steps:
         out += ["## Pretraining step (fwd + bwd + AdamW), median s/step", "",
-                "| config | in->target | batch | variant | s/step | img/s | fwd | bwd | optim | vs baseline fp32 |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
-        for _, v in steps:
-            base = v["variants"].get("baseline_fp32", {}).get("s_per_step")
+                "| config | in->target | batch | variant | allocator | s/step | img/s | fwd | bwd | optim | "
+                "vs baseline fp32 |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n, v in steps:
+            code_job = b.get(n[:-len("_launch")], {}) if n.endswith("_launch") else v
+            base = code_job.get("variants", {}).get("baseline_fp32", {}).get("s_per_step")
             for name, var in v["variants"].items():
                 bd = var["breakdown_median_s"]
                 ratio = var["s_per_step"] / base if base else None
                 out.append(f"| {v['config']} | {v['input_size']}->{v['target_size']} | {v['batch']} | {name} | "
-                           f"{var['s_per_step']:.3f} | {var['images_per_s']:.1f} | {bd['forward']:.3f} | "
-                           f"{bd['backward']:.3f} | {bd['optimizer']:.3f} | {_f(ratio, '{:.2f}x')} |")
+                           f"{v.get('allocator', 'system')} | {var['s_per_step']:.3f} | {var['images_per_s']:.1f} | "
+                           f"{bd['forward']:.3f} | {bd['backward']:.3f} | {bd['optimizer']:.3f} | "
+                           f"{_f(ratio, '{:.2f}x')} |")
         out.append("")
-        for _, v in steps:
-            out.append(f"- {v['config']}: medians over {v['median_over']} ({v['clean_rounds']} of {v['iters']} rounds "
+        for n, v in steps:
+            out.append(f"- {n}: medians over {v['median_over']} ({v['clean_rounds']} of {v['iters']} rounds "
                        f"with < 10% CPU used by other processes; per round: {v['other_load_per_round']})")
-        for _, v in steps:
+        for n, v in steps:
             lc = v["loss_check"]
+            if lc.get("rel_diff") is None:
+                continue
             out.append(f"- {v['config']} loss check (same weights/batch/noise): ours {lc['loss_ours_fp32']:.6f}, "
                        f"baseline {lc['loss_baseline_fp32']:.6f}, relative difference {lc['rel_diff']:.2e} "
                        f"({'equal' if lc['equal'] else 'NOT equal'} at 1e-5); bf16 vs fp32 {lc['rel_diff_bf16']:.1e}")
+        out.append("- allocator `reuse` = what `main_pretrain.py --device cpu` sets up (`--cpu_allocator reuse`, "
+                   "util/cpu_memory.py); `system` = glibc's defaults, as the original runs. A `_launch` job runs "
+                   "in a process of its own; its ratio is against the baseline of the `system` process.")
         out += ["", f"Original: ViT-B 224->448 b2 fp32 {ORIGINAL['vit_base_fp32_b2_s']} s, bf16 "
                 f"{ORIGINAL['vit_base_bf16_b2_s']} s; tiny 64->128 b8 {ORIGINAL['tiny_b8_s']} s.", ""]
 
     mems = [(n, v) for n, v in b.items() if n.startswith("memory_") and v.get("ok")]
     if mems:
         out += ["## Peak memory of a training step (fresh process each)", "",
-                "| variant | config | input | batch | RSS after build (GiB) | peak RSS (GiB) | peak - build (GiB) | "
-                "of which grads + AdamW (GiB) | activations (GiB) | step s | CUDA max alloc (GiB) |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| variant | allocator | config | input | batch | RSS after build (GiB) | peak RSS (GiB) | "
+                "peak - build (GiB) | of which grads + AdamW (GiB) | activations (GiB) | step s | CUDA max alloc (GiB) |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for n, v in mems:
-            out.append(f"| {n} | {v['config']} | {v['input_size']} | {v['batch']} | {v['rss_model_gib']:.2f} | "
+            out.append(f"| {n} | {v.get('allocator', 'system')} | {v['config']} | {v['input_size']} | {v['batch']} | "
+                       f"{v['rss_model_gib']:.2f} | "
                        f"{v['peak_rss_gib']:.2f} | {v['step_rss_gib']:.2f} | {v['grads_and_adam_state_gib']:.2f} | "
                        f"{v['activations_gib']:.2f} | {v['last_step_s']:.2f} | "
                        f"{_f(v.get('cuda_max_allocated_gib'), '{:.2f}')} |")

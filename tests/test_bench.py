@@ -28,7 +28,7 @@ def test_smoke_suite_writes_json_and_markdown(tmp_path):
     assert report["suite"] == "smoke"
     assert {"cpu_count", "torch", "device"} <= set(report["machine"])
     b = report["benchmarks"]
-    assert set(b) == {"step_tiny", "memory_plain", "memory_grad_ckpt", "data", "knn", "features"}
+    assert set(b) == {"step_tiny", "step_tiny_launch", "memory_plain", "memory_grad_ckpt", "data", "knn", "features"}
     assert all(v["ok"] for v in b.values()), {k: v.get("error") for k, v in b.items()}
 
     step = b["step_tiny"]
@@ -37,6 +37,11 @@ def test_smoke_suite_writes_json_and_markdown(tmp_path):
         assert _positive(var["s_per_step"]) and _positive(var["images_per_s"])
     assert _positive(step["ratio_ours_fp32_vs_baseline"])
     assert step["loss_check"]["equal"] and step["loss_check"]["rel_diff"] <= 1e-5
+    assert step["allocator"] == "system" and not step["allocator_applied"]
+    launch = b["step_tiny_launch"]  # ours as main_pretrain runs it on CPU, in a process of its own
+    assert set(launch["variants"]) == {"ours_fp32", "ours_bf16"}
+    assert launch["allocator"] == "reuse" and launch["allocator_applied"] is sys.platform.startswith("linux")
+    assert any("as launched" in t["note"] for t in report["targets"] if "ours / baseline" in t["target"])
 
     for name in ("memory_plain", "memory_grad_ckpt"):
         assert _positive(b[name]["peak_rss_gib"]) and _positive(b[name]["rss_model_gib"])
