@@ -81,11 +81,13 @@ def train_one_epoch(
         source_size = pick_source_size(args)
         side = source_size or imgs.shape[-1]
         noise = mask_noise(args, epoch, step, imgs.shape[0], (side // args.patch_size) ** 2, device)
+        # the predictions are only materialised for the reconstruction figure
+        visualize_now = on_visualize is not None and step % args.print_freq == 0 and dist_util.is_main_process()
         with sync:
             with amp.autocast():
-                outputs = model(imgs, targets, mask_ratio=args.mask_ratio, input_res=input_res,
-                                target_res=target_res, source_size=source_size, noise=noise)
-            loss = outputs[0]
+                out = model(imgs, targets, mask_ratio=args.mask_ratio, input_res=input_res, target_res=target_res,
+                            source_size=source_size, noise=noise, loss_only=not visualize_now)
+            loss, outputs = (out[0], out) if visualize_now else (out, None)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
@@ -120,7 +122,7 @@ def train_one_epoch(
                     log_writer.add_scalar("memory_gb", torch.cuda.max_memory_allocated() / 2**30, x)
             if on_step_end is not None:
                 on_step_end(step)
-        if on_visualize is not None and step % args.print_freq == 0 and dist_util.is_main_process():
+        if visualize_now:
             on_visualize(epoch * steps_per_epoch + step, (imgs, targets, outputs))
 
     logger.synchronize_between_processes()

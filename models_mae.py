@@ -81,6 +81,51 @@ class _PairSum(torch.autograd.Function):
         return grad.unsqueeze(-1).expand(*grad.shape, 2).reshape(*grad.shape[:-1], 2 * grad.shape[-1])
 
 
+class _ShuffleGelu(torch.autograd.Function):
+    """GELU of a transposed conv's matmul output, written straight into the pixel-shuffled layout.
+
+    y: [N, h, w, k, k, C] (rows of the matmul) -> GELU(y) as [N, h*k, w*k, C]. One pass instead of a shuffle copy
+    then a GELU (and likewise in backward); the values are GELU's own.
+    """
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        n, h, w, k, _, c = y.shape
+        out = y.new_empty(n, h * k, w * k, c)
+        torch.ops.aten.gelu.out(y.permute(0, 1, 3, 2, 4, 5), out=out.view(n, h, k, w, k, c))
+        ctx.save_for_backward(y)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (y,) = ctx.saved_tensors
+        n, h, w, k, _, c = y.shape
+        grad_y = torch.empty_like(y)
+        torch.ops.aten.gelu_backward.grad_input(grad.reshape(n, h, k, w, k, c).permute(0, 1, 3, 2, 4, 5), y,
+                                                grad_input=grad_y)
+        return grad_y
+
+
+def _conv_transpose_nhwc(layer: nn.ConvTranspose2d, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    """A kernel == stride transposed conv (optionally followed by exact GELU) on x: [N, h, w, C_in] ->
+    [N, k*h, k*w, C_out]: a matmul to the k*k sub-pixels of every input pixel, then a pixel shuffle."""
+    k = layer.kernel_size[0]
+    if layer.stride != (k, k) or layer.padding != (0, 0) or layer.groups != 1 or layer.output_padding != (0, 0):
+        raise ValueError(f"channels-last path expects kernel == stride transposed convs, got {layer}")
+    c_in, c_out = layer.weight.shape[:2]
+    weight = layer.weight.permute(2, 3, 1, 0).reshape(k * k * c_out, c_in)  # rows ordered (i, j, out)
+    bias = layer.bias.repeat(k * k) if layer.bias is not None else None
+    n, h, w, _ = x.shape
+    y = F.linear(x, weight, bias).view(n, h, w, k, k, c_out)
+    if gelu:
+        return _ShuffleGelu.apply(y)
+    return y.permute(0, 1, 3, 2, 4, 5).reshape(n, h * k, w * k, c_out)
+
+
+def _is_exact_gelu(layer: nn.Module) -> bool:
+    return isinstance(layer, nn.GELU) and layer.approximate == "none"
+
+
 def apply_nhwc(layer: nn.Module, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
     """Apply one decoder layer to a channels-last map x: [N, H, W, C].
 
@@ -89,15 +134,7 @@ def apply_nhwc(layer: nn.Module, x: torch.Tensor, lean: bool = False) -> torch.T
     in activation memory at ViT-B 224 -> 448 batch 4.
     """
     if isinstance(layer, nn.ConvTranspose2d):
-        k = layer.kernel_size[0]
-        if layer.stride != (k, k) or layer.padding != (0, 0) or layer.groups != 1:
-            raise ValueError(f"channels-last path expects kernel == stride transposed convs, got {layer}")
-        c_in, c_out = layer.weight.shape[:2]
-        weight = layer.weight.permute(2, 3, 1, 0).reshape(k * k * c_out, c_in)  # rows ordered (i, j, out)
-        bias = layer.bias.repeat(k * k) if layer.bias is not None else None
-        n, h, w, _ = x.shape
-        y = F.linear(x, weight, bias).view(n, h, w, k, k, c_out)
-        return y.permute(0, 1, 3, 2, 4, 5).reshape(n, h * k, w * k, c_out)
+        return _conv_transpose_nhwc(layer, x)
     if isinstance(layer, nn.Conv2d):
         if layer.kernel_size == (1, 1) and layer.groups == 1:
             return F.linear(x, layer.weight.flatten(1), layer.bias)
@@ -121,8 +158,16 @@ def apply_nhwc(layer: nn.Module, x: torch.Tensor, lean: bool = False) -> torch.T
 
 
 def run_nhwc(layers: nn.Sequential, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
-    for layer in layers:
+    """Apply ``layers`` to x: [N, H, W, C] channels-last; a transposed conv followed by GELU runs fused."""
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if isinstance(layer, nn.ConvTranspose2d) and i + 1 < len(layers) and _is_exact_gelu(layers[i + 1]):
+            x = _conv_transpose_nhwc(layer, x, gelu=True)
+            i += 2
+            continue
         x = apply_nhwc(layer, x, lean)
+        i += 1
     return x
 
 
@@ -565,6 +610,7 @@ class MaskedAutoencoderViT(nn.Module):
         target_res: ResLike = None,
         source_size: Optional[Union[int, Sequence[int]]] = None,
         noise: Optional[torch.Tensor] = None,
+        loss_only: bool = False,
     ):
         """Masked reconstruction (or kNN features).
 
@@ -576,11 +622,14 @@ class MaskedAutoencoderViT(nn.Module):
             input_res / target_res: relative GSD, per sample [N] or one number for the batch (None means 1).
             source_size: optional smaller encoder input side (multiple of p); input and targets are area-resized.
             noise: [N, L] uniform noise deciding the masking (argsort ascending, keep the smallest).
+            loss_only: return only the loss (what a training step needs), skipping the recombined image, the
+                patchified predictions and the unused target-grid table that the full return value carries.
 
         Returns:
             ``(loss, [pred_high, pred_low, pred_all], mask, 0, 1, pos_embed_encoder, pos_embed_decoder, imgs)``
             with preds patchified ``[N, L_out, q*q*C]``, mask [N, L] (1 = removed), pos_embed_encoder
-            [N, 1 + L, Dd], pos_embed_decoder [N, 1 + (T/p)^2, Dd] (returned for compatibility; unused).
+            [N, 1 + L, Dd], pos_embed_decoder [N, 1 + (T/p)^2, Dd] (returned for compatibility; unused);
+            with ``loss_only`` the loss alone.
         """
         side = _square_side(imgs, "imgs")
         n = imgs.shape[0]
@@ -612,6 +661,8 @@ class MaskedAutoencoderViT(nn.Module):
         latent, mask, ids_restore, pos_embed_encoder = self.forward_encoder(imgs, mask_ratio, input_res, noise)
         pred_high, pred_low = self.forward_decoder(latent, ids_restore, pos_embed_encoder)
         loss = self.forward_loss(targets, pred_high, pred_low, mask)
+        if loss_only:
+            return loss
         pred_all = self.combine_bands(pred_high, pred_low)
 
         pos_embed_decoder = gsd_sincos_pos_embed(

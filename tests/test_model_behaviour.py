@@ -283,3 +283,35 @@ def test_channels_last_decoder_matches_the_nchw_modules(tiny_mae, overrides, lea
         ref = _nchw(block.convs, ref) + block.residual(ref)
     ref = _nchw(head.pred, ref)
     torch.testing.assert_close(head(fine), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_channels_last_head_gradients_match_the_nchw_modules(tiny_mae, lean):
+    """The fused shuffle+GELU and pair-sum ops have their own backward: gradients equal the NCHW modules'."""
+    model = tiny_mae()
+    model.set_grad_checkpointing(lean)
+    head = model.fcn_high
+    x = torch.randn(2, 8, 8, 16)
+    weight = torch.randn(2, 3, 64, 64)
+
+    x_fast = x.clone().requires_grad_(True)
+    (head(x_fast) * weight).sum().backward()
+    fast = {n: p.grad.clone() for n, p in head.named_parameters()}
+    head.zero_grad(set_to_none=True)
+
+    x_ref = x.permute(0, 3, 1, 2).clone().requires_grad_(True)
+    ref = head.proj(x_ref)
+    for block in head.conv_blocks:
+        ref = _nchw(block.convs, ref) + block.residual(ref)
+    (_nchw(head.pred, ref) * weight).sum().backward()
+    torch.testing.assert_close(x_fast.grad.permute(0, 3, 1, 2), x_ref.grad, atol=1e-5, rtol=1e-4)
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_loss_only_returns_the_same_loss(tiny_mae):
+    model = tiny_mae()
+    imgs, targets, noise = batch()
+    full = model(imgs, targets, noise=noise)
+    loss = model(imgs, targets, noise=noise, loss_only=True)
+    assert loss.dim() == 0 and torch.equal(loss, full[0])
