@@ -81,6 +81,19 @@ class _PairSum(torch.autograd.Function):
         return grad.unsqueeze(-1).expand(*grad.shape, 2).reshape(*grad.shape[:-1], 2 * grad.shape[-1])
 
 
+class _HalvesSum(torch.autograd.Function):
+    """``y[..., :C] + y[..., C:]``: [..., 2C] -> [..., C]; the backward is one concatenation of the gradient."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
+        half = y.shape[-1] // 2
+        return y[..., :half] + y[..., half:]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return torch.cat([grad, grad], dim=-1)
+
+
 class _ShuffleGelu(torch.autograd.Function):
     """GELU of a transposed conv's matmul output, written straight into the pixel-shuffled layout.
 
@@ -106,20 +119,60 @@ class _ShuffleGelu(torch.autograd.Function):
         return grad_y
 
 
-def _conv_transpose_nhwc(layer: nn.ConvTranspose2d, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+def _conv_transpose_nhwc(layer: nn.ConvTranspose2d, x: torch.Tensor, gelu: bool = False,
+                         out_order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A kernel == stride transposed conv (optionally followed by exact GELU) on x: [N, h, w, C_in] ->
-    [N, k*h, k*w, C_out]: a matmul to the k*k sub-pixels of every input pixel, then a pixel shuffle."""
+    [N, k*h, k*w, C_out]: a matmul to the k*k sub-pixels of every input pixel, then a pixel shuffle.
+    ``out_order`` permutes the output channels (free: it reorders the weight's rows)."""
     k = layer.kernel_size[0]
     if layer.stride != (k, k) or layer.padding != (0, 0) or layer.groups != 1 or layer.output_padding != (0, 0):
         raise ValueError(f"channels-last path expects kernel == stride transposed convs, got {layer}")
     c_in, c_out = layer.weight.shape[:2]
-    weight = layer.weight.permute(2, 3, 1, 0).reshape(k * k * c_out, c_in)  # rows ordered (i, j, out)
-    bias = layer.bias.repeat(k * k) if layer.bias is not None else None
+    weight = layer.weight.permute(2, 3, 1, 0)  # [k, k, out, in]: rows ordered (i, j, out)
+    bias = layer.bias
+    if out_order is not None:
+        weight = weight[:, :, out_order]
+        bias = bias[out_order] if bias is not None else None
+    weight = weight.reshape(k * k * c_out, c_in)
+    bias = bias.repeat(k * k) if bias is not None else None
     n, h, w, _ = x.shape
     y = F.linear(x, weight, bias).view(n, h, w, k, k, c_out)
     if gelu:
         return _ShuffleGelu.apply(y)
     return y.permute(0, 1, 3, 2, 4, 5).reshape(n, h * k, w * k, c_out)
+
+
+def _pairs_first_order(channels: int, device: torch.device) -> torch.Tensor:
+    """Channel order that puts the first member of every (2g, 2g+1) pair first: [0, 2, 4, ..., 1, 3, 5, ...]."""
+    return torch.arange(channels, device=device).view(-1, 2).t().reshape(-1)
+
+
+def _grouped_conv_as_depthwise(layer: nn.Conv2d, x: torch.Tensor, pairs_first: bool = False) -> torch.Tensor:
+    """A grouped conv whose groups each make one output (``out_channels == groups``) on x: [N, H, W, C_in].
+
+    Computed as a depthwise conv and a sum of each group's channels (the depthwise backward is ~3x faster than the
+    grouped kernel's on CPU). ``pairs_first``: x's channels come in ``_pairs_first_order`` (two per group), so the
+    pair sum adds two contiguous halves.
+    """
+    groups, c_in = layer.groups, layer.in_channels
+    per_group = c_in // groups
+    depthwise = layer.weight.reshape(c_in, 1, *layer.kernel_size)
+    if pairs_first:
+        depthwise = depthwise[_pairs_first_order(c_in, depthwise.device)]
+    y = F.conv2d(x.permute(0, 3, 1, 2), depthwise, None, layer.stride, layer.padding, layer.dilation, c_in)
+    y = y.permute(0, 2, 3, 1)
+    if pairs_first:
+        y = _HalvesSum.apply(y)
+    elif per_group == 2:
+        y = _PairSum.apply(y)
+    else:
+        y = y.reshape(*y.shape[:3], groups, per_group).sum(-1)
+    return y + layer.bias if layer.bias is not None else y
+
+
+def _is_pair_conv(layer: Optional[nn.Module]) -> bool:
+    return (isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.out_channels == layer.groups
+            and layer.in_channels == 2 * layer.groups)
 
 
 def _is_exact_gelu(layer: nn.Module) -> bool:
@@ -140,17 +193,7 @@ def apply_nhwc(layer: nn.Module, x: torch.Tensor, lean: bool = False) -> torch.T
             return F.linear(x, layer.weight.flatten(1), layer.bias)
         groups, c_in = layer.groups, layer.in_channels
         if groups > 1 and layer.out_channels == groups and not lean:
-            # each output sums `per_group` input channels: a depthwise conv then a sum of neighbours (its backward
-            # is ~3x faster than the grouped kernel's on CPU)
-            per_group = c_in // groups
-            depthwise = layer.weight.reshape(c_in, 1, *layer.kernel_size)
-            y = F.conv2d(x.permute(0, 3, 1, 2), depthwise, None, layer.stride, layer.padding, layer.dilation, c_in)
-            y = y.permute(0, 2, 3, 1)
-            if per_group == 2:
-                y = _PairSum.apply(y)
-            else:
-                y = y.reshape(*y.shape[:3], groups, per_group).sum(-1)
-            return y + layer.bias if layer.bias is not None else y
+            return _grouped_conv_as_depthwise(layer, x)
         return layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     if isinstance(layer, Norm2d):
         return layer.ln(x)
@@ -163,8 +206,16 @@ def run_nhwc(layers: nn.Sequential, x: torch.Tensor, lean: bool = False) -> torc
     while i < len(layers):
         layer = layers[i]
         if isinstance(layer, nn.ConvTranspose2d) and i + 1 < len(layers) and _is_exact_gelu(layers[i + 1]):
-            x = _conv_transpose_nhwc(layer, x, gelu=True)
-            i += 2
+            after = layers[i + 2] if i + 2 < len(layers) else None
+            if not lean and _is_pair_conv(after):
+                # the transposed conv emits its channels pairs-first, so the grouped conv's pair sum adds halves
+                order = _pairs_first_order(after.in_channels, x.device)
+                x = _conv_transpose_nhwc(layer, x, gelu=True, out_order=order)
+                x = _grouped_conv_as_depthwise(after, x, pairs_first=True)
+                i += 3
+            else:
+                x = _conv_transpose_nhwc(layer, x, gelu=True)
+                i += 2
             continue
         x = apply_nhwc(layer, x, lean)
         i += 1
