@@ -6,7 +6,9 @@ Per side and precision: one warm-up batch, then the median of the ``iters`` batc
 processes used < 10 % of the CPUs (the fastest batch when none was clean). ``batch`` is one size or a
 ``{side: size}`` map: small sides need large batches to be efficient (the original's kNN used 64 with
 ``--eval_only``). ``baseline_fp32`` runs the same images through ``bench/baseline.py`` (host float64 tables,
-unfused attention) for comparison.
+unfused attention) for comparison. ``allocator="reuse"`` applies what the launchers apply on CPU
+(``--cpu_allocator reuse``) before anything is allocated; run.py measures that in a process of its own
+(``features_launch``).
 """
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ from bench_utils import OtherLoad, build_model, summarize, wait_for_idle
 
 
 def run(config: str = "vit_large", sides=(56, 112, 224), batch=8, iters: int = 3,
-        precisions=("fp32", "bf16"), baseline: bool = False, seed: int = 0) -> dict:
+        precisions=("fp32", "bf16"), baseline: bool = False, seed: int = 0, allocator: str = "system") -> dict:
     import torch
 
+    from util.cpu_memory import keep_freed_memory
     from util.knn_eval import extract_features
+
+    applied = keep_freed_memory() if allocator == "reuse" else False
 
     device = torch.device("cpu")
     model = build_model(config, seed=seed).eval()
@@ -34,7 +39,8 @@ def run(config: str = "vit_large", sides=(56, 112, 224), batch=8, iters: int = 3
     g = torch.Generator().manual_seed(seed)
     batches = {int(k): int(v) for k, v in batch.items()} if isinstance(batch, dict) else {s: int(batch) for s in sides}
     all_imgs = torch.randn(max(batches.values()), 3, 224, 224, generator=g)
-    out = {"config": config, "batch": {str(s): batches[s] for s in sides}, "iters": iters, "results": {}}
+    out = {"config": config, "batch": {str(s): batches[s] for s in sides}, "iters": iters, "allocator": allocator,
+           "allocator_applied": applied, "results": {}}
     runs = [("ours", p) for p in precisions] + ([("baseline", "fp32")] if baseline else [])
     for side in sides:
         imgs = all_imgs[:batches[side]]
