@@ -147,21 +147,22 @@ def _pairs_first_order(channels: int, device: torch.device) -> torch.Tensor:
     return torch.arange(channels, device=device).view(-1, 2).t().reshape(-1)
 
 
-def _grouped_conv_as_depthwise(layer: nn.Conv2d, x: torch.Tensor, pairs_first: bool = False) -> torch.Tensor:
+def _grouped_conv_as_depthwise(layer: nn.Conv2d, x: torch.Tensor,
+                               pairs_first: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A grouped conv whose groups each make one output (``out_channels == groups``) on x: [N, H, W, C_in].
 
     Computed as a depthwise conv and a sum of each group's channels (the depthwise backward is ~3x faster than the
-    grouped kernel's on CPU). ``pairs_first``: x's channels come in ``_pairs_first_order`` (two per group), so the
-    pair sum adds two contiguous halves.
+    grouped kernel's on CPU). ``pairs_first``: the channel order of x when it is ``_pairs_first_order`` (the two
+    inputs of every group in separate halves), so that the pair sum adds two contiguous halves.
     """
     groups, c_in = layer.groups, layer.in_channels
     per_group = c_in // groups
     depthwise = layer.weight.reshape(c_in, 1, *layer.kernel_size)
-    if pairs_first:
-        depthwise = depthwise[_pairs_first_order(c_in, depthwise.device)]
+    if pairs_first is not None:
+        depthwise = depthwise[pairs_first]
     y = F.conv2d(x.permute(0, 3, 1, 2), depthwise, None, layer.stride, layer.padding, layer.dilation, c_in)
     y = y.permute(0, 2, 3, 1)
-    if pairs_first:
+    if pairs_first is not None:
         y = _HalvesSum.apply(y)
     elif per_group == 2:
         y = _PairSum.apply(y)
@@ -211,7 +212,7 @@ def run_nhwc(layers: nn.Sequential, x: torch.Tensor, lean: bool = False) -> torc
                 # the transposed conv emits its channels pairs-first, so the grouped conv's pair sum adds halves
                 order = _pairs_first_order(after.in_channels, x.device)
                 x = _conv_transpose_nhwc(layer, x, gelu=True, out_order=order)
-                x = _grouped_conv_as_depthwise(after, x, pairs_first=True)
+                x = _grouped_conv_as_depthwise(after, x, pairs_first=order)
                 i += 3
             else:
                 x = _conv_transpose_nhwc(layer, x, gelu=True)

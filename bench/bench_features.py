@@ -16,17 +16,16 @@ import statistics
 import time
 
 import bench_utils  # noqa: F401
-from bench_utils import OtherLoad, build_model, summarize, wait_for_idle
+from bench_utils import OtherLoad, apply_allocator, build_model, summarize, wait_for_idle
 
 
 def run(config: str = "vit_large", sides=(56, 112, 224), batch=8, iters: int = 3,
         precisions=("fp32", "bf16"), baseline: bool = False, seed: int = 0, allocator: str = "system") -> dict:
     import torch
 
-    from util.cpu_memory import keep_freed_memory
     from util.knn_eval import extract_features
 
-    applied = keep_freed_memory() if allocator == "reuse" else False
+    applied = apply_allocator(allocator)
 
     device = torch.device("cpu")
     model = build_model(config, seed=seed).eval()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import bench_utils  # noqa: F401
-from bench_utils import CONFIGS, GIB, build_model, current_rss, peak_rss
+from bench_utils import CONFIGS, GIB, apply_allocator, build_model, current_rss, peak_rss
 
 
 def run(config: str = "vit_base", batch: int = 4, grad_checkpointing: bool = False, steps: int = 2,
@@ -21,9 +21,7 @@ def run(config: str = "vit_base", batch: int = 4, grad_checkpointing: bool = Fal
     launchers: freed memory stays in the heap, so the peak RSS is higher)."""
     import torch
 
-    from util.cpu_memory import keep_freed_memory
-
-    applied = keep_freed_memory() if allocator == "reuse" else False
+    applied = apply_allocator(allocator)
 
     from bench_step import _batch, _optimizer
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 import bench_utils  # noqa: F401  (puts the repo on sys.path)
-from bench_utils import CONFIGS, OtherLoad, build_model, summarize, wait_for_idle
+from bench_utils import CONFIGS, OtherLoad, apply_allocator, build_model, summarize, wait_for_idle
 
 CLEAN = 0.10  # a round is "clean" when other processes used less than this share of the CPUs during it
 
@@ -52,11 +52,7 @@ def run(config: str = "tiny", batch: int = 8, warmup: int = 3, iters: int = 10, 
         input_size: int = 0, fused_adamw_ours: bool = False, seed: int = 0, allocator: str = "system") -> dict:
     import torch
 
-    from util.cpu_memory import keep_freed_memory
-
-    if allocator not in ("system", "reuse"):
-        raise ValueError(f"allocator must be 'system' or 'reuse', got {allocator!r}")
-    allocator_applied = keep_freed_memory() if allocator == "reuse" else False
+    allocator_applied = apply_allocator(allocator)
 
     from baseline import baseline_from
 

@@ -37,6 +37,16 @@ CONFIGS: Dict[str, dict] = {
 }
 
 
+def apply_allocator(allocator: str) -> bool:
+    """``"reuse"``: what the launchers apply on CPU (``util.cpu_memory.keep_freed_memory``; returns whether glibc
+    took it); ``"system"``: glibc's defaults, as the original runs (returns False). Call before allocating."""
+    if allocator not in ("system", "reuse"):
+        raise ValueError(f"allocator must be 'system' or 'reuse', got {allocator!r}")
+    from util.cpu_memory import keep_freed_memory
+
+    return keep_freed_memory() if allocator == "reuse" else False
+
+
 def build_model(config: str, baseline: bool = False, seed: int = 0):
     """A freshly initialised model of ``CONFIGS[config]`` (``BaselineMAE`` when ``baseline``)."""
     import torch

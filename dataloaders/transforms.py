@@ -215,6 +215,18 @@ def _as_stat(values: Sequence[float]) -> torch.Tensor:
     return torch.as_tensor(list(values), dtype=torch.float32)
 
 
+def _checked_scale(scale: Tuple[float, float]) -> Tuple[float, float]:
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"scale must satisfy 0 < scale_min <= scale_max <= 1, got {tuple(scale)}")
+    return float(scale[0]), float(scale[1])
+
+
+def _checked_stats(mean: Sequence[float], std: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    if len(mean) != len(std):
+        raise ValueError(f"mean has {len(mean)} entries but std has {len(std)}")
+    return _as_stat(mean), _as_stat(std)
+
+
 class PretrainTransform:
     """Multiscale pretraining transform for one image (see the module docstring for the exact steps).
 
@@ -236,19 +248,14 @@ class PretrainTransform:
                  std: Sequence[float] = (0.229, 0.224, 0.225), target_size: Optional[int] = None,
                  scale: Tuple[float, float] = (0.2, 1.0), base_resolution: float = 2.5,
                  random_crop: bool = True, crop_size: Optional[int] = None, hflip_p: float = 0.5) -> None:
-        if not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(f"scale must satisfy 0 < scale_min <= scale_max <= 1, got {tuple(scale)}")
-        if len(mean) != len(std):
-            raise ValueError(f"mean has {len(mean)} entries but std has {len(std)}")
+        self.scale = _checked_scale(scale)
+        self.mean, self.std = _checked_stats(mean, std)
         self.input_size = int(input_size)
         self.target_size = int(target_size) if target_size else 2 * self.input_size
         self.crop_size = int(crop_size) if crop_size else 2 * self.input_size
-        self.scale = (float(scale[0]), float(scale[1]))
         self.base_resolution = float(base_resolution)
         self.random_crop = bool(random_crop)
         self.hflip_p = float(hflip_p)
-        self.mean = _as_stat(mean)
-        self.std = _as_stat(std)
 
     def __call__(self, img: ImageLike, generator: Optional[torch.Generator] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,15 +285,12 @@ class LinprobeTrainTransform:
     def __init__(self, input_size: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),
                  std: Sequence[float] = (0.229, 0.224, 0.225), scale: Tuple[float, float] = (0.5, 1.0),
                  base_resolution: float = 2.5, resize_crop: bool = True, hflip_p: float = 0.5) -> None:
-        if not 0.0 < scale[0] <= scale[1] <= 1.0:
-            raise ValueError(f"scale must satisfy 0 < scale_min <= scale_max <= 1, got {tuple(scale)}")
+        self.scale = _checked_scale(scale)
+        self.mean, self.std = _checked_stats(mean, std)
         self.input_size = int(input_size)
-        self.scale = (float(scale[0]), float(scale[1]))
         self.base_resolution = float(base_resolution)
         self.resize_crop = bool(resize_crop)
         self.hflip_p = float(hflip_p)
-        self.mean = _as_stat(mean)
-        self.std = _as_stat(std)
 
     def __call__(self, img: ImageLike, generator: Optional[torch.Generator] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -153,3 +153,11 @@ def test_separable_resize_equals_interpolate(mode, shape, size):
         torch.testing.assert_close(resize_align_corners(img, size, mode), expected, atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("cls", [PretrainTransform, LinprobeTrainTransform])
+def test_transforms_reject_bad_scale_and_mismatched_stats(cls):
+    with pytest.raises(ValueError, match="scale must satisfy"):
+        cls(input_size=16, scale=(0.8, 0.5))
+    with pytest.raises(ValueError, match="mean has 3 entries but std has 2"):
+        cls(input_size=16, mean=(0.5, 0.5, 0.5), std=(0.2, 0.2))
