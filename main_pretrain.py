@@ -465,7 +465,7 @@ def main(args: argparse.Namespace) -> dict:
                     state = checkpoint_state(epoch - 1)
                     if dist_util.is_main_process():
                         state.update(resume_epoch=epoch, resume_step=step + 1, rng=harness.rng_state())
-                    keeper.save(state, f"epoch {epoch}, step {step + 1} (mid-epoch)")
+                    keeper.save(state, f"epoch {epoch} after {step + 1} step(s)")
 
             stats = train_one_epoch(model, loader, optimizer, device, epoch, amp, args, log_writer,
                                     start_step=start_step, steps_per_epoch=steps_per_epoch,

@@ -102,3 +102,21 @@ def test_eval_only_with_the_wrong_model_names_the_shapes(tmp_path):
          "--device", "cpu", "--num_workers", "0", "--output_dir", str(tmp_path / "e")])
     with pytest.raises(SystemExit, match=r"checkpoint \(1, 1, 192\) vs model \(1, 1, 768\)"):
         main_pretrain.main(args)
+
+
+def test_images_of_different_sizes_are_resized_one_by_one():
+    """A user's own folder with 20 x 20 and 28 x 28 images: each image is area-resized to the scale on its own
+    (stacking them would fail), giving exactly the features of the separately resized images."""
+    from util.knn_eval import collate_images
+
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.rand(3, 20, 20, generator=g), 0), (torch.rand(3, 28, 28, generator=g), 1),
+             (torch.rand(3, 20, 20, generator=g), 2)]
+    loader = torch.utils.data.DataLoader(items, batch_size=3, collate_fn=collate_images)
+    feats, labels = extract_features(Encoder(), loader, 16, 1.0, torch.device("cpu"))
+    expected = torch.stack([torch.nn.functional.interpolate(img[None], size=(16, 16), mode="area")[0].mean(dim=(1, 2))
+                            for img, _ in items])
+    torch.testing.assert_close(feats[:, :3], expected)
+    assert labels.tolist() == [0, 1, 2]
+    same = torch.utils.data.DataLoader(items[::2], batch_size=2, collate_fn=collate_images)
+    assert isinstance(next(iter(same))[0], torch.Tensor)  # equal sizes still stack

@@ -10,7 +10,7 @@ import torch
 
 from util import checkpoint as ckpt
 from util.checkpoint import (CheckpointError, args_to_plain, describe_state_dict_mismatch, find_latest_checkpoint,
-                             load_checkpoint, save_checkpoint)
+                             load_checkpoint, save_checkpoint, url_cache_path)
 
 
 class ExplodesWhenPickled:
@@ -119,9 +119,37 @@ def test_http_url_downloads_into_torch_home_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
     url = "https://example.invalid/weights/scalemae-test.pth"
     assert load_checkpoint(url)["epoch"] == 3
-    assert (tmp_path / "th" / "hub" / "checkpoints" / "scalemae-test.pth").is_file()
+    cached = url_cache_path(url)
+    assert cached.parent == tmp_path / "th" / "hub" / "checkpoints" and cached.name.endswith("-scalemae-test.pth")
+    assert cached.is_file()
     assert load_checkpoint(url)["epoch"] == 3
     assert calls == [url]  # second load reused the cache
+
+
+def test_url_cache_is_keyed_by_the_full_url_and_verified(tmp_path, monkeypatch):
+    """Two URLs with the same file name get their own files; #sha256=/#size= are checked (a wrong one is an error
+    and leaves nothing cached)."""
+    import hashlib
+
+    a, b = tmp_path / "a.pth", tmp_path / "b.pth"
+    save_checkpoint({**_payload(), "epoch": 1}, a)
+    save_checkpoint({**_payload(), "epoch": 2}, b)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    sources = {"https://h.invalid/a/ckpt.pth": a, "https://h.invalid/b/ckpt.pth": b}
+
+    def fake_download(url, dst, progress=True):
+        pathlib.Path(dst).write_bytes(sources[url].read_bytes())
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert load_checkpoint("https://h.invalid/a/ckpt.pth")["epoch"] == 1
+    assert load_checkpoint("https://h.invalid/b/ckpt.pth")["epoch"] == 2  # not the cached a/ckpt.pth
+    good = hashlib.sha256(b.read_bytes()).hexdigest()
+    assert load_checkpoint(f"https://h.invalid/b/ckpt.pth#sha256={good}")["epoch"] == 2
+    with pytest.raises(CheckpointError, match="does not match sha256=00"):
+        load_checkpoint("https://h.invalid/b/ckpt.pth#sha256=00ff")
+    assert not url_cache_path("https://h.invalid/b/ckpt.pth").exists()
+    with pytest.raises(CheckpointError, match="size=5"):
+        load_checkpoint("https://h.invalid/a/ckpt.pth#size=5")
 
 
 def test_missing_file_names_it(tmp_path):

@@ -458,12 +458,37 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help=f"licence recorded in the metadata (default {DEFAULT_LICENSE}, that of the released weights)")
     p.add_argument("--format", choices=["both", "pth", "safetensors"], default="both",
                    help="which weight files to write (the JSON sidecar is always written)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of errors (also: SCALEMAE_DEBUG=1)")
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
-    args = get_args_parser().parse_args(argv)
+def _check_args(args: argparse.Namespace, formats: Sequence[str]) -> None:
+    from util.harness import UserError
+
+    if args.img_size is not None and args.img_size <= 0:
+        raise UserError(f"--img_size {args.img_size}: must be > 0")
+    if not args.res > 0 or args.res != args.res:
+        raise UserError(f"--res {args.res}: must be > 0 (a relative GSD)")
+    if args.num_heads is not None and args.num_heads <= 0:
+        raise UserError(f"--num_heads {args.num_heads}: must be > 0")
+    prefix = Path(args.output)
+    if prefix.suffix in (".pth", ".safetensors", ".json"):
+        prefix = prefix.with_suffix("")
+    if "://" not in args.checkpoint:
+        source = Path(args.checkpoint).expanduser().resolve()
+        for suffix in [*(f".{f}" for f in formats), ".json"]:
+            target = prefix.with_name(prefix.name + suffix).expanduser().resolve()
+            if target == source:
+                raise UserError(f"--output {args.output} would overwrite the input checkpoint {args.checkpoint}; "
+                                f"choose another output prefix")
+    if prefix.exists() and prefix.is_dir():
+        raise UserError(f"--output {args.output} is a folder; give a file prefix such as {prefix / 'encoder'}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Export as the command line asks (``args`` from :func:`get_args_parser`)."""
     formats = ("pth", "safetensors") if args.format == "both" else (args.format,)
+    _check_args(args, formats)
     result = export_encoder(args.checkpoint, args.output, img_size=args.img_size, res=args.res,
                             num_heads=args.num_heads, mean=args.mean, std=args.std, license=args.license,
                             formats=formats)
@@ -480,11 +505,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     return result
 
 
-if __name__ == "__main__":
-    from util.checkpoint import CheckpointError
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Parse ``argv`` and export; errors raise (``python tools/export_encoder.py`` prints them as one line)."""
+    return run(get_args_parser().parse_args(argv))
 
-    try:
-        main()
-    except (ValueError, FileNotFoundError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+
+if __name__ == "__main__":
+    from util import harness
+
+    harness.run(run, get_args_parser())

@@ -18,6 +18,7 @@ import argparse
 import enum
 import os
 import pathlib
+import pickle
 import re
 import tempfile
 import urllib.parse
@@ -34,6 +35,7 @@ __all__ = [
     "args_to_plain",
     "load_checkpoint",
     "find_latest_checkpoint",
+    "url_cache_path",
     "describe_state_dict_mismatch",
     "strip_module_prefix",
 ]
@@ -146,21 +148,70 @@ def args_to_plain(args: argparse.Namespace | Mapping[str, Any] | None) -> dict[s
 # --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
+def _url_checks(fragment: str) -> dict[str, str]:
+    """``sha256=<hex>`` and ``size=<bytes>`` entries of a URL fragment (``...ckpt.pth#sha256=ab12...&size=123``)."""
+    checks = {}
+    for key, values in urllib.parse.parse_qs(fragment).items():
+        if key in ("sha256", "size") and values:
+            checks[key] = values[-1].strip().lower()
+    return checks
+
+
+def _verify_download(path: Path, checks: Mapping[str, str], url: str) -> None:
+    if "size" in checks and str(path.stat().st_size) != checks["size"]:
+        raise CheckpointError(f"{url}: the file has {path.stat().st_size} bytes, the URL says size={checks['size']}")
+    if "sha256" in checks:
+        import hashlib
+
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        if not digest.hexdigest().startswith(checks["sha256"]):
+            raise CheckpointError(f"{url}: SHA-256 {digest.hexdigest()} does not match sha256={checks['sha256']}")
+
+
+def url_cache_path(url: str) -> Path:
+    """Where an http(s) checkpoint is cached: ``$TORCH_HOME/hub/checkpoints/<hash of the full URL>-<file name>``
+    (the whole URL, query included, so two URLs with the same file name never share a cache entry)."""
+    parsed = urllib.parse.urlparse(url)
+    key = hashlib_sha256(urllib.parse.urlunparse(parsed._replace(fragment="")))[:16]
+    name = os.path.basename(urllib.parse.unquote(parsed.path)) or "checkpoint.pth"
+    return Path(torch.hub.get_dir()) / "checkpoints" / f"{key}-{name}"
+
+
+def hashlib_sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _resolve_source(path_or_url: str | os.PathLike, progress: bool) -> Path:
-    """Turn a path, ``file://`` URL or ``http(s)://`` URL (downloaded to the torch hub cache) into a local path."""
+    """Turn a path, ``file://`` URL or ``http(s)://`` URL (downloaded to the torch hub cache, keyed by the full URL
+    and verified against ``#sha256=...``/``#size=...`` when the URL carries them) into a local path."""
     text = os.fspath(path_or_url)
     parsed = urllib.parse.urlparse(text)
     scheme = parsed.scheme.lower()
     if scheme in ("http", "https"):
-        cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        name = os.path.basename(urllib.parse.unquote(parsed.path)) or "checkpoint.pth"
-        cached = cache_dir / name
+        checks = _url_checks(parsed.fragment)
+        cached = url_cache_path(text)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        if cached.exists():
+            try:
+                _verify_download(cached, checks, text)
+            except CheckpointError:
+                cached.unlink()  # a stale or tampered cache entry: download again
         if not cached.exists():
             try:
-                torch.hub.download_url_to_file(text, str(cached), progress=progress)
+                torch.hub.download_url_to_file(urllib.parse.urlunparse(parsed._replace(fragment="")), str(cached),
+                                               progress=progress)
             except Exception as e:
                 raise CheckpointError(f"could not download checkpoint {text}: {type(e).__name__}: {e}") from e
+            try:
+                _verify_download(cached, checks, text)
+            except CheckpointError:
+                cached.unlink()
+                raise
         return cached
     if scheme == "file":
         if parsed.netloc not in ("", "localhost"):
@@ -169,22 +220,89 @@ def _resolve_source(path_or_url: str | os.PathLike, progress: bool) -> Path:
     return Path(text)
 
 
-def _unsupported_global(message: str) -> str | None:
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    if match:
-        return match.group(1)
-    match = re.search(r"GLOBAL ([\w.]+) was not an allowed global", message)
-    return match.group(1) if match else None
+# modules whose globals a weights_only checkpoint may legitimately name (tensor rebuilding, containers, the
+# original's pickled Namespace/paths); anything else is reported as the reason for refusing the file
+_EXPECTED_MODULES = ("torch", "collections", "argparse", "pathlib", "builtins", "_codecs", "numpy")
+_HARMLESS_BUILTINS = {"set", "frozenset", "bytearray", "bytes", "dict", "list", "tuple", "int", "float", "complex",
+                      "bool", "str", "slice", "range", "object"}
+
+
+def _pickle_globals(path: Path) -> list[str]:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL in a checkpoint's pickle(s), read without unpickling
+    (zip format: ``*/data.pkl``; legacy format: the leading pickles of the stream)."""
+    import io
+    import pickletools
+    import zipfile
+
+    streams: list[bytes] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                streams = [zf.read(n) for n in zf.namelist() if n.endswith("data.pkl")]
+        else:
+            streams = [path.read_bytes()]
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found: list[str] = []
+    for raw in streams:
+        buf = io.BytesIO(raw)
+        for _ in range(4):  # legacy: magic number, protocol, sys info, then the object
+            strings: list[str] = []
+            try:
+                for op, arg, _pos in pickletools.genops(buf):
+                    if op.name == "GLOBAL":
+                        found.append(str(arg).replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str) and "UNICODE" in op.name:
+                        strings.append(arg)
+            except Exception:  # noqa: BLE001 - a damaged stream: report what was found so far
+                break
+            if buf.tell() >= len(raw):
+                break
+    return found
+
+
+def _python3_name(name: str) -> str:
+    """``module.name`` as Python 3 spells it (``torch.save`` pickles with protocol 2, i.e. Python 2 names such as
+    ``__builtin__.exec`` or ``commands.Popen``); ``posix.system`` is shown as ``posix.system (os.system)``."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        module, attr = _compat_pickle.NAME_MAPPING[(module, attr)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+        module = _compat_pickle.IMPORT_MAPPING[module]
+    if module in ("posix", "nt"):
+        return f"{module}.{attr} (os.{attr})"
+    return f"{module}.{attr}"
+
+
+def _unexpected_globals(path: Path, message: str) -> list[str]:
+    names = []
+    for name in map(_python3_name, _pickle_globals(path)):
+        module, _, attr = name.split(" ")[0].rpartition(".")
+        root = module.split(".")[0]
+        if root == "builtins" and attr in _HARMLESS_BUILTINS:
+            continue
+        if root in _EXPECTED_MODULES and root != "builtins":
+            continue
+        if name not in names:
+            names.append(name)
+    if not names:  # fall back on torch's own wording, whatever it is
+        names = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", message)))
+    return names
 
 
 def load_checkpoint(path_or_url: str | os.PathLike, map_location: Any = "cpu", progress: bool = True) -> dict:
     """Load a checkpoint dict with ``weights_only=True`` from a path, ``file://`` or ``http(s)://`` URL.
 
-    HTTP(S) files are cached under ``$TORCH_HOME/hub/checkpoints`` (reused when present). ``argparse.Namespace``
-    and ``pathlib`` paths written by the original scripts are allowed; a top-level ``args`` entry (Namespace or
-    dict) is returned as a plain dict (``args_to_plain``). Raises ``FileNotFoundError`` for a missing file and
-    ``CheckpointError`` (naming the file) for a truncated/corrupt file, a disallowed global, or content that is
-    not a dict.
+    HTTP(S) files are cached under ``$TORCH_HOME/hub/checkpoints`` keyed by the full URL (reused when present;
+    checked against ``#sha256=<hex>`` / ``#size=<bytes>`` in the URL when given). ``argparse.Namespace`` and
+    ``pathlib`` paths written by the original scripts are allowed; a top-level ``args`` entry (Namespace or dict)
+    is returned as a plain dict (``args_to_plain``). Raises ``FileNotFoundError`` for a missing file and
+    ``CheckpointError`` (naming the file) for a truncated/corrupt file, content that is not plain data (naming the
+    offending global, e.g. ``posix.system``; nothing of it is executed), or content that is not a dict.
     """
     path = _resolve_source(path_or_url, progress)
     if not path.is_file():
@@ -194,18 +312,20 @@ def load_checkpoint(path_or_url: str | os.PathLike, map_location: Any = "cpu", p
         with torch.serialization.safe_globals(_SAFE_GLOBALS):
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        offending = _unsupported_global(str(e))
-        if offending is not None:
+        text = str(e)
+        if isinstance(e, pickle.UnpicklingError) and ("GLOBAL" in text or "Weights only load failed" in text):
+            offending = _unexpected_globals(path, text)
+            what = ", ".join(offending) if offending else "objects that are not tensors or plain data"
             raise CheckpointError(
-                f"refusing to load checkpoint {path}: it contains the Python object '{offending}', which is not a "
-                f"tensor or plain data and is not on the allow-list (argparse.Namespace, pathlib paths). Loading it "
-                f"would require weights_only=False, i.e. running arbitrary code from the file. Re-save the "
-                f"checkpoint with plain data (e.g. state dicts and args_to_plain(args)) from a trusted environment."
+                f"refusing to load checkpoint {path}: its pickle calls {what}, which is not tensor data and could run "
+                f"code on this machine (nothing of it was executed). Use weights from a trusted source, or re-save "
+                f"them as plain state dicts or .safetensors."
             ) from None
+        first = text.strip().splitlines()[0] if text.strip() else ""
         raise CheckpointError(
             f"could not read checkpoint {path} ({path.stat().st_size} bytes): the file is truncated, corrupt or not "
-            f"a PyTorch checkpoint ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-        ) from e
+            f"a PyTorch checkpoint ({type(e).__name__}: {first})"
+        ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict "
                               f"(e.g. {{'model': state_dict, ...}})")

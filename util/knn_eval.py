@@ -21,12 +21,22 @@ from util import dist as dist_util
 from util.dist import ShardSampler  # re-exported: callers import it from here
 from util.knn import knn_predict_multi_k, topk_accuracy
 
-__all__ = ["ShardSampler", "eval_res", "extract_features", "evaluate_knn", "format_table", "save_knn_report"]
+__all__ = ["ShardSampler", "collate_images", "eval_res", "extract_features", "evaluate_knn", "format_table", "save_knn_report"]
 
 
 def eval_res(scale: int, base_resolution: float = 1.0, eval_gsd: bool = False, reference: int = 224) -> float:
     """Relative GSD given to the encoder at an evaluation side: ``base * reference / scale`` with ``eval_gsd``."""
     return base_resolution * reference / scale if eval_gsd else base_resolution
+
+
+def collate_images(batch: list) -> tuple:
+    """Default collation, except that images of different sizes (a user's own folder) come as a list, each to be
+    resized on its own, instead of failing to stack."""
+    imgs = [item[0] for item in batch]
+    labels = torch.as_tensor([int(item[1]) for item in batch])
+    if all(img.shape == imgs[0].shape for img in imgs):
+        return torch.stack(imgs), labels
+    return imgs, labels
 
 
 @torch.no_grad()
@@ -40,13 +50,18 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """kNN features of a whole (sharded) dataset, gathered from all ranks.
 
-    Batches are ``(imgs [B, C, H, W], labels [B])``; images are area-resized to ``scale`` px and encoded with
-    ``model(x, input_res=res, knn_feats=True)``. Returns features [N, D] (float32, on ``device``) and labels [N].
+    Batches are ``(imgs [B, C, H, W], labels [B])``, or ``(list of [C, H_i, W_i], labels)`` when the images differ
+    in size (:func:`collate_images`); images are area-resized to ``scale`` px (one by one in the list case) and
+    encoded with ``model(x, input_res=res, knn_feats=True)``. Returns features [N, D] (float32, on ``device``) and
+    labels [N].
     """
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for imgs, target in loader:
+        if isinstance(imgs, (list, tuple)):
+            imgs = torch.cat([F.interpolate(img.to(device)[None], size=(scale, scale), mode="area")
+                              if img.shape[-2:] != (scale, scale) else img.to(device)[None] for img in imgs])
         imgs = imgs.to(device, non_blocking=True)
         if imgs.shape[-1] != scale or imgs.shape[-2] != scale:
             imgs = F.interpolate(imgs, size=(scale, scale), mode="area")
@@ -85,7 +100,7 @@ def evaluate_knn(
 
     def loader(ds: Dataset) -> DataLoader:
         return DataLoader(ds, batch_size=batch_size, sampler=ShardSampler(ds), num_workers=num_workers,
-                          pin_memory=device.type == "cuda", drop_last=False)
+                          pin_memory=device.type == "cuda", drop_last=False, collate_fn=collate_images)
 
     train_loader, val_loader = loader(train_set), loader(val_set)
     result: dict[str, Any] = {"scales": {}, "k_values": list(ks), "temperature": temperature}
