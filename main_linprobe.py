@@ -109,7 +109,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "data/resisc45/train-resisc.txt)")
     g.add_argument("--data_root", default=None, type=str,
                    help="folder that relative paths in --config and --eval_path resolve against (default: the "
-                        "repository's data/ for the shipped configs in config/, else the config file's folder)")
+                        "repository's data/ for the shipped fmow/resisc/eurosat configs, else the config file's folder)")
     g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE",
                    help="override config entries, e.g. data.img_dir=/data/resisc45/train.txt")
     g.add_argument("--scale_min", default=0.5, type=float, help="random resized crop: min area fraction (default 0.5)")

@@ -93,7 +93,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the original README's `ln -s ~/data/fmow-rgb data`)")
     g.add_argument("--data_root", default=None, type=str,
                    help="root for relative paths in the config (default: the repository's data/ for the shipped "
-                        "configs in config/, else the config file's folder)")
+                        "fmow/resisc/eurosat configs, else the config file's folder)")
     g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE",
                    help="override config entries, e.g. data.img_dir=/data/fmow/train")
     g.add_argument("--scale_min", default=0.2, type=float, help="random resized crop: min area fraction (default 0.2)")

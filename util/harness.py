@@ -314,10 +314,14 @@ SHIPPED_CONFIGS = _REPO / "config"
 DEFAULT_DATA_ROOT = _REPO / "data"
 
 
+_DATA_FOLDER_TYPES = ("fmow", "resisc", "eurosat")  # the original's image-folder configs, read from its data/
+
+
 def resolve_data_config(args: argparse.Namespace, default: str) -> str:
     """Resolve ``--config`` (unset: the shipped ``config/<default>``; a relative path that does not exist from the
-    working directory is also tried under the repository) and, for the shipped configs, default ``--data_root`` to
-    the repository's ``data/`` folder -- the original README's ``ln -s ~/data/fmow-rgb data``. Sets
+    working directory is also tried under the repository) and, for the shipped image-folder configs (fmow, resisc,
+    eurosat), default ``--data_root`` to the repository's ``data/`` folder -- the original README's
+    ``ln -s ~/data/fmow-rgb data``. Other configs keep their rule (relative to the file's folder). Sets
     ``args.config``/``args.data_root``; returns the config path. A missing file is a ``UserError``."""
     given = args.config
     path = Path(os.path.expanduser(given)) if given else SHIPPED_CONFIGS / default
@@ -328,10 +332,17 @@ def resolve_data_config(args: argparse.Namespace, default: str) -> str:
         raise UserError(f"--config {given or path}: file not found (shipped: {shipped})")
     args.config = str(path)
     if args.data_root is None and path.resolve().parent == SHIPPED_CONFIGS.resolve():
-        args.data_root = str(DEFAULT_DATA_ROOT)
-        if not given:
-            print(f"--config not given: using config/{default}; its relative paths resolve against {DEFAULT_DATA_ROOT}"
-                  f" (the original README's `ln -s ~/data/fmow-rgb data`; --data_root changes it)")
+        import yaml
+
+        try:
+            kind = str(((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("type", "")).lower()
+        except (yaml.YAMLError, AttributeError, OSError):
+            kind = ""  # load_config reports the problem with the file and key
+        if kind in _DATA_FOLDER_TYPES:
+            args.data_root = str(DEFAULT_DATA_ROOT)
+            print(("--config not given: using " if not given else "") + f"config/{path.name}: relative paths "
+                  f"resolve against {DEFAULT_DATA_ROOT} (the original README's `ln -s ~/data/fmow-rgb data`; "
+                  f"--data_root changes it)")
     return args.config
 
 
