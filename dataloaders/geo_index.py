@@ -608,11 +608,13 @@ def build_tile_index(source: Union[PathLike, Sequence[PathLike]], glob: Optional
 
 
 def _band_nodata(name: str, infos, file_bands, nodata, count: int) -> Tuple[Optional[float], ...]:
-    """Nodata of every band read: the override (one value or one per band) or each file band's own."""
-    if nodata is not None:
-        if isinstance(nodata, (list, tuple)):
-            if len(nodata) != count:
-                raise DataError(f"{name}: data.nodata has {len(nodata)} values but {count} band(s) are read")
-            return tuple(None if v is None else float(v) for v in nodata)
-        return (float(nodata),) * count
-    return tuple(info.band_nodata(b) for info, bands in zip(infos, file_bands) for b in bands)
+    """Nodata of every band read: the override (one value, or one per band where null keeps the file's
+    own) or each file band's own."""
+    own = tuple(info.band_nodata(b) for info, bands in zip(infos, file_bands) for b in bands)
+    if nodata is None:
+        return own
+    if isinstance(nodata, (list, tuple)):
+        if len(nodata) != count:
+            raise DataError(f"{name}: data.nodata has {len(nodata)} values but {count} band(s) are read")
+        return tuple(o if v is None else float(v) for v, o in zip(nodata, own))
+    return (float(nodata),) * count

@@ -203,7 +203,7 @@ class GridReader:
             groups.setdefault(key, []).append(k)
         for key, ks in groups.items():
             nd = None if key is None else (float("nan") if key == "nan" else float(key))
-            opts = dict(crs=crs, transform=Affine(*tuple(transform)[:6]), width=width, height=height,
+            opts = dict(crs=crs, transform=Affine(*tuple(transform)[:6]), width=width, height=height, dtype="float32",
                         resampling=_resampling(self.resampling))
             if nd is None:
                 opts["add_alpha"] = True  # coverage (and the file's own masks) from the warped alpha band
