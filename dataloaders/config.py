@@ -69,7 +69,7 @@ SCHEMA: dict[str, _Field] = {
     "glob": _Field("str", GEO_TYPES, "file pattern under img_dir (default: *.tif/*.tiff, recursive)"),
     "min_valid": _Field("float", GEO_TYPES, "minimum valid-pixel fraction of a window (default 0.0)"),
     "band_files": _Field("strs", GEO_TYPES, "per-band file patterns of a scene folder, stacked in order"),
-    "scene_glob": _Field("str", GEO_TYPES, "scene folders under img_dir for band_files (default '*')"),
+    "scene_glob": _Field("str", GEO_TYPES, "scene folders under img_dir for band_files (default: img_dir)"),
     "crs": _Field("str", GEO_TYPES, "read every tile in this CRS (mixed-CRS collections), e.g. EPSG:32633"),
     "target_gsd": _Field("float", GEO_TYPES, "metres; cell of the read grid (resampled)"),
     "resampling": _Field("str", GEO_TYPES, "warp resampling method (default bilinear)"),

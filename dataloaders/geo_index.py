@@ -354,37 +354,77 @@ def find_rasters(source: Union[PathLike, Sequence[PathLike]], glob: Optional[str
     return sorted(str(p) for p in paths)
 
 
+def _glob_key_regex(pattern: str):
+    """Regex of a file-name glob whose wildcards (``*``, ``?``, ``[...]``) are capture groups."""
+    import re
+
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "*":
+            out.append("(.*)")
+        elif ch == "?":
+            out.append("(.)")
+        elif ch == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 1)
+            body = pattern[i + 1:j]
+            out.append("([" + ("^" + body[1:] if body.startswith("!") else body) + "])")
+            i = j
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return re.compile("".join(out))
+
+
 def find_scenes(source: PathLike, band_files: Sequence[str], scene_glob: Optional[str] = None
                 ) -> List[Tuple[str, List[str]]]:
-    """``[(scene folder, [one file per band_files pattern])]`` of the scenes under ``source``.
+    """``[(scene name, [one file per band_files pattern])]`` of the band-file scenes under ``source``.
 
-    Scenes are the folders matching ``scene_glob`` under ``source`` (default ``*``: every immediate
-    sub-folder; ``.``: ``source`` itself is the only scene). Each pattern (a glob relative to the scene
-    folder, ``**`` allowed) must match exactly one file of the scene.
+    Each pattern is a glob relative to a scene folder (``**`` allowed), e.g. ``"**/*_B02_10m.jp2"``. The
+    files of one scene are those whose file names agree on what the patterns' wildcards match: with
+    ``*_B02.tif`` and ``*_B8A.tif``, ``T33UUP_20240101_B02.tif`` and ``T33UUP_20240101_B8A.tif`` form scene
+    ``T33UUP_20240101`` -- so one folder may hold many scenes (a flat download) and a scene's bands may sit
+    in different sub-folders (Sentinel-2 SAFE ``R10m/``, ``R20m/``). Scene folders are ``source`` itself
+    (``scene_glob`` unset or ``.``) or the folders matching ``scene_glob`` under it, searched separately.
+    The scene name is ``<folder>/<wildcard text>``.
 
     Raises:
         MissingDataError: ``source`` does not exist.
-        DataError: no scene folder, or a scene with no or several files for a pattern (names both).
+        DataError: no scene, a scene without a file for some pattern, or two files of one scene for one
+            pattern (names the scene and the pattern).
     """
     source = Path(source)
     if not source.is_dir():
         raise MissingDataError(f"{source}: scene folder root not found (band_files needs a folder of scenes)")
-    pattern = scene_glob or "*"
+    pattern = scene_glob or "."
     folders = [source] if pattern in (".", "./") else sorted(p for p in source.glob(pattern) if p.is_dir())
     if not folders:
         raise DataError(f"{source}: no scene folders matching scene_glob {pattern!r}")
+    keys = [_glob_key_regex(os.path.basename(b)) for b in band_files]
     scenes = []
     for folder in folders:
-        files = []
-        for band in band_files:
-            matches = sorted(p for p in folder.glob(band) if p.is_file())
-            if not matches:
-                raise DataError(f"{folder}: no band file matching {band!r} in this scene")
-            if len(matches) > 1:
-                raise DataError(f"{folder}: {len(matches)} files match band pattern {band!r} "
-                                f"({matches[0].name}, {matches[1].name}, ...); make the pattern specific")
-            files.append(str(matches[0]))
-        scenes.append((str(folder), files))
+        found: dict = {}
+        for k, band in enumerate(band_files):
+            for path in sorted(p for p in folder.glob(band) if p.is_file()):
+                m = keys[k].fullmatch(path.name)
+                if m is None:
+                    continue
+                slot = found.setdefault(m.groups(), [None] * len(band_files))
+                if slot[k] is not None:
+                    raise DataError(f"{folder}: files {slot[k]} and {path} both match band pattern {band!r} for "
+                                    f"scene {'_'.join(m.groups()) or folder.name!r}; make the pattern specific "
+                                    f"(or set scene_glob to one folder per scene)")
+                slot[k] = str(path)
+        if not found:
+            raise DataError(f"{folder}: no file matches band pattern {band_files[0]!r}")
+        for key in sorted(found):
+            files = found[key]
+            name = f"{folder}/{'_'.join(key)}" if key else str(folder)
+            missing = [b for b, f in zip(band_files, files) if f is None]
+            if missing:
+                raise DataError(f"{name}: no band file matching {missing[0]!r} in this scene "
+                                f"(has {os.path.basename(next(f for f in files if f))})")
+            scenes.append((name, files))
     return scenes
 
 
@@ -511,13 +551,13 @@ def build_tile_index(source: Union[PathLike, Sequence[PathLike]], glob: Optional
         verify: read each file's last row so that truncated files fail here, with their name.
         band_files: per-band file patterns of a scene (see :func:`find_scenes`); every matched file
             contributes all its bands, in pattern order.
-        scene_glob: scene folders under ``source`` (default ``*``).
+        scene_glob: scene folders under ``source`` (default: ``source`` itself).
         target_gsd: cell of the read grids in metres (see :func:`grid_cell`).
         nodata: nodata overriding the files' own: a number, or one per read band.
         index_cache: header cache file; None: :func:`default_cache_path`; False: no cache.
 
     Returns:
-        GeoDataFrame with one row per tile: ``path`` (file, or scene folder), ``files`` (tuple of file
+        GeoDataFrame with one row per tile: ``path`` (file, or scene name), ``files`` (tuple of file
         paths), ``file_bands`` (tuple of band-index tuples, one per file), ``infos`` (tuple of
         :class:`RasterInfo`), ``count`` (bands read), ``dtype``, ``nodata`` (tuple, one per band read),
         ``crs``/``transform``/``width``/``height`` (the read grid), ``native_crs``, ``warped`` (some file is

@@ -18,7 +18,7 @@ Pieces (re-exported here):
       crs        str                   CRS of the window grid ("EPSG:32610" or WKT)
       transform  (a, b, c, d, e, f)    affine of the window grid: pixel (col, row) -> crs coordinates
       bounds     (minx, miny, maxx, maxy) in crs
-      path       str                   the tile's file (or scene folder)
+      path       str                   the tile's file (scene: "<folder>/<wildcard text>", e.g. .../T33UUP_20240101)
 
   ``rasterio.features.rasterize(shapes, out_shape=(h, w), transform=Affine(*sample["transform"]))`` puts
   vector labels (reprojected to ``crs``) on the window's pixels.
@@ -108,7 +108,8 @@ class GeoTiffDataset(Dataset):
         expected_bands: band count every tile must have when ``bands`` is not given.
         verify: read every file's last row when building the index (truncated files fail early, by name).
         band_files: per-band file patterns of a scene (``["*_B02.tif", "*_B03.tif"]``), stacked in order.
-        scene_glob: scene folders under ``source`` (default ``*``; ``.`` = ``source`` is one scene).
+        scene_glob: scene folders under ``source``, each searched separately (default: ``source`` itself);
+            files of one scene agree on what the patterns' wildcards match (see ``geo_index.find_scenes``).
         crs: read every tile in this CRS (mixed-CRS collections; windows are read warped).
         target_gsd: cell of the read grids in metres (see ``geo_index.grid_cell``).
         resampling: method of warped reads (default ``bilinear``); ``downsampling`` the method of

@@ -75,12 +75,12 @@ def test_gsd_is_per_window_in_a_large_lonlat_tile(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ 2. band-file scenes
-def _s2_scene(folder, seed=0, nodata=None):
+def _s2_scene(folder, seed=0, nodata=None, scene="T33UUP_20240101", x0=600000.0):
     """Three single-band files at 10, 20 and 60 m on one UTM footprint (1920 m a side)."""
-    x0, y0 = 600000.0, 5000040.0
+    y0 = 5000040.0
     for name, gsd in (("B02", 10.0), ("B05", 20.0), ("B01", 60.0)):
         n = int(1920 / gsd)
-        write_geotiff(folder / f"T33UUP_20240101_{name}.tif", _ramp(1, n, n, seed + int(gsd)),
+        write_geotiff(folder / f"{scene}_{name}.tif", _ramp(1, n, n, seed + int(gsd)),
                       Affine(gsd, 0, x0, 0, -gsd, y0), "EPSG:32633", nodata=nodata)
     return folder
 
@@ -91,7 +91,8 @@ BANDS = ["*_B02.tif", "*_B05.tif", "*_B01.tif"]
 def test_band_files_are_stacked_on_the_finest_grid_as_gdal_resamples_each_band(tmp_path):
     for k in range(2):
         _s2_scene(tmp_path / f"scene{k}", seed=k)
-    ds = GeoTiffDataset(tmp_path, window_size=32, band_files=BANDS, resampling="bilinear", index_cache=False)
+    ds = GeoTiffDataset(tmp_path, window_size=32, band_files=BANDS, scene_glob="scene*", resampling="bilinear",
+                        index_cache=False)
     index = ds.tile_index
     assert len(index) == 2 and list(index["count"]) == [3, 3] and bool(index["warped"].iloc[0])
     assert index["width"].iloc[0] == 192 and index["transform"].iloc[0][0] == 10.0  # the 10 m grid
@@ -109,20 +110,28 @@ def test_band_files_are_stacked_on_the_finest_grid_as_gdal_resamples_each_band(t
     with rasterio.open(tmp_path / "scene1" / "T33UUP_20240101_B02.tif") as src:  # 10 m band untouched
         raw = src.read(1, window=rasterio.windows.Window(70, 50, 32, 32)).astype(np.float32)
     assert torch.equal(s["image"][0], torch.from_numpy(raw))
-    assert s["gsd"] == pytest.approx(10.0, rel=2e-3) and s["path"].endswith("scene1")
-    coarse = GeoTiffDataset(tmp_path, window_size=16, band_files=BANDS, target_gsd=20.0, index_cache=False)
+    assert s["gsd"] == pytest.approx(10.0, rel=2e-3) and s["path"].endswith("scene1/T33UUP_20240101")
+    coarse = GeoTiffDataset(tmp_path, window_size=16, band_files=BANDS, scene_glob="scene*", target_gsd=20.0,
+                            index_cache=False)
     assert coarse.tile_index["width"].iloc[0] == 96 and coarse[WindowSpec(0, 5, 5, 16, 16)]["gsd"] == pytest.approx(
         20.0, rel=2e-3)
 
 
-def test_scene_errors_name_the_scene_and_pattern(tmp_path):
-    _s2_scene(tmp_path / "ok")
-    (tmp_path / "broken").mkdir()
-    write_geotiff(tmp_path / "broken" / "x_B02.tif", _ramp(1, 8, 8), Affine(10, 0, 0, 0, -10, 80), "EPSG:32633")
-    with pytest.raises(DataError, match=r"broken: no band file matching '\*_B05.tif'"):
-        build_tile_index(tmp_path, band_files=BANDS, index_cache=False)
-    with pytest.raises(DataError, match=r"ok: 3 files match band pattern '\*.tif'"):
-        build_tile_index(tmp_path, band_files=["*.tif"], scene_glob="ok", index_cache=False)
+def test_flat_folder_of_scenes_and_scene_errors(tmp_path):
+    flat = tmp_path / "flat"
+    _s2_scene(flat, scene="T33UUP_20240101")
+    _s2_scene(flat, scene="T33UUP_20240111", seed=3, x0=601920.0)  # a second scene in the same folder
+    index = build_tile_index(flat, band_files=BANDS, index_cache=False)
+    assert [os.path.basename(p) for p in index["path"]] == ["T33UUP_20240101", "T33UUP_20240111"]
+    assert all(len(f) == 3 and len({os.path.basename(x)[:15] for x in f}) == 1 for f in index["files"])
+    (flat / "T33UUP_20240121_B02.tif").write_bytes((flat / "T33UUP_20240101_B02.tif").read_bytes())
+    with pytest.raises(DataError, match=r"T33UUP_20240121: no band file matching '\*_B05.tif'"):
+        build_tile_index(flat, band_files=BANDS, index_cache=False)
+    _s2_scene(tmp_path / "nested" / "a")
+    _s2_scene(tmp_path / "nested" / "b")
+    with pytest.raises(DataError, match=r"both match band pattern '\*\*/\*_B02.tif'.*scene_glob"):
+        build_tile_index(tmp_path / "nested", band_files=["**/" + b for b in BANDS], index_cache=False)
+    assert len(build_tile_index(tmp_path / "nested", band_files=BANDS, scene_glob="*", index_cache=False)) == 2
 
 
 # -------------------------------------------------------------------------------------- 3. reprojection
@@ -250,11 +259,12 @@ def test_nodata_in_one_band_makes_the_pixel_invalid(tmp_path):
     _s2_scene(tmp_path / "s2" / "scene", nodata=65535)
     with rasterio.open(tmp_path / "s2" / "scene" / "T33UUP_20240101_B05.tif", "r+") as dst:
         dst.write(np.full((1, 2, 2), 65535, np.uint16), window=rasterio.windows.Window(10, 10, 2, 2))
-    sc = GeoTiffDataset(tmp_path / "s2", window_size=32, band_files=BANDS, resampling="nearest", index_cache=False)
+    sc = GeoTiffDataset(tmp_path / "s2", window_size=32, band_files=BANDS, scene_glob="*", resampling="nearest",
+                        index_cache=False)
     w = sc[WindowSpec(0, 10, 10, 32, 32)]
     assert not w["mask"][10:14, 10:14].any() and w["band_mask"][0, 10:14, 10:14].all()
     assert int((~w["mask"]).sum()) == 16
-    cfg = {"data": {"type": "geotiff", "img_dir": str(tmp_path / "s2"), "band_files": BANDS, "mean": [200.0] * 3,
+    cfg = {"data": {"type": "geotiff", "img_dir": str(tmp_path / "s2"), "band_files": BANDS, "scene_glob": "*", "mean": [200.0] * 3,
                     "std": [50.0] * 3, "size": 32, "length": 4, "min_valid": 1.0, "index_cache": False}}
     pre = build_pretrain_dataset(cfg, input_size=16, target_size=32)
     assert float(pre._read(WindowSpec(0, 10, 10, 32, 32))["mask"].float().mean()) == 1.0  # redrawn
