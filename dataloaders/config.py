@@ -112,8 +112,12 @@ def _check_value(source: str, key: str, field: _Field, value: Any) -> Any:
         if value is False:
             return False
         kind = "path"
-    if kind == "float_or_floats":
-        kind = "floats" if isinstance(value, (list, tuple)) else "float"
+    if kind == "float_or_floats":  # one number, or a list of numbers where null keeps the files' own value
+        if isinstance(value, (list, tuple)):
+            if not value or not all(v is None or is_num(v) for v in value):
+                raise fail("a number or a non-empty list of numbers/nulls")
+            return [None if v is None else float(v) for v in value]
+        kind = "float"
     if kind == "bool":
         if not isinstance(value, bool):
             raise fail("true or false")

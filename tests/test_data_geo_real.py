@@ -328,3 +328,122 @@ def test_sample_transform_places_vector_labels(tmp_path):
     s = GeoTiffDataset(tmp_path, window_size=8, index_cache=False)[WindowSpec(0, 4, 6, 8, 8)]
     label = rasterize([box(1012, 1988, 1016, 1992)], out_shape=(8, 8), transform=Affine(*s["transform"]))
     assert np.argwhere(label).tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+
+# ------------------------------------------------------------------ the documented layouts, end to end
+REPO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
+
+
+def _write(path, arr, transform, crs, driver="GTiff", **kw):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.asarray(arr)
+    with rasterio.open(path, "w", driver=driver, width=arr.shape[2], height=arr.shape[1], count=arr.shape[0],
+                       dtype=arr.dtype.name, crs=crs, transform=transform, **kw) as dst:
+        dst.write(arr)
+
+
+def _fake_layout(name, root):
+    """Tiny fake data in the layout that ``config/<name>.yaml`` documents; returns config overrides."""
+    t10 = Affine(10, 0, 600000, 0, -10, 5000040)
+    if name == "sentinel2":
+        for b in ("B02", "B03", "B04"):
+            _write(root / "sentinel2" / "T33UUP" / f"T33UUP_20240101_{b}_10m.tif", _ramp(1, 32, 32), t10, "EPSG:32633")
+        return []
+    if name == "sentinel2_l2a_safe":
+        img = root / "S2_L2A" / "S2B_MSIL2A_20240101T101329_T32TQM.SAFE" / "GRANULE" / "L2A_T32TQM" / "IMG_DATA"
+        for b in ("B02", "B03", "B04", "B08"):
+            _write(img / "R10m" / f"T32TQM_20240101T101329_{b}_10m.jp2", _ramp(1, 32, 32), t10, "EPSG:32632",
+                   driver="JP2OpenJPEG", REVERSIBLE="YES", QUALITY=100)
+        for b in ("B05", "B06", "B07", "B8A", "B11", "B12"):
+            _write(img / "R20m" / f"T32TQM_20240101T101329_{b}_20m.jp2", _ramp(1, 16, 16),
+                   Affine(20, 0, 600000, 0, -20, 5000040), "EPSG:32632", driver="JP2OpenJPEG", REVERSIBLE="YES",
+                   QUALITY=100)
+        return []
+    if name == "landsat8_c2l2":
+        scene = "LC08_L2SP_044034_20240101_20240110_02_T1"
+        for b in range(2, 8):
+            _write(root / "landsat" / scene / f"{scene}_SR_B{b}.TIF", _ramp(1, 24, 24),
+                   Affine(30, 0, 500000, 0, -30, 4200000), "EPSG:32610")
+        return []
+    if name == "bigearthnet":
+        bands = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
+        gsd = {"B01": 60, "B09": 60, "B05": 20, "B06": 20, "B07": 20, "B8A": 20, "B11": 20, "B12": 20}
+        for i in range(2):
+            for j in range(2):  # four contiguous 12 px patches (the real ones are 120 px)
+                patch = f"S2A_MSIL2A_20170613T101031_{i}_{j}"
+                for b in bands:
+                    g = gsd.get(b, 10)
+                    _write(root / "BigEarthNet-v1.0" / patch / f"{patch}_{b}.tif", _ramp(1, 120 // g, 120 // g),
+                           Affine(g, 0, 600000 + 120 * j, 0, -g, 5000040 - 120 * i), "EPSG:32632")
+        return ["data.size=16"]
+    if name == "webmercator_tiles":
+        x, y = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(10.0, 40.0)
+        for i in range(2):
+            for j in range(2):
+                _write(root / "tiles_z17" / "17" / f"{j}" / f"{i}.tif", _ramp(3, 16, 16, dtype=np.uint8),
+                       Affine(1.19, 0, x + 16 * 1.19 * j, 0, -1.19, y - 16 * 1.19 * i), "EPSG:3857")
+        return ["data.size=24"]
+    if name == "mixed_crs":
+        _write(root / "my_rasters" / "a.tif", _ramp(4, 32, 32, 1), Affine(10, 0, 800000, 0, -10, 5200000), "EPSG:32632")
+        _write(root / "my_rasters" / "b.tif", _ramp(4, 32, 32, 2), Affine(10, 0, 300000, 0, -10, 5200000), "EPSG:32633")
+        _write(root / "my_rasters" / "c.tif", _ramp(4, 32, 32, 3), Affine(1e-4, 0, 15.0, 0, -1e-4, 47.0), "EPSG:4326")
+        return []
+    if name == "cog_multiscale":
+        path = root / "cogs" / "scene.tif"
+        _write(path, _ramp(3, 128, 128), Affine(10, 0, 500000, 0, -10, 4200000), "EPSG:32610", tiled=True,
+               blockxsize=64, blockysize=64)
+        with rasterio.open(path, "r+") as dst:
+            dst.build_overviews([2, 4], Resampling.average)
+        return []
+    raise AssertionError(name)
+
+
+LAYOUTS = ["sentinel2", "sentinel2_l2a_safe", "landsat8_c2l2", "bigearthnet", "webmercator_tiles", "mixed_crs",
+           "cog_multiscale"]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_documented_layout_configs_read_their_layout(tmp_path, name):
+    from dataloaders.builders import build_pretrain_sampler
+    from dataloaders.config import load_config
+
+    overrides = _fake_layout(name, tmp_path)
+    cfg = load_config(os.path.join(REPO_CONFIG, f"{name}.yaml"), data_root=tmp_path,
+                      overrides=["data.length=4", "data.min_valid=0.0", "data.index_cache=false"] + overrides
+                      + ([] if any(o.startswith("data.size") for o in overrides) else ["data.size=16"]))
+    d = cfg["data"]
+    ds = build_pretrain_dataset(cfg, input_size=8, target_size=16)
+    geo = ds.geo
+    window = next(iter(build_pretrain_sampler(ds, cfg)))
+    sample = geo[window]
+    assert sample["image"].shape == (len(d["mean"]), d["size"], d["size"])
+    assert float(sample["mask"].float().mean()) > 0.2
+    ref_gsd = {"webmercator_tiles": 1.19 * math.cos(math.radians(40.0))}.get(name, geo.tile_index["gsd"].iloc[0])
+    if name == "cog_multiscale":
+        assert 10.0 * 0.999 <= sample["gsd"] <= 80.0 * 1.001
+    else:
+        assert sample["gsd"] == pytest.approx(ref_gsd, rel=0.01)
+    inp, in_res, tgt, t_res = ds[window]
+    assert inp.shape == (len(d["mean"]), 8, 8) and torch.isfinite(tgt).all() and float(t_res) > 0
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"resampling": "bicubic"}, r"data.resampling: expected one of nearest, bilinear"),
+    ({"band_files": ["*_B02.tif"], "bands": [1, 2, 3]}, r"data.bands: not valid together with data.band_files"),
+    ({"scene_glob": "*"}, r"data.scene_glob: only used with data.band_files"),
+    ({"gsd_range": [80, 10]}, r"data.gsd_range: expected \[min, max\]"),
+    ({"crs": "EPSG:99999999"}, r"data.crs: not a CRS pyproj understands"),
+    ({"mosaic": "yes"}, r"data.mosaic: expected true or false"),
+    ({"nodata": [0, 0]}, r"data.nodata: expected one value or 3"),
+    ({"nodata_mode": "some"}, r"data.nodata_mode: expected one of any, all"),
+    ({"target_gsd": -5}, r"data.target_gsd: expected a positive number"),
+])
+def test_geo_config_errors_name_the_key(extra, match):
+    from dataloaders.config import ConfigError, validate_config
+
+    raw = {"data": {"type": "geotiff", "img_dir": "x", "mean": [0.0] * 3, "std": [1.0] * 3, **extra}}
+    with pytest.raises(ConfigError, match=match):
+        validate_config(raw, source="c.yaml")
+    ok = validate_config({"data": {"type": "geotiff", "img_dir": "x", "mean": [0.0] * 3, "std": [1.0] * 3,
+                                   "nodata": [0, None, 5], "index_cache": False, "mosaic": True}})["data"]
+    assert ok["index_cache"] is False and ok["mosaic"] is True
