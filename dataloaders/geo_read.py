@@ -139,18 +139,22 @@ class GridReader:
 
     # -- one file onto the destination grid
     def _read_file(self, path: str, info, bands, nodata, crs, transform, height: int, width: int):
-        a, b, c, d, e, f = tuple(transform)[:6]
-        ia, ib, ic, idd, ie, if_ = info.transform
-        if info.crs == crs and b == 0 and d == 0 and ib == 0 and idd == 0 and ia > 0 and ie < 0 and a > 0 and e < 0:
-            sx, sy = a / ia, e / ie
-            col0, row0 = (c - ic) / ia, (f - if_) / ie
-            whole = abs(col0 - round(col0)) < _EPS and abs(row0 - round(row0)) < _EPS
-            if abs(sx - 1) < _EPS and abs(sy - 1) < _EPS and whole:
-                return self._read_aligned(path, info, bands, nodata, int(round(row0)), int(round(col0)), height, width)
-            inside = (col0 > -_EPS and row0 > -_EPS and col0 + width * sx < info.width + _EPS
-                      and row0 + height * sy < info.height + _EPS)
-            if sx > 1 - _EPS and sy > 1 - _EPS and inside:
-                return self._read_decimated(path, bands, nodata, row0, col0, height * sy, width * sx, height, width)
+        from affine import Affine
+
+        if info.crs == crs:
+            # destination pixel -> file pixel: a pure scale + offset when the grids share orientation
+            m = ~Affine(*info.transform) @ Affine(*tuple(transform)[:6])
+            if abs(m.b) < _EPS and abs(m.d) < _EPS and m.a > 1 - _EPS and m.e > 1 - _EPS:
+                sx, sy, col0, row0 = m.a, m.e, m.c, m.f
+                whole = abs(col0 - round(col0)) < _EPS and abs(row0 - round(row0)) < _EPS
+                if abs(sx - 1) < _EPS and abs(sy - 1) < _EPS and whole:
+                    return self._read_aligned(path, info, bands, nodata, int(round(row0)), int(round(col0)),
+                                              height, width)
+                inside = (col0 > -_EPS and row0 > -_EPS and col0 + width * sx < info.width + _EPS
+                          and row0 + height * sy < info.height + _EPS)
+                if inside:
+                    return self._read_decimated(path, bands, nodata, row0, col0, height * sy, width * sx, height,
+                                                width)
         return self._read_warped(path, bands, nodata, crs, transform, height, width)
 
     def _masks(self, src, bands, nodata, arr, **read_kw) -> np.ndarray:

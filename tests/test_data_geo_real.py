@@ -447,3 +447,13 @@ def test_geo_config_errors_name_the_key(extra, match):
     ok = validate_config({"data": {"type": "geotiff", "img_dir": "x", "mean": [0.0] * 3, "std": [1.0] * 3,
                                    "nodata": [0, None, 5], "index_cache": False, "mosaic": True}})["data"]
     assert ok["index_cache"] is False and ok["mosaic"] is True
+
+
+def test_rotated_raster_reads_its_own_pixels(tmp_path):
+    arr = _ramp(2, 32, 32)
+    t = Affine.translation(500000, 4200000) @ Affine.rotation(20) @ Affine.scale(2, -2)
+    write_geotiff(tmp_path / "rot.tif", arr, t, "EPSG:32610")
+    s = GeoTiffDataset(tmp_path, window_size=8, index_cache=False)[WindowSpec(0, 3, 5, 8, 8)]
+    assert torch.equal(s["image"], torch.from_numpy(arr[:, 3:11, 5:13].astype(np.float32)))
+    assert s["gsd_xy"] == pytest.approx((2 / 0.9996, 2 / 0.9996), rel=1e-4)
+    assert Affine(*s["transform"]) == t @ Affine.translation(5, 3)
