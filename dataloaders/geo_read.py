@@ -86,6 +86,7 @@ class GridReader:
         self.downsampling = downsampling
         self.max_open = int(max_open)
         self._handles: Dict[str, object] = {}
+        self._mask_flags: Dict[str, Tuple[bool, ...]] = {}
         self._pid = os.getpid()
 
     def __getstate__(self):  # never ship open GDAL handles to DataLoader workers
@@ -132,9 +133,12 @@ class GridReader:
                 except _gdal_errors() as exc:
                     raise DataError(f"{path}: failed to read window ({width}x{height} px) "
                                     f"(truncated or corrupt file?): {_cause(exc)}") from None
-                fill = ok & ~valid[sl]
-                image[sl][fill] = arr[fill]
-                valid[sl] |= ok
+                if t == tiles[0]:  # first tile: nothing to merge with
+                    image[sl] = arr
+                    valid[sl] = ok
+                else:
+                    np.copyto(image[sl], arr, where=ok & ~valid[sl])
+                    valid[sl] |= ok
         return image, valid
 
     # -- one file onto the destination grid
@@ -157,23 +161,37 @@ class GridReader:
                                                 width)
         return self._read_warped(path, bands, nodata, crs, transform, height, width)
 
-    def _masks(self, src, bands, nodata, arr, **read_kw) -> np.ndarray:
-        from rasterio.enums import MaskFlags
+    def _masked_bands(self, src) -> Tuple[bool, ...]:
+        """Per band: does GDAL hold a mask (internal mask, alpha band, nodata) for it? (cached per file)."""
+        flags = self._mask_flags.get(src.name)
+        if flags is None:
+            from rasterio.enums import MaskFlags
 
-        ok = np.ones(arr.shape, dtype=bool)
+            flags = tuple(MaskFlags.all_valid not in f for f in src.mask_flag_enums)
+            self._mask_flags[src.name] = flags
+        return flags
+
+    def _masks(self, src, bands, nodata, arr, **read_kw) -> np.ndarray:
+        ok = np.empty(arr.shape, dtype=bool)
+        masked = self._masked_bands(src)
         for k, (band, nd) in enumerate(zip(bands, nodata)):
-            ok[k] &= ~_invalid_of(arr[k], nd)
-            if nd is None and MaskFlags.all_valid not in src.mask_flag_enums[band - 1]:
+            np.logical_not(_invalid_of(arr[k], nd), out=ok[k])
+            if nd is None and masked[band - 1]:
                 ok[k] &= src.read_masks(band, **read_kw) > 0  # internal mask or alpha band
         return ok
 
     def _read_aligned(self, path, info, bands, nodata, row0, col0, height, width):
         from rasterio.windows import Window
 
-        arr = np.zeros((len(bands), height, width), dtype=np.float32)
-        ok = np.zeros(arr.shape, dtype=bool)
         r0, r1 = max(row0, 0), min(row0 + height, info.height)
         c0, c1 = max(col0, 0), min(col0 + width, info.width)
+        if (r0, r1, c0, c1) == (row0, row0 + height, col0, col0 + width):  # inside the file: no copy
+            src = self.open(path)
+            window = Window(c0, r0, width, height)
+            part = src.read(indexes=list(bands), window=window)
+            return part.astype(np.float32, copy=False), self._masks(src, bands, nodata, part, window=window)
+        arr = np.zeros((len(bands), height, width), dtype=np.float32)
+        ok = np.zeros(arr.shape, dtype=bool)
         if r1 <= r0 or c1 <= c0:
             return arr, ok
         src = self.open(path)
