@@ -234,6 +234,20 @@ def test_gsd_range_reads_at_2x_and_4x(tmp_path, overviews):
     assert min(gsds) >= native["gsd"] * 0.999 and max(gsds) <= 10.0 * 1.001 and np.std(gsds) > 1.0
 
 
+def test_gsd_range_reads_come_from_the_overviews(tmp_path):
+    arr = np.random.default_rng(0).random((2, 128, 128)).astype(np.float32)
+    path = write_geotiff(tmp_path / "r.tif", arr, Affine(1.0, 0, 500000, 0, -1.0, 4200000), "EPSG:32610")
+    with rasterio.open(path, "r+") as dst:
+        dst.build_overviews([2, 4], Resampling.nearest)  # overviews that differ from an average
+    gsd = geo_index.read_raster_info(path).gsd
+    s = GeoTiffDataset(path, window_size=16, gsd_range=[4 * gsd] * 2, index_cache=False)[WindowSpec(0, 56, 56, 16, 16)]
+    with rasterio.open(path, overview_level=1) as ovr:  # the 4x level, 32 x 32 px
+        expected = ovr.read(window=rasterio.windows.Window(8, 8, 16, 16))
+    np.testing.assert_array_equal(s["image"].numpy(), expected)
+    block = arr[:, 32:96, 32:96].reshape(2, 16, 4, 16, 4).mean(axis=(2, 4))
+    assert np.abs(s["image"].numpy() - block).max() > 0.1
+
+
 # ----------------------------------------------------------------------------------------- 6. nodata
 def test_nodata_in_one_band_makes_the_pixel_invalid(tmp_path):
     arr = _ramp(3, 16, 16)
