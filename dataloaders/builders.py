@@ -25,7 +25,7 @@ from .config import GEO_TYPES, data_section, validate_config
 from .errors import DataError
 from .eval_sets import (DEMO_ID, EVAL_STATS, build_eval_datasets, build_scene_dataset, demo_eval_datasets,
                         eval_stats, eval_transform)
-from .geotiff import GeoTiffDataset, GeoTiffPretrainDataset
+from .geotiff import GeoTiffDataset, GeoTiffPretrainDataset, geotiff_dataset_from_config
 from .scenes import SceneDataset, collect_samples, fmow_rgb_filter, make_class_map
 from .synthetic import DemoScenes
 from .transforms import LinprobeTrainTransform, PretrainTransform
@@ -64,7 +64,7 @@ def build_pretrain_dataset(cfg: Mapping, input_size: int = 224, target_size: Opt
     * ``resisc``/``eurosat``: ImageFolder or split list; RRC from the whole image (as the original collate).
     * ``demo``: in-memory synthetic scenes (``length`` images of ``size`` px), the fmow pipeline.
     * ``naip``/``sentinel2``/``geotiff``: :class:`GeoTiffPretrainDataset` over windows of ``size`` px
-      (default 2x input) with ``bands``, ``scale``, ``nodata``, ``aoi``, ``reference_gsd``, ``min_valid``;
+      (default 2x input) with the GeoTIFF keys of the config (``geotiff.geotiff_dataset_from_config``);
       pair it with :func:`build_pretrain_sampler`.
 
     ``target_size`` None means ``2 * input_size``. Errors (missing/empty folder, bad files, wrong band
@@ -81,10 +81,7 @@ def build_pretrain_dataset(cfg: Mapping, input_size: int = 224, target_size: Opt
         if d["type"] == DEMO_ID:
             return DemoScenes(d["length"], d["size"], d["num_classes"], d["seed"], transform, with_label=False)
         if geo:
-            ds = GeoTiffDataset(d["img_dir"], window_size=d.get("size") or 2 * int(input_size),
-                                bands=d.get("bands"), nodata=d.get("nodata"), scale=d.get("scale", 1.0),
-                                aoi=d.get("aoi"), length=d.get("length"), seed=seed, glob=d.get("glob"),
-                                expected_bands=None if d.get("bands") else len(mean))
+            ds = geotiff_dataset_from_config(d, window_size=d.get("size") or 2 * int(input_size), seed=seed)
             return GeoTiffPretrainDataset(ds, transform, [m * 1.0 for m in mean],
                                           reference_gsd=d.get("reference_gsd"), min_valid=d.get("min_valid", 0.0))
         samples = _scene_samples(d)
