@@ -418,8 +418,14 @@ def checkpoint_writer(checkpoint: Mapping) -> Optional[str]:
     return None
 
 
+_READ_AHEAD: dict[str, dict] = {}  # find_resume's read of checkpoint-latest.pth, handed to the next read_checkpoint
+
+
 def read_checkpoint(path: str, flag: str) -> dict:
-    """``load_checkpoint(path)``; a missing/unreadable/unsafe file is a ``UserError`` naming ``flag``."""
+    """``load_checkpoint(path)``; a missing/unreadable/unsafe file is a ``UserError`` naming ``flag``. A file that
+    ``find_resume`` just read (to check its writer) is not read a second time."""
+    if path in _READ_AHEAD:
+        return _READ_AHEAD.pop(path)
     try:
         return load_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as err:
@@ -434,11 +440,14 @@ def find_resume(args: argparse.Namespace, out_dir: Path, writer: str) -> Optiona
     latest = out_dir / LATEST
     if args.no_autoresume or not latest.is_file():
         return None
-    found = checkpoint_writer(read_checkpoint(str(latest), "autoresume"))
+    _READ_AHEAD.clear()
+    checkpoint = read_checkpoint(str(latest), "autoresume")
+    found = checkpoint_writer(checkpoint)
     if found is not None and found != writer:
         raise UserError(f"--output_dir {out_dir} holds {LATEST} written by {found}.py, not {writer}.py: "
                         f"choose another --output_dir (this launcher never resumes or overwrites another's run)")
     print(f"autoresume: found {latest}")
+    _READ_AHEAD[str(latest)] = checkpoint
     return str(latest)
 
 
