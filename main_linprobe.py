@@ -218,7 +218,8 @@ def _resolve_eval_path(args: argparse.Namespace) -> Optional[str]:
         return None
     path = os.path.expanduser(path)
     if args.data_root and not os.path.isabs(path) and not os.path.exists(path):
-        return str(Path(args.data_root) / path)
+        under_root = Path(args.data_root) / path
+        return str(under_root) if under_root.exists() else path  # neither: report the path as typed
     return path
 
 
@@ -366,8 +367,11 @@ def build_param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[
 
 def load_resumed_weights(model: nn.Module, ckpt: Mapping, resume: str) -> float:
     """Weights (strict) of this script's checkpoint; returns the best acc1 so far."""
-    state = strip_module_prefix(ckpt["model"])
-    problem = describe_state_dict_mismatch(model.state_dict(), state)
+    state = dict(strip_module_prefix(ckpt["model"]))
+    own = model.state_dict()
+    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
+        state["pos_embed"] = own["pos_embed"]  # never used in forward (the GSD table is recomputed): any input size
+    problem = describe_state_dict_mismatch(own, state)
     if problem:
         raise harness.UserError(f"resume checkpoint {resume} does not match the model (check --model, "
                                 f"--global_pool, --nb_classes): {problem}")
@@ -398,10 +402,10 @@ def validate_args(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run a linear probe / finetune (or ``--eval``). Returns ``{'test': last stats, 'best_acc1', 'history'}``
     (``--eval``: the evaluation stats ``{'acc1', 'acc5', 'loss', 'n'}``)."""
-    validate_args(args)
     if args.output_dir is None:
         args.output_dir = "./output_dir/finetune" if args.finetune else "./output_dir/linprobe"
     device = harness.setup(args)
+    validate_args(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     out_dir = harness.prepare_output(args)
 

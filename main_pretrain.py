@@ -172,6 +172,10 @@ def resolve_model_name(args: argparse.Namespace, checkpoint: Optional[dict]) -> 
     if checkpoint is None or "model" not in checkpoint:
         return DEFAULT_MODEL, {}
     saved_args = checkpoint.get("args") or {}
+    writer = harness.checkpoint_writer(checkpoint)
+    if writer not in (None, WRITER):
+        raise harness.UserError(f"the checkpoint was written by {writer}.py (a classifier), not by main_pretrain.py: "
+                                f"pass a pretraining checkpoint (kNN and pretraining need the MAE's weights)")
     try:
         name, kwargs = models_mae.infer_architecture(strip_module_prefix(checkpoint["model"]))
     except ValueError as err:
@@ -355,8 +359,8 @@ def load_data_config(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> dict:
     """Pretrain (or, with --eval_only, evaluate by kNN). Returns ``{'history': [...], 'knn_epochN': ...}`` or the
     kNN result. User errors raise ``harness.UserError`` (one line from the command line)."""
-    validate_args(args)
     device = harness.setup(args)
+    validate_args(args)
     out_dir = harness.prepare_output(args)
 
     # --- what to resume from (read before anything is written)
