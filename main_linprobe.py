@@ -262,6 +262,21 @@ def build_datasets(args: argparse.Namespace) -> tuple[Optional[Dataset], Dataset
     return train_ds, val_ds, num_classes, cfg
 
 
+class ValCollate:
+    """Stack validation images; when they differ in size (a user's own folder), area-resize each to
+    ``--eval_scale`` first (stacking would fail; the original crashed)."""
+
+    def __init__(self, scale: int) -> None:
+        self.scale = int(scale)
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor]:
+        imgs = [item[0] for item in batch]
+        if any(img.shape != imgs[0].shape for img in imgs):
+            imgs = [torch.nn.functional.interpolate(img[None], size=(self.scale, self.scale), mode="area")[0]
+                    for img in imgs]
+        return torch.stack(imgs), torch.as_tensor([int(item[1]) for item in batch])
+
+
 # ----------------------------------------------------------------------------------------------------- model
 ENCODER_SHAPES = {(16, 192, 4): "vit_tiny_patch16", (16, 768, 12): "vit_base_patch16",
                   (16, 1024, 24): "vit_large_patch16", (14, 1280, 32): "vit_huge_patch14"}
@@ -459,7 +474,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     best_acc1 = load_resumed_weights(model, resumed, resume) if resumed is not None else 0.0
     pin = args.pin_mem and device.type == "cuda"
     val_loader = DataLoader(val_ds, sampler=ShardSampler(val_ds, world, rank), batch_size=args.batch_size,
-                            num_workers=args.num_workers, pin_memory=pin, drop_last=False)
+                            num_workers=args.num_workers, pin_memory=pin, drop_last=False,
+                            collate_fn=ValCollate(args.eval_scale))
     if args.eval:
         harness.save_run_config(out_dir, args, cfg, evaluating=True, resolution=res_info)
         stats = evaluate(val_loader, model, device, eval_res, amp_dtype, args.print_freq)

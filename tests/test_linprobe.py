@@ -301,3 +301,15 @@ def test_evaluate_sums_counts_over_ranks(tmp_path):
     logits = torch.stack([x for x, _ in ds])
     labels = torch.stack([y for _, y in ds])
     assert single["acc1"] == pytest.approx(100.0 * (logits.argmax(1) == labels).float().mean().item())
+
+
+def test_validation_images_of_different_sizes_are_resized():
+    """A validation folder with 48 and 64 px images (the original crashed stacking them) is resized to
+    --eval_scale image by image; same-size batches are stacked untouched."""
+    collate = main_linprobe.ValCollate(32)
+    a, b = torch.rand(3, 48, 48), torch.rand(3, 64, 64)
+    imgs, labels = collate([(a, 0), (b, 1)])
+    assert imgs.shape == (2, 3, 32, 32) and labels.tolist() == [0, 1]
+    torch.testing.assert_close(imgs[1], torch.nn.functional.interpolate(b[None], size=(32, 32), mode="area")[0])
+    same, _ = collate([(b, 0), (b, 1)])
+    assert same.shape == (2, 3, 64, 64) and torch.equal(same[0], b)
