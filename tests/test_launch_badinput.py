@@ -191,12 +191,19 @@ def test_census_size():
 
 
 def test_debug_shows_the_traceback(world, capsys, monkeypatch):
-    with pytest.raises(harness.UserError, match="--mask_ratio"):
-        harness.run(main_pretrain.main, main_pretrain.get_args_parser(),
-                    [a.replace("{root}", str(world)) for a in PRE_RUN] + ["--mask_ratio", "2", "--debug"])
+    """--debug (or SCALEMAE_DEBUG=1) adds the traceback before the same error line and exit status."""
+    argv = [a.replace("{root}", str(world)) for a in PRE_RUN] + ["--mask_ratio", "2"]
+    for extra, env in (([], "1"), (["--debug"], "")):
+        monkeypatch.setenv(harness.DEBUG_ENV, env)
+        with pytest.raises(SystemExit) as exc:
+            harness.run(main_pretrain.main, main_pretrain.get_args_parser(), argv + extra)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "Traceback (most recent call last)" in err and "validate_args" in err
+        assert err.strip().splitlines()[-1].startswith("error: --mask_ratio 2")
     monkeypatch.setenv(harness.DEBUG_ENV, "1")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SystemExit):
         harness.run(export_encoder.run, export_encoder.get_args_parser(), [str(world / "nope.pth"), "-o", "x"])
+    assert "FileNotFoundError" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- malicious checkpoints

@@ -129,30 +129,29 @@ def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPars
     try:
         return main(args)
     except SystemExit as exc:
-        if debug_enabled(args) and isinstance(exc, UserError):
-            raise
         if exc.code is None or isinstance(exc.code, int):
             raise
-        report_error(str(exc.code))
-        _cleanup_quietly()
+        _report(exc, str(exc.code), args)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        if debug_enabled(args):
-            raise
-        report_error("interrupted (Ctrl-C); checkpoints already written are complete (saves are atomic)")
-        _cleanup_quietly()
+    except KeyboardInterrupt as exc:
+        _report(exc, "interrupted (Ctrl-C); checkpoints already written are complete (saves are atomic)", args)
         raise SystemExit(130) from None
     except _user_error_types() as exc:
-        if debug_enabled(args):
-            raise
-        report_error(str(exc) or type(exc).__name__)
-        _cleanup_quietly()
+        _report(exc, str(exc) or type(exc).__name__, args)
         raise SystemExit(2) from None
     except Exception:
         if _is_rank0() or dist_util.is_dist_avail_and_initialized():
             traceback.print_exc()
         _cleanup_quietly()
         raise SystemExit(1) from None
+
+
+def _report(exc: BaseException, message: str, args: argparse.Namespace) -> None:
+    """The one ``error:`` line (rank 0), preceded by the traceback with ``--debug`` / ``SCALEMAE_DEBUG=1``."""
+    if debug_enabled(args) and _is_rank0():
+        traceback.print_exception(exc)
+    report_error(message)
+    _cleanup_quietly()
 
 
 def _cleanup_quietly() -> None:
