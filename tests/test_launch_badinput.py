@@ -250,7 +250,7 @@ def test_malicious_checkpoint_refused_at_every_load_point(tmp_path, capsys, kind
 def demo_argv(out: Path, *extra: str) -> list[str]:
     return ["--config", DEMO, "--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size", "8",
             "--epochs", "2", "--warmup_epochs", "1", "--device", "cpu", "--num_workers", "0", "--output_dir", str(out),
-            "--skip_knn_eval", "--print_freq", "100", "--data_override", "data.length=64", *extra]
+            "--skip_knn_eval", "--print_freq", "100", "--data_override", "data.length=32", *extra]
 
 
 def test_nan_run_keeps_a_verified_checkpoint_that_trains_on(tmp_path, capsys):
@@ -318,3 +318,26 @@ def test_eval_only_random_init_needs_the_flag(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "randomly initialised" in printed and 32 in result["scales"]
     assert "lr " not in printed.replace("--blr/--lr", "") and "effective batch" not in printed
+
+
+def test_checkpoint_keeper_contract(tmp_path):
+    """The keeper a third launcher uses: saves are stamped with the writer; a state becomes the fallback only once
+    verified; reject() restores the last verified file and removes epoch files of the bad state; non-finite
+    weights are never written."""
+    args = type("A", (), {"checkpoint_interval": 1, "epochs": 9})()
+    keeper = harness.CheckpointKeeper(tmp_path, "main_segment")
+    latest = tmp_path / "checkpoint-latest.pth"
+    keeper.save({"model": {"w": torch.ones(2)}}, "state A", epoch=0, args=args)
+    keeper.verify()  # a finite loss came from state A
+    keeper.save({"model": {"w": torch.full((2,), 1e30)}}, "state B", epoch=1, args=args)
+    assert torch.load(latest, weights_only=True)["state_label"] == "state B"
+    note = keeper.reject()  # state B gave a NaN
+    restored = torch.load(latest, weights_only=True)
+    assert restored["state_label"] == "state A" and restored["writer"] == "main_segment"
+    assert "state A" in note and "state B" in note
+    assert (tmp_path / "checkpoint-0.pth").is_file() and not (tmp_path / "checkpoint-1.pth").exists()
+    assert harness.checkpoint_writer(restored) == "main_segment"
+    with pytest.raises(harness.NonFiniteLossError, match="state C"):
+        keeper.save({"model": {"w": torch.tensor([float("nan")])}}, "state C")
+    assert torch.load(latest, weights_only=True)["state_label"] == "state A"
+    assert not list(tmp_path.glob(".checkpoint-*.tmp"))

@@ -54,10 +54,10 @@ from util.checkpoint import CheckpointError, args_to_plain, load_checkpoint, sav
 from util.cpu_memory import ALLOCATOR_CHOICES, keep_freed_memory
 
 __all__ = [
-    "UserError", "DEBUG_ENV", "run", "report_error",
+    "UserError", "DEBUG_ENV", "run", "report_error", "debug_enabled",
     "add_run_args", "add_loader_args", "add_distributed_args", "warn_dead_flags", "explicit_flags",
     "require", "check_positive",
-    "default_num_workers", "seed_everything", "resolve_device", "setup", "limit_cpu_threads",
+    "usable_cores", "local_processes", "default_num_workers", "seed_everything", "resolve_device", "setup", "limit_cpu_threads",
     "resolve_data_config", "prepare_output", "remove_stale_temp_files", "save_run_config", "open_log_writer",
     "checkpoint_writer", "find_resume", "read_checkpoint", "restore_training_state", "nothing_left",
     "rng_state", "set_rng_state", "state_is_finite", "CheckpointKeeper",
