@@ -471,3 +471,21 @@ def test_rotated_raster_reads_its_own_pixels(tmp_path):
     assert torch.equal(s["image"], torch.from_numpy(arr[:, 3:11, 5:13].astype(np.float32)))
     assert s["gsd_xy"] == pytest.approx((2 / 0.9996, 2 / 0.9996), rel=1e-4)
     assert Affine(*s["transform"]) == t @ Affine.translation(5, 3)
+
+
+def test_target_gsd_cells_per_crs(tmp_path):
+    from dataloaders.geo_index import grid_cell
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(10.0, 60.0)
+    cx, cy = grid_cell("EPSG:3857", 10.0, x, y)
+    assert cx == pytest.approx(20.0, rel=0.01) and cy == pytest.approx(20.0, rel=0.01)  # ground metres: 1/cos 60
+    assert grid_cell("EPSG:32633", 10.0, 500000, 5e6) == (10.0, 10.0)  # grid metres: UTM bands stay on 10 m
+    assert grid_cell("EPSG:2227", 10.0, 6e6, 2e6)[0] == pytest.approx(10 / 0.3048006096, rel=1e-9)  # US feet
+    dx, dy = grid_cell("EPSG:4326", 10.0, 10.0, 60.0)
+    assert WGS84.inv(10.0, 60.0, 10.0 + dx, 60.0)[2] == pytest.approx(10.0, rel=1e-3)
+    assert WGS84.inv(10.0, 60.0, 10.0, 60.0 + dy)[2] == pytest.approx(10.0, rel=1e-3)
+    # a UTM raster read in Web Mercator at target_gsd 10 gets 10 m ground pixels
+    write_geotiff(tmp_path / "u.tif", _ramp(1, 64, 64), Affine(10, 0, 500000, 0, -10, 6650000), "EPSG:32633")
+    ds = GeoTiffDataset(tmp_path, window_size=16, crs="EPSG:3857", target_gsd=10.0, index_cache=False)
+    h, w = ds.tile_shapes[0]
+    assert ds[WindowSpec(0, h // 2 - 8, w // 2 - 8, 16, 16)]["gsd"] == pytest.approx(10.0, rel=0.01)
