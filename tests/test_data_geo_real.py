@@ -191,6 +191,15 @@ def test_window_across_four_tiles_equals_the_mosaic(tmp_path):
     assert edge["mask"][:22, :22].all() and not edge["mask"][22:, :].any() and not edge["mask"][:, 22:].any()
     with pytest.raises(DataError, match="no raster can hold a 48x48 px window"):
         GeoTiffDataset(tmp_path / "tiles", window_size=48, index_cache=False)
+    # a 2x GSD read across the four tiles (warped, averaged) equals the decimated read of the mosaic
+    g = one.tile_index["gsd"].iloc[0]
+    tiles2 = GeoTiffDataset(tmp_path / "tiles", window_size=16, mosaic=True, gsd_range=[2 * g] * 2, index_cache=False)
+    one2 = GeoTiffDataset(tmp_path / "one", window_size=16, gsd_range=[2 * g] * 2, index_cache=False)
+    a2, b2 = tiles2[WindowSpec(0, 24, 24, 16, 16)], one2[WindowSpec(0, 24, 24, 16, 16)]
+    assert a2["transform"] == b2["transform"] and Affine(*a2["transform"]).a == 4.0
+    block = full[:, 16:48, 16:48].astype(np.float64).reshape(3, 16, 2, 16, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(a2["image"].numpy(), block, rtol=1e-6)  # warped in float32
+    np.testing.assert_allclose(b2["image"].numpy(), block, atol=0.5)  # GDAL's decimated read: in the file's uint16
 
 
 def test_mosaic_sampler_keeps_area_weights_and_rank_disjointness(tmp_path):
