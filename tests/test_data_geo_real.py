@@ -287,8 +287,9 @@ def test_nodata_in_one_band_makes_the_pixel_invalid(tmp_path):
     w = sc[WindowSpec(0, 10, 10, 32, 32)]
     assert not w["mask"][10:14, 10:14].any() and w["band_mask"][0, 10:14, 10:14].all()
     assert int((~w["mask"]).sum()) == 16
-    cfg = {"data": {"type": "geotiff", "img_dir": str(tmp_path / "s2"), "band_files": BANDS, "scene_glob": "*", "mean": [200.0] * 3,
-                    "std": [50.0] * 3, "size": 32, "length": 4, "min_valid": 1.0, "index_cache": False}}
+    cfg = {"data": {"type": "geotiff", "img_dir": str(tmp_path / "s2"), "band_files": BANDS, "scene_glob": "*",
+                    "mean": [200.0] * 3, "std": [50.0] * 3, "size": 32, "length": 4, "min_valid": 1.0,
+                    "index_cache": False}}
     pre = build_pretrain_dataset(cfg, input_size=16, target_size=32)
     assert float(pre._read(WindowSpec(0, 10, 10, 32, 32))["mask"].float().mean()) == 1.0  # redrawn
 
