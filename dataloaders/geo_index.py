@@ -345,7 +345,7 @@ def find_rasters(source: Union[PathLike, Sequence[PathLike]], glob: Optional[str
     if source.is_file():
         return [str(source)]
     if glob:
-        paths = [p for p in source.glob(glob) if p.is_file()]
+        paths = [p for p in source.glob(glob) if p.is_file() and not p.name.startswith(CACHE_FILENAME)]
     else:
         paths = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES]
     if not paths:
