@@ -70,16 +70,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="per-process batch (times the config's oversample); effective = batch * accum * world "
                         "(default 64)")
     g.add_argument("--epochs", default=400, type=int, help="(default 400)")
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step (default 1)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of >= 2-D tensors (default 0.05)")
+    g.add_argument("--accum_iter", default=1, type=int,
+                   help="gradient accumulation steps per optimizer step (default 1)")
+    g.add_argument("--weight_decay", type=float, default=0.05,
+                   help="AdamW weight decay of >= 2-D tensors (default 0.05)")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
     g.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr * effective batch / 256 (default 1e-3)")
-    g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay, --finetune only (default 0.75)")
+    g.add_argument("--layer_decay", type=float, default=0.75,
+                   help="layer-wise lr decay, --finetune only (default 0.75)")
     g.add_argument("--linear_layer_scale", type=float, default=1.0,
                    help="extra lr scale of the head-weight group, --finetune only (default 1.0)")
     g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
     g.add_argument("--warmup_epochs", type=float, default=0, help="linear warmup, per iteration (default 0)")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the global grad norm (default off, as the original)")
+    g.add_argument("--clip_grad", type=float, default=None,
+                   help="clip the global grad norm (default off, as the original)")
     g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
                    help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU; bf16 works on CPU "
                         "(default auto)")
@@ -109,7 +113,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "data/resisc45/train-resisc.txt)")
     g.add_argument("--data_root", default=None, type=str,
                    help="folder that relative paths in --config and --eval_path resolve against (default: the "
-                        "repository's data/ for the shipped fmow/resisc/eurosat configs, else the config file's folder)")
+                        "repository's data/ for the shipped fmow/resisc/eurosat configs, else the config "
+                        "file's folder)")
     g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE",
                    help="override config entries, e.g. data.img_dir=/data/resisc45/train.txt")
     g.add_argument("--scale_min", default=0.5, type=float, help="random resized crop: min area fraction (default 0.5)")

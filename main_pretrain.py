@@ -45,13 +45,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch_size", default=32, type=int,
                    help="per-process batch; effective = batch * accum * world (default 32)")
     g.add_argument("--epochs", default=800, type=int, help="(default 800)")
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step (default 1)")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of >= 2-D tensors (default 0.05)")
+    g.add_argument("--accum_iter", default=1, type=int,
+                   help="gradient accumulation steps per optimizer step (default 1)")
+    g.add_argument("--weight_decay", type=float, default=0.05,
+                   help="AdamW weight decay of >= 2-D tensors (default 0.05)")
     g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
-    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256 (default 1.5e-4)")
+    g.add_argument("--blr", type=float, default=1.5e-4,
+                   help="base lr: lr = blr * effective batch / 256 (default 1.5e-4)")
     g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
     g.add_argument("--warmup_epochs", type=int, default=20, help="linear warmup, per iteration (default 20)")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the global grad norm (default off, as the original)")
+    g.add_argument("--clip_grad", type=float, default=None,
+                   help="clip the global grad norm (default off, as the original)")
     g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
                    help="mixed precision: auto = fp16 + GradScaler on CUDA (the original), none on CPU (default auto)")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
@@ -61,27 +65,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None, type=str,
                    help=f"one of {sorted(models_mae.MODELS)} (default mae_vit_base_patch16, or the checkpoint's "
                         "architecture when resuming/evaluating)")
-    g.add_argument("--input_size", default=224, type=int, help="encoder input side, a multiple of the patch (default 224)")
+    g.add_argument("--input_size", default=224, type=int,
+                   help="encoder input side, a multiple of the patch (default 224)")
     g.add_argument("--target_size", nargs="*", type=int, default=None,
                    help="high-resolution target side; must be 32 * input_size / patch (default: that, 448 at 224)")
     g.add_argument("--source_size", nargs="*", type=int, default=None,
                    help="smaller encoder input side(s), multiples of the patch (default: input_size)")
     g.add_argument("--source_size_scheduler", default="constant", choices=["constant", "random"],
                    help="constant: first --source_size; random: one of --source_size per step (default constant)")
-    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed, in [0, 1) (default 0.75)")
+    g.add_argument("--mask_ratio", default=0.75, type=float,
+                   help="fraction of patches removed, in [0, 1) (default 0.75)")
     g.add_argument("--decoder_depth", default=None, type=int, help="decoder blocks (default 3; tiny: 2)")
     g.add_argument("--use_mask_token", action="store_true", default=None, help="learned mask token (always on)")
     g.add_argument("--no_mask_token", action="store_false", dest="use_mask_token",
                    help="not supported (the original crashes); an error")
     g.add_argument("--project_pos_emb", action="store_true", default=None,
                    help="not supported (the original crashes); an error")
-    g.add_argument("--absolute_scale", action="store_true", default=None, help="ignore res: plain MAE positional embedding")
-    g.add_argument("--fcn_dim", default=None, type=int, help="width of the reconstruction heads (default 512; tiny: 64)")
+    g.add_argument("--absolute_scale", action="store_true", default=None,
+                   help="ignore res: plain MAE positional embedding")
+    g.add_argument("--fcn_dim", default=None, type=int,
+                   help="width of the reconstruction heads (default 512; tiny: 64)")
     g.add_argument("--fcn_layers", default=None, type=int, help="residual blocks per reconstruction head (default 2)")
     g.add_argument("--share_fcn_head", action="store_false", dest="independent_fcn_head", default=None,
                    help="one reconstruction head for both bands (default: one per band)")
     g.add_argument("--use_l1_loss", action="store_true", default=None, help="L1 (not L2) on the high-frequency band")
-    g.add_argument("--l1_loss_weight", default=None, type=float, help="weight of the high band with --use_l1_loss (default 1)")
+    g.add_argument("--l1_loss_weight", default=None, type=float,
+                   help="weight of the high band with --use_l1_loss (default 1)")
     g.add_argument("--band_config", nargs=2, type=int, default=None,
                    help="[dim1, dim2]: high band = target - up(down(target, dim1)); dim2 matters only when 224 "
                         "(default 7 56)")
@@ -249,7 +258,8 @@ def validate_sizes(args: argparse.Namespace, patch: int) -> None:
     """--input_size/--target_size/--source_size against the model's patch size; fills their defaults."""
     harness.require(args.input_size % patch == 0,
                     f"--input_size {args.input_size}: must be a multiple of the patch size {patch} "
-                    f"(e.g. {max(patch, args.input_size // patch * patch)} or {(args.input_size // patch + 1) * patch})")
+                    f"(e.g. {max(patch, args.input_size // patch * patch)} or "
+                    f"{(args.input_size // patch + 1) * patch})")
     expected = 32 * args.input_size // patch
     if args.target_size is None or not args.target_size:
         args.target_size = [expected]

@@ -21,7 +21,8 @@ from util import dist as dist_util
 from util.dist import ShardSampler  # re-exported: callers import it from here
 from util.knn import knn_predict_multi_k, topk_accuracy
 
-__all__ = ["ShardSampler", "collate_images", "eval_res", "extract_features", "evaluate_knn", "format_table", "save_knn_report"]
+__all__ = ["ShardSampler", "collate_images", "eval_res", "extract_features", "evaluate_knn", "format_table",
+           "save_knn_report"]
 
 
 def eval_res(scale: int, base_resolution: float = 1.0, eval_gsd: bool = False, reference: int = 224) -> float:
