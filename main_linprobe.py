@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import models_vit
 from engine_finetune import evaluate, train_one_epoch
 from util import dist as dist_util
+from util.accel import adamw, add_compile_args, maybe_compile
 from util.amp import AmpConfig
 from util.checkpoint import (CheckpointError, args_to_plain, describe_state_dict_mismatch, find_latest_checkpoint,
                              load_checkpoint, strip_module_prefix)
@@ -78,7 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_epochs", type=float, default=0, help="linear warmup, per iteration")
     g.add_argument("--clip_grad", type=float, default=None, help="clip the global grad norm (off in the original)")
     g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU; bf16 works on CPU")
+                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 (autocast + GradScaler) on "
+                        "CUDA; none on CPU; bf16 works on CPU")
+    add_compile_args(g)
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute encoder blocks in backward (--finetune only; a frozen encoder stores nothing)")
 
@@ -382,12 +385,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"parameters, {n_train / 1e6:.3f} M trainable; {args.nb_classes} classes; effective batch "
           f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g} (blr {args.blr:.3g})")
     param_groups = build_param_groups(model, args)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
+    optimizer = adamw(param_groups, args.lr, device)
     best_acc1 = 0.0
     if resume:
         best_acc1 = _load_resume(args, resume, model, optimizer, amp)
 
     model_without_ddp = model
+    model = maybe_compile(model, args)
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
 

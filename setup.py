@@ -27,7 +27,7 @@ setup(
         "engine_pretrain",
         "engine_finetune",
     ],
-    packages=find_packages(include=["util", "util.*", "dataloaders", "dataloaders.*"]),
+    packages=find_packages(include=["util", "util.*", "dataloaders", "dataloaders.*", "layers", "layers.*"]),
     package_data={"": ["*.yaml"]},
     install_requires=[
         "torch>=2.3",
