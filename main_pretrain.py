@@ -105,6 +105,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction")
     g.add_argument("--base_resolution", default=2.5, type=float, help="res = (crop - 1) / target * base_resolution")
     add_loader_args(g)
+    g.add_argument("--gpu_pipeline", action="store_true",
+                   help="JPEG decode (nvJPEG), crops and resizes on the training device; CPU workers only read bytes "
+                        "and draw the random crops (same seeding and maths; decoder differences on CUDA)")
 
     g = p.add_argument_group("kNN evaluation")
     g.add_argument("--eval_only", action="store_true", help="run kNN on the (resumed) model and exit")
@@ -385,7 +388,12 @@ def main(args: argparse.Namespace) -> dict:
         dist_util.cleanup()
         return result
 
-    loader, sampler, steps_per_epoch = build_train_loader(args, cfg, device)
+    if args.gpu_pipeline:
+        from dataloaders.gpu_pipeline import build_gpu_pipeline_loader
+
+        loader, sampler, steps_per_epoch = build_gpu_pipeline_loader(args, cfg, device)
+    else:
+        loader, sampler, steps_per_epoch = build_train_loader(args, cfg, device)
     if steps_per_epoch == 0:
         raise SystemExit(f"the dataset gives {len(sampler)} samples per process, fewer than --batch_size "
                          f"{args.batch_size}: lower the batch size or add data")
