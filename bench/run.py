@@ -108,6 +108,7 @@ SUITES = {
         ("gpu_vit_large_b32_bf16_ckpt", "bench_gpu", dict(config="vit_large", batch=32, precision="bf16",
                                                           variants=["eager", "eager_ckpt_heads", "eager_ckpt_all"]),
          None),
+        ("gpu_loader", "bench_gpu_data", dict(files=256, batch=64, workers=8), None),
         ("gpu_vit_large_b64_bf16_modes", "bench_gpu", dict(config="vit_large", batch=64, precision="bf16",
                                                            variants=["compile"], compile_mode="max-autotune"), None),
     ],
@@ -454,7 +455,7 @@ def to_markdown(report: dict) -> str:
             out.append(f"| {s} | {row} |" + (f" {_f(orig)} |" if f["config"] == "vit_large" else ""))
         out.append("")
 
-    gpus = [(n, v) for n, v in b.items() if n.startswith("gpu_") and v.get("ok")]
+    gpus = [(n, v) for n, v in b.items() if n.startswith("gpu_") and v.get("ok") and "variants" in v]
     if gpus:
         out += ["## Pretraining step on the accelerator (fwd + bwd + AdamW), median of per-step times", "",
                 "| job | device | config | batch | precision | variant | img/s | s/step | TFLOP/s | MFU datasheet | "
@@ -476,6 +477,14 @@ def to_markdown(report: dict) -> str:
                 f"{v0['config']}. GEMM peak measured in each job ({v0['gemm_tflops']:.3g} TFLOP/s in the first)."
                 + (" **--quick: tiny config, CPU-safe plumbing check; the numbers mean nothing.**"
                    if v0["quick"] else ""), ""]
+
+    gl = b.get("gpu_loader", {})
+    if gl.get("ok"):
+        p = gl["pipelines"]
+        out += [f"## Loader feeding the accelerator ({gl['files']} JPEGs {gl['sizes']} px, batch {gl['batch']}, "
+                f"{gl['workers']} workers, {gl['input_size']} px input, device {gl['device']})", "",
+                "| pipeline | img/s |", "|---|---|"] + [f"| {k} | {v['images_per_s']:.1f} |" for k, v in p.items()]
+        out += ["", "Compare with the model's img/s above: the slower of the two bounds end-to-end training.", ""]
 
     errors = [(n, v) for n, v in b.items() if not v.get("ok")]
     if errors:
@@ -514,6 +523,8 @@ def main(argv=None) -> int:
         # one process; only the first job compiles (each compile of a new model retraces), no mode comparison
         quick_jobs, compiled = [], False
         for n, m, kw, g in jobs:
+            if m == "bench_gpu_data":
+                kw = {**kw, "quick": True}
             if m == "bench_gpu":
                 variants = [v for v in kw.get("variants", ("baseline", "eager", "compile"))
                             if compiled is False or not v.startswith("compile")]

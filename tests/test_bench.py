@@ -74,6 +74,8 @@ def test_gpu_suite_quick_runs_on_cpu(tmp_path):
     b = report["benchmarks"]
     assert {f"gpu_{c}_b{n}_bf16" for c in ("vit_base", "vit_large") for n in (32, 64)} <= set(b)
     assert all(v["ok"] for v in b.values()), {k: v.get("error") for k, v in b.items()}
+    loader = b.pop("gpu_loader")  # the loader job: CPU pipeline and device pipeline img/s
+    assert _positive(loader["pipelines"]["cpu"]["images_per_s"]) and _positive(loader["ratio_device_vs_cpu"])
     flops = {v["flops_per_image"] for v in b.values()}
     assert len(flops) == 1 and _positive(flops.pop())  # one count (the baseline's), whatever the variant
     first = b["gpu_vit_base_b32_bf16"]
