@@ -136,7 +136,8 @@ def train_one_epoch(
         now = time.time()
         images_per_s = imgs.shape[0] * dist_util.get_world_size() / max(now - tick, 1e-9)
         tick = now
-        pending.append((step, update, loss.detach(), grad_norm, lr, images_per_s, res_mean))
+        # a copy: under CUDA graphs (--compile_mode reduce-overhead) the next replay reuses the output's memory
+        pending.append((step, update, loss.detach().clone(), grad_norm, lr, images_per_s, res_mean))
         saving = update and save_every > 0 and (step + 1) % save_every == 0
         if step % args.print_freq == 0 or step + 1 == steps_per_epoch or saving:
             flush()  # before any checkpoint is written: a non-finite loss must stop the run first

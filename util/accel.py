@@ -97,6 +97,9 @@ class CompiledWithFallback(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.failed is not None:
             return self.module(*args, **kwargs)
+        if self.mode in ("reduce-overhead", "max-autotune"):
+            # CUDA graphs: each call is a new step, whose outputs may overwrite the previous replay's
+            torch.compiler.cudagraph_mark_step_begin()
         try:
             return self.compiled(*args, **kwargs)
         except Exception as err:  # noqa: BLE001 - decided below: compiler failure or the model's own error
