@@ -50,13 +50,17 @@ def train_one_epoch(
     steps_per_epoch: Optional[int] = None,
     on_step_end: Optional[Callable[[int], None]] = None,
     on_visualize: Optional[Callable[[int, tuple], None]] = None,
+    on_finite_loss: Optional[Callable[[], None]] = None,
 ) -> dict[str, float]:
     """Train for one epoch (or its remainder when resuming at ``start_step``).
 
     Batches are ``(imgs [N, C, H, H], input_res [N], targets [N, C, 2H, 2H], target_res [N])``.
     ``on_step_end(step)`` runs after every optimizer step (mid-epoch checkpoints); ``on_visualize(step, outputs)``
-    every ``args.print_freq`` steps on rank 0. Returns the epoch's averaged metrics.
-    Raises ``NonFiniteLossError`` naming the epoch and step if the loss is not finite.
+    every ``args.print_freq`` steps on rank 0; ``on_finite_loss()`` once the losses (mean over ranks) since the last
+    check are known to be finite -- checks run at print steps, before every ``--save_every_steps`` save and at the
+    end of the epoch, so the latest saved state produced a finite loss (``CheckpointKeeper.verify``).
+    Returns the epoch's averaged metrics. Raises ``NonFiniteLossError`` naming the epoch and step if the loss is not
+    finite on any rank (all ranks raise together).
     """
     model.train(True)
     accum_iter = args.accum_iter
@@ -76,32 +80,32 @@ def train_one_epoch(
     def flush() -> None:
         if not pending:
             return
-        values = torch.stack([p[2].detach().float().reshape(()) for p in pending]
+        values = torch.stack([p[2].float().reshape(()) for p in pending]
                              + [p[3].detach().float().reshape(()).to(p[2].device) for p in pending
                                 if p[3] is not None]).cpu().tolist()  # the one host sync
         losses, norms = values[:len(pending)], iter(values[len(pending):])
         for (step_, update_, _, norm_t, lr_, images_per_s_, res_mean_), loss_value in zip(pending, losses):
-            if not math.isfinite(loss_value):
+            loss_all = dist_util.all_reduce_mean(loss_value)  # every rank sees the same verdict
+            if not math.isfinite(loss_all):
                 pending.clear()
                 raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch}, step {step_} (global step "
-                    f"{epoch * steps_per_epoch + step_}); stopping without saving. The last checkpoint in "
-                    f"{args.output_dir} is untouched. Try a lower --blr, --amp bf16 instead of fp16, or --clip_grad."
-                )
+                    f"loss is {loss_value if not math.isfinite(loss_value) else loss_all} at epoch {epoch}, step "
+                    f"{step_} (global step {epoch * steps_per_epoch + step_}); training stopped.")
             norm_value = next(norms) if norm_t is not None else None
             logger.update(loss=loss_value, lr=lr_, input_res=res_mean_)
             if norm_value is not None:
                 logger.update(grad_norm=norm_value)
-            if update_:
-                loss_all = dist_util.all_reduce_mean(loss_value)
-                if log_writer is not None:
-                    x = int((epoch + (step_ + 1) / steps_per_epoch) * 1000)  # the original's 1000 * epoch
-                    log_writer.add_scalar("train_loss", loss_all, x)
-                    log_writer.add_scalar("lr", lr_, x)
-                    log_writer.add_scalar("grad_norm", norm_value, x)
-                    log_writer.add_scalar("images_per_s", images_per_s_, x)
-                    log_writer.add_scalar("input_res_mean", res_mean_, x)
+            if update_ and log_writer is not None:
+                x = int((epoch + (step_ + 1) / steps_per_epoch) * 1000)  # the original's 1000 * fractional epoch
+                log_writer.add_scalar("train_loss", loss_all, x)
+                log_writer.add_scalar("lr", lr_, x)
+                log_writer.add_scalar("grad_norm", norm_value, x)
+                log_writer.add_scalar("images_per_s", images_per_s_, x)
+                log_writer.add_scalar("input_res_mean", res_mean_, x)
         pending.clear()
+        # every loss since the last checkpoint save is finite (flushes precede saves): that state is good
+        if on_finite_loss is not None:
+            on_finite_loss()
         if log_writer is not None and device.type == "cuda":
             log_writer.add_scalar("memory_gb", torch.cuda.max_memory_allocated() / 2**30,
                                   int((epoch + (step + 1) / steps_per_epoch) * 1000))

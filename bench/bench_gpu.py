@@ -98,8 +98,10 @@ def run(config: str = "vit_large", batch: int = 32, precision: str = "bf16", var
 
     from baseline import baseline_from
     from bench_step import _batch, _optimizer
-    from util.accel import CompiledWithFallback, adamw, apply_model_options
+    from util.accel import CompiledWithFallback, apply_model_options
     from util.amp import AmpConfig
+    from util.harness import build_optimizer
+    from util.lr_decay import param_groups_weight_decay
 
     backend = None
     if quick:
@@ -135,7 +137,9 @@ def run(config: str = "vit_large", batch: int = 32, precision: str = "bf16", var
         else:
             model = ours
             apply_model_options(model, argparse.Namespace(fast_decoder="auto", grad_checkpointing=ckpt), dev)
-            opt = adamw(model.parameters(), 1.5e-4, dev)
+            # as the launchers build it: fused AdamW, wd 0.05 on >= 2-D tensors
+            opt, _ = build_optimizer(param_groups_weight_decay(model, 0.05),
+                                     argparse.Namespace(lr=1.5e-4, amp="none"), dev)
         amp = AmpConfig(precision if precision != "fp32" else "none", dev)
         call = model
         if compiled:

@@ -1,26 +1,25 @@
-"""Speed options shared by the launchers: the decoder implementation, ``torch.compile`` with an eager fallback that
-names the real error, and the optimizer construction.
+"""Speed options shared by the launchers: the decoder implementation and ``torch.compile`` with an eager fallback
+that names the real error.
 
-The launchers call three functions and nothing else:
+The launchers call these functions and nothing else (the fused AdamW lives in ``util.harness.build_optimizer``):
 
 * ``apply_model_options(model, args, device)``: the decoder implementation (``--fast_decoder auto|on|off``: the
   channels-last path of ``layers/fast_decoder.py`` on CPU, the reference NCHW modules elsewhere) and the gradient
   checkpointing scope (``--grad_checkpointing [all|heads]``);
 * ``maybe_compile(model, args)``: ``torch.compile(model, mode=--compile_mode)`` when ``--compile``, wrapped so that a
   compiler failure at a call falls back to eager with one warning line naming the error (a genuine error of the
-  model itself, which eager raises too, propagates unchanged);
-* ``adamw(param_groups, lr, device)``: AdamW with the fused kernel on CPU and CUDA (same maths, one kernel).
+  model itself, which eager raises too, propagates unchanged).
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
 __all__ = ["COMPILE_MODES", "add_compile_args", "use_fast_decoder", "apply_model_options", "maybe_compile",
-           "CompiledWithFallback", "adamw"]
+           "CompiledWithFallback"]
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -30,7 +29,7 @@ def add_compile_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--compile", action="store_true",
                        help="torch.compile the model (a compiler failure falls back to eager with a warning)")
     group.add_argument("--compile_mode", default="default", choices=COMPILE_MODES,
-                       help="torch.compile mode; reduce-overhead / max-autotune use CUDA graphs on GPU "
+                       help="torch.compile mode (default default); reduce-overhead / max-autotune use CUDA graphs on GPU "
                             "(static shapes: keep --batch_size and --source_size fixed)")
 
 
@@ -117,10 +116,3 @@ def maybe_compile(model: nn.Module, args: Any) -> nn.Module:
     if not getattr(args, "compile", False):
         return model
     return CompiledWithFallback(model, mode=getattr(args, "compile_mode", None) or "default")
-
-
-def adamw(param_groups: Iterable, lr: float, device: torch.device | str,
-          betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
-    """AdamW (the original's betas) with the fused kernel where it exists (CPU and CUDA; the same update)."""
-    fused = torch.device(device).type in ("cpu", "cuda")
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, fused=fused or None)
