@@ -10,6 +10,9 @@ import torch
 import torch._inductor.config
 
 import models_vit
+from conftest import DATA_DIR
+
+REPO = DATA_DIR.parent.parent
 from util.accel import CompiledWithFallback, apply_model_options, maybe_compile, use_fast_decoder
 
 
@@ -105,3 +108,63 @@ def test_switches():
         use_fast_decoder("fast", "cpu")
     model = torch.nn.Linear(2, 2)
     assert maybe_compile(model, argparse.Namespace(compile=False)) is model
+
+
+@pytest.fixture
+def light_compile(monkeypatch):
+    """``torch.compile`` with the aot_eager backend (dynamo + AOTAutograd, no C++ code generation), counting calls:
+    the launcher wiring is what is tested here, inductor's numerics above."""
+    real, calls = torch.compile, []
+
+    def compile_(model, **kwargs):
+        calls.append(kwargs.get("mode"))
+        return real(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    return calls
+
+
+def test_pretrain_launcher_compiles_training_and_knn(tmp_path, light_compile, capsys):
+    import json
+
+    import main_pretrain
+
+    out = tmp_path / "run"
+    argv = ["--config", "config/demo.yaml", "--model", "mae_vit_tiny_patch16", "--input_size", "32", "--batch_size",
+            "8", "--epochs", "1", "--warmup_epochs", "1", "--device", "cpu", "--num_workers", "0", "--output_dir",
+            str(out), "--log_dir", str(out), "--print_freq", "4", "--data_override", "data.length=32",
+            "--eval_dataset", "demo", "--eval_scale", "32", "--knn_eval_freq", "1", "--compile", "--compile_mode",
+            "max-autotune-no-cudagraphs", "--grad_checkpointing", "heads"]
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        result = main_pretrain.main(main_pretrain.get_args_parser().parse_args(argv))
+    finally:
+        os.chdir(cwd)
+    assert light_compile == ["max-autotune-no-cudagraphs"]  # one wrapper serves training and kNN
+    assert "WARNING: torch.compile" not in capsys.readouterr().out
+    assert "knn_epoch0" in result and "knn_epoch1" in result
+    assert json.loads((out / "log.txt").read_text().splitlines()[-1])["train_loss"] > 0
+    state = torch.load(out / "checkpoint-latest.pth", weights_only=True)["model"]
+    assert "patch_embed.proj.weight" in state  # saved from the unwrapped model: the original's keys
+
+
+def test_linprobe_launcher_compiles(tmp_path, light_compile):
+    import main_linprobe
+    from dataloaders.synthetic import make_scene_folder
+
+    make_scene_folder(tmp_path / "train", 2, per_class=8, size=32, seed=0)
+    make_scene_folder(tmp_path / "val", 2, per_class=4, size=32, seed=1)
+    (tmp_path / "train.yaml").write_text("data:\n  type: resisc\n  img_dir: train\n  mean: [0.5, 0.5, 0.5]\n"
+                                         "  std: [0.2, 0.2, 0.2]\n")
+    out = tmp_path / "probe"
+    argv = ["--config", str(tmp_path / "train.yaml"), "--eval_dataset", "resisc", "--eval_path",
+            str(tmp_path / "val"), "--model", "vit_tiny_patch16", "--input_size", "32", "--eval_scale", "32",
+            "--device", "cpu", "--num_workers", "0", "--batch_size", "8", "--epochs", "1", "--finetune",
+            "--allow_random_init", "--output_dir", str(out), "--log_dir", str(out), "--compile"]
+    result = main_linprobe.main(main_linprobe.get_args_parser().parse_args(argv))
+    assert light_compile == ["default"]
+    assert result["history"] and "head.1.weight" in torch.load(out / "checkpoint-latest.pth",
+                                                                  weights_only=True)["model"]
