@@ -444,13 +444,20 @@ def main(args: argparse.Namespace) -> dict:
     mean, std = cfg["data"]["mean"], cfg["data"]["std"]
     vis_factor = float(cfg["data"].get("vis_factor", 1.0) or 1.0)
 
-    def visualize(global_step: int, batch_out) -> None:
-        from util.visualize import reconstruction_grid, save_reconstruction
+    from util.visualize import BackgroundFigures, reconstruction_grid, save_reconstruction
 
-        imgs, targets, outputs = batch_out
-        fig = reconstruction_grid(model_without_ddp, imgs, targets, outputs[1], outputs[2], mean, std, vis_factor)
+    figures = BackgroundFigures()
+
+    def draw(global_step: int, imgs, targets, preds, mask) -> None:
+        fig = reconstruction_grid(model_without_ddp, imgs, targets, preds, mask, mean, std, vis_factor)
         save_reconstruction(fig, out_dir / "vis" / f"step{global_step:08d}.png", log_writer, "reconstruction",
                             global_step)
+
+    def visualize(global_step: int, batch_out) -> None:
+        """Host copies of the first samples now; drawing and saving on the figure thread, off the step."""
+        imgs, targets, outputs = batch_out
+        host = [t[:4].detach().float().cpu() for t in (imgs, targets, *outputs[1], outputs[2])]
+        figures.submit(draw, global_step, host[0], host[1], host[2:5], host[5])
 
     def checkpoint_state(epoch_done: int) -> dict:
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done,
@@ -459,7 +466,7 @@ def main(args: argparse.Namespace) -> dict:
     history = []
     epoch_log = JsonlLogger(out_dir)
     results: dict[str, Any] = {}
-    with harness.training_run(log_writer, keeper):
+    with harness.training_run(log_writer, keeper), figures:
         for epoch in range(args.start_epoch, args.epochs + 1):
             if knn_sets is not None and start_step == 0 and (epoch % args.knn_eval_freq == 0 or epoch == args.epochs):
                 results[f"knn_epoch{epoch}"] = run_knn(args, eval_model, knn_sets, device, epoch, log_writer)

@@ -65,3 +65,23 @@ def test_no_item_call_in_the_step_and_the_averages_are_right(monkeypatch):
     stats = _run(ScriptedLoss([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), _args(print_freq=100), 6)
     assert not calls
     assert stats["loss"] == pytest.approx(3.5)  # every step's loss reached the meters at the flushes
+
+
+def test_background_figures_run_off_the_calling_thread_and_report_errors():
+    import threading
+
+    from util.visualize import BackgroundFigures
+
+    seen = []
+    with BackgroundFigures() as figures:
+        for i in range(3):
+            figures.submit(lambda i: seen.append((i, threading.current_thread() is threading.main_thread())), i)
+    assert seen == [(0, False), (1, False), (2, False)]  # all drawn, in order, not on the training thread
+
+    def broken():
+        raise ValueError("bad figure")
+
+    figures = BackgroundFigures()
+    figures.submit(broken)
+    with pytest.raises(ValueError, match="bad figure"):
+        figures.close()
