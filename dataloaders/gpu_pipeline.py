@@ -112,8 +112,6 @@ class DeviceTransform:
 
     def __call__(self, datas: list[torch.Tensor], params: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.device.type == "cuda":
-            datas = [d.pin_memory() for d in datas]
         images = self.decode(datas)
         pairs = [self.sample(img, p) for img, p in zip(images, params.tolist())]
         t = self.t
