@@ -1,0 +1,354 @@
+"""Semantic segmentation with a Scale-MAE encoder + UPerNet (the paper's SpaceNet v1 building protocol).
+
+SpaceNet-style data (GeoTIFF tiles + GeoJSON building footprints), one GPU:
+    python main_segment.py --config config/seg_spacenet.yaml --data_root /data/spacenet1 \
+        --checkpoint_path scalemae-vitlarge-800.pth --model vit_large_patch16 --input_size 224 --epochs 50
+8 GPUs:            torchrun --nproc_per_node=8 main_segment.py ... (SyncBatchNorm in the heads)
+Evaluate only:     python main_segment.py --eval --resume output_dir/checkpoint-latest.pth --config ... \
+                       --eval_scales 0.5 0.75 1.0 --save_predictions --polygonize --overlays
+CPU demo:          make demo-seg
+
+Model: ``models_seg.build_segmentation_model(--model)``: the encoder's block outputs ``--out_indices`` (default:
+ViT-L 7 11 15 23, ViT-B 3 5 7 11) with the per-sample GSD embedding -> 1/4..1/32 pyramid -> UPerNet (+ auxiliary
+FCN head on 1/16 with ``--aux_weight``). Loss: cross-entropy ignoring ``data.ignore_index`` (+ ``--dice_weight`` x
+Dice). AdamW with layer-wise lr decay (``--layer_decay``) on the encoder; neck and heads at the full rate.
+
+Resolution: a training window of ``data.size`` px shown at ``--input_size`` px gets ``res = --base_resolution *
+size / input_size`` (times ``gsd / data.reference_gsd`` when set); evaluation at scale ``f`` resizes windows to
+``f * size`` px and multiplies res by ``1 / f`` accordingly (the kNN table's GSD sweep, here on dense labels).
+
+Outputs in ``--output_dir``: checkpoints, ``log.txt``, ``config.yaml``, ``seg-epochNNNN.{md,json,png}`` (per-scale
+IoU table), ``predictions/`` (``--save_predictions``: GeoTIFFs with the source transform/CRS, ``--polygonize``:
+GeoPackages, ``--overlays``: PNGs); TensorBoard in ``--log_dir``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import models_seg
+import models_vit
+from engine_segment import evaluate, scale_key, train_one_epoch
+from util import dist as dist_util
+from util.amp import AmpConfig
+from util.checkpoint import (CheckpointError, args_to_plain, describe_state_dict_mismatch, find_latest_checkpoint,
+                             load_checkpoint, strip_module_prefix)
+from util.launch import (add_distributed_args, add_loader_args, add_run_args, init_run, open_log_writer,
+                         save_epoch_checkpoints, save_run_config, training_run)
+from util.lr_decay import param_groups_lrd, param_groups_weight_decay
+from util.lr_sched import effective_lr
+from util.metrics import JsonlLogger
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Scale-MAE semantic segmentation (UPerNet)", add_help=True)
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--batch_size", default=8, type=int,
+                   help="per-process batch (>= 2: BatchNorm in the heads); effective = batch * accum * world")
+    g.add_argument("--epochs", default=50, type=int)
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; default blr * effective batch / 256")
+    g.add_argument("--blr", type=float, default=1.6e-3, help="base lr (1.6e-3 = 1e-4 at batch 16)")
+    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument("--warmup_epochs", type=float, default=1.0)
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay of the encoder (1 = off)")
+    g.add_argument("--clip_grad", type=float, default=None)
+    g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
+                   help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute encoder blocks in backward")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_large_patch16",
+                   help=f"encoder: {', '.join(models_vit.MODELS)} (MAE names map to their encoder)")
+    g.add_argument("--checkpoint_path", default=None,
+                   help="pretrained Scale-MAE weights (pretraining checkpoint, the release, or an exported encoder)")
+    g.add_argument("--input_size", default=224, type=int, help="model input side (px), a multiple of the patch")
+    g.add_argument("--out_indices", nargs=4, type=int, default=None, metavar="BLOCK",
+                   help="encoder blocks feeding the pyramid (default: ViT-L 7 11 15 23, ViT-B 3 5 7 11)")
+    g.add_argument("--head_channels", default=512, type=int, help="UPerNet width")
+    g.add_argument("--aux_channels", default=256, type=int, help="auxiliary FCN head width (0: no auxiliary head)")
+    g.add_argument("--aux_weight", default=0.4, type=float, help="auxiliary loss weight")
+    g.add_argument("--dice_weight", default=0.0, type=float, help="Dice loss weight added to the cross-entropy")
+    g.add_argument("--sync_bn", action="store_true", default=True,
+                   help="SyncBatchNorm in the neck and heads under DDP on CUDA (default on)")
+    g.add_argument("--no_sync_bn", action="store_false", dest="sync_bn")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--config", default="config/seg_spacenet.yaml", help="segmentation data config (YAML)")
+    g.add_argument("--data_root", default=None, help="folder that relative paths in --config resolve against")
+    g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE")
+    g.add_argument("--base_resolution", default=1.0, type=float,
+                   help="res of a window shown at its native pixel count (see the module docstring)")
+    add_loader_args(g)
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_scales", nargs="+", type=float, default=[1.0],
+                   help="evaluate with windows resized to these fractions of their side, e.g. 0.5 0.75 1.0")
+    g.add_argument("--eval_freq", default=1, type=int, help="evaluate every n epochs (and after the last)")
+    g.add_argument("--eval_batch_size", default=None, type=int, help="default: --batch_size")
+    g.add_argument("--object_f1", action="store_true", help="SpaceNet-style object F1 at IoU 0.5 (class 1)")
+    g.add_argument("--save_predictions", action="store_true",
+                   help="write the final evaluation's predictions (first --eval_scales entry) as GeoTIFFs")
+    g.add_argument("--polygonize", action="store_true", help="also write the predictions as GeoPackage polygons")
+    g.add_argument("--simplify", default=0.0, type=float, help="polygon simplification tolerance (CRS units)")
+    g.add_argument("--overlays", action="store_true", help="also write overlay PNGs (prediction + label outline)")
+    g.add_argument("--eval", action="store_true", help="evaluate (--resume or --checkpoint_path) and exit")
+
+    g = add_run_args(p, output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
+                     resume_help="segmentation checkpoint of this script to resume from")
+    g.add_argument("--checkpoint_interval", default=10, type=int)
+    g.add_argument("--print_freq", default=20, type=int)
+    add_distributed_args(p)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def check_args(args: argparse.Namespace) -> None:
+    """Flag values that cannot work, as one line each."""
+    problems = []
+    if args.batch_size < 2:
+        problems.append(f"--batch_size {args.batch_size}: needs >= 2 per process (BatchNorm in the heads)")
+    for name in ("epochs", "accum_iter", "eval_freq", "input_size", "head_channels", "checkpoint_interval"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("aux_weight", "dice_weight", "aux_channels", "warmup_epochs", "simplify"):
+        if getattr(args, name) < 0:
+            problems.append(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 < args.layer_decay <= 1:
+        problems.append(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
+    if any(s <= 0 or s > 4 for s in args.eval_scales):
+        problems.append(f"--eval_scales must be in (0, 4], got {args.eval_scales}")
+    if args.base_resolution <= 0:
+        problems.append(f"--base_resolution must be > 0, got {args.base_resolution}")
+    if problems:
+        raise SystemExit(problems[0])
+
+
+def resolve_model_name(name: str) -> str:
+    """A ``models_vit`` encoder name (``mae_vit_large_patch16[_dec512d8b]`` maps to ``vit_large_patch16``)."""
+    from main_linprobe import resolve_model_name as resolve
+
+    return resolve(name)
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def build_model(args: argparse.Namespace, num_classes: int, in_chans: int,
+                resuming: bool) -> models_seg.SegmentationModel:
+    """The segmentation model; pretrained encoder weights from ``--checkpoint_path`` unless resuming."""
+    try:
+        model = models_seg.build_segmentation_model(
+            args.model, num_classes, img_size=args.input_size, in_chans=in_chans, out_indices=args.out_indices,
+            channels=args.head_channels, aux_channels=args.aux_channels or None)
+    except ValueError as err:
+        raise SystemExit(f"cannot build the segmentation model: {err}") from None
+    if args.input_size % model.patch_size:
+        raise SystemExit(f"--input_size {args.input_size} is not a multiple of the patch size {model.patch_size}")
+    if args.checkpoint_path and not resuming:
+        from main_linprobe import read_pretrained
+
+        try:
+            report = models_seg.load_pretrained_encoder(model, read_pretrained(args.checkpoint_path))
+        except ValueError as err:
+            raise SystemExit(f"--checkpoint_path {args.checkpoint_path}: {err}") from None
+        heads = [k for k in report.missing_keys if k.startswith(models_seg.HEAD_PREFIXES)]
+        other = [k for k in report.missing_keys if k not in heads]
+        print(f"loaded encoder from {args.checkpoint_path}: {len(heads)} neck/head tensors newly initialised"
+              f"{f', also missing {other}' if other else ''}; {len(report.unexpected_keys)} pretraining-only "
+              f"tensors unused")
+    elif not resuming:
+        print("WARNING: no --checkpoint_path: the encoder is randomly initialised")
+    if args.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)
+    return model
+
+
+def build_param_groups(model: models_seg.SegmentationModel, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Encoder: layer-wise decay groups (``util.lr_decay.param_groups_lrd``, names prefixed ``backbone.``);
+    neck and heads: one decay / no-decay pair at lr scale 1."""
+    groups = param_groups_lrd(model.backbone, args.weight_decay, no_weight_decay_list=("pos_embed", "cls_token"),
+                              layer_decay=args.layer_decay)
+    for g in groups:
+        g["name"] = f"backbone_{g['name']}"
+        g["param_names"] = [f"backbone.{n}" for n in g["param_names"]]
+    heads = nn.ModuleDict({n: m for n, m in model.named_children() if n != "backbone"})
+    for g in param_groups_weight_decay(heads, args.weight_decay):
+        g["name"] = f"heads_{g['name']}"
+        groups.append(g)
+    return [g for g in groups if g["params"]]
+
+
+def load_resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, amp: AmpConfig,
+                args: argparse.Namespace) -> float:
+    """Weights (strict) and, unless ``--eval``, optimizer/scaler/epoch; returns the best mIoU so far."""
+    try:
+        ckpt = load_checkpoint(path)
+    except (FileNotFoundError, CheckpointError) as err:
+        raise SystemExit(f"--resume: {err}") from None
+    if "model" not in ckpt:
+        raise SystemExit(f"--resume {path}: no 'model' entry (keys: {sorted(ckpt)})")
+    state = strip_module_prefix(ckpt["model"])
+    problem = describe_state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise SystemExit(f"--resume {path} does not match the model (a pretraining checkpoint goes to "
+                         f"--checkpoint_path; check --model, --out_indices, --head_channels, --aux_channels and the "
+                         f"classes): {problem.splitlines()[0]}")
+    model.load_state_dict(state, strict=True)
+    best = float(ckpt.get("best_miou", 0.0) or 0.0)
+    if not args.eval and "optimizer" in ckpt and "epoch" in ckpt:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise SystemExit(f"--resume {path}: its optimizer state does not fit this run: {err}") from None
+        amp.load_state_dict(ckpt.get("scaler"))
+        args.start_epoch = 0 if args.restart else int(ckpt["epoch"]) + 1
+    print(f"resumed {path} (start epoch {args.start_epoch}, best mIoU {best:.2f})")
+    return best
+
+
+def make_writer(args: argparse.Namespace, out_dir: Optional[Path], val_ds, classes, ignore_index: int):
+    if not (args.save_predictions or args.polygonize or args.overlays) or out_dir is None:
+        return None
+    from util.seg_outputs import PredictionWriter
+
+    src = val_ds.source
+    return PredictionWriter(out_dir / "predictions", classes, src.paths, src.transforms, src.crs,
+                            polygonize=args.polygonize, simplify=args.simplify, overlays=args.overlays,
+                            ignore_index=ignore_index)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or ``--eval``); returns ``{"eval": last evaluation result, "best_miou", "history"}``."""
+    from dataloaders.config import ConfigError
+    from dataloaders.errors import DataError
+    from dataloaders.segmentation import TileShardSampler, build_seg_datasets, load_seg_config, seg_collate
+    from util.seg_metrics import format_seg_table, save_seg_report
+
+    check_args(args)
+    device = init_run(args)
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir is not None and dist_util.is_main_process():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    args.model = resolve_model_name(args.model)
+    amp = AmpConfig(args.amp, device)
+
+    resume = args.resume
+    if not resume and not args.no_autoresume and out_dir is not None:
+        latest = find_latest_checkpoint(out_dir)
+        if latest is not None:
+            resume = str(latest)
+            print(f"autoresume: found {resume}")
+    if args.eval and not (resume or args.checkpoint_path):
+        raise SystemExit("--eval needs --resume (a segmentation checkpoint) or an output_dir with one")
+
+    try:
+        cfg = load_seg_config(args.config, data_root=args.data_root, overrides=args.data_override)
+        train_ds, val_ds, classes = build_seg_datasets(cfg, args.input_size, args.base_resolution, args.seed)
+    except (ConfigError, DataError) as err:
+        raise SystemExit(str(err)) from None
+    d = cfg["data"]
+    args.ignore_index = d["ignore_index"]
+    print(f"classes {classes}; train {len(train_ds.source.paths)} raster(s), {d['length']} windows of {d['size']} px "
+          f"per epoch shown at {args.input_size} px; validation {len(val_ds.source.paths)} raster(s), "
+          f"{len(val_ds.windows)} windows")
+
+    model = build_model(args, len(classes), len(d["mean"]), resuming=bool(resume)).to(device)
+    if args.distributed and args.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if args.lr is None:
+        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {args.model} + UPerNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+          f"({n_train / 1e6:.2f} M trainable), blocks {list(model.out_indices)}; effective batch "
+          f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g}; layer decay {args.layer_decay}")
+    optimizer = torch.optim.AdamW(build_param_groups(model, args), lr=args.lr, betas=(0.9, 0.999))
+    best_miou = 0.0
+    if resume:
+        best_miou = load_resume(resume, model, optimizer, amp, args)
+    model_without_ddp = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+
+    pin = args.pin_mem and device.type == "cuda"
+    val_loader = DataLoader(val_ds, sampler=TileShardSampler(val_ds.windows, world, rank),
+                            batch_size=args.eval_batch_size or args.batch_size, num_workers=args.num_workers,
+                            pin_memory=pin, collate_fn=seg_collate)
+    if dist_util.is_main_process() and out_dir is not None:
+        save_run_config(out_dir, args, cfg, evaluating=args.eval, classes=classes)
+    object_class = 1 if args.object_f1 else None
+
+    def run_eval(tag: str, final: bool) -> dict[str, Any]:
+        writer = make_writer(args, out_dir, val_ds, classes, args.ignore_index) if final else None
+        result = evaluate(model, val_loader, device, args.eval_scales, classes, args.ignore_index, amp.dtype,
+                          object_class, writer, model_without_ddp.patch_size, args.print_freq)
+        if dist_util.is_main_process():
+            print(format_seg_table(result))
+            if out_dir is not None:
+                save_seg_report(result, out_dir, tag)
+            if writer is not None:
+                print(f"predictions written to {writer.out_dir} ({len(writer.written)} files on rank 0)")
+        return result
+
+    if args.eval:
+        result = run_eval("seg-eval", final=True)
+        dist_util.cleanup()
+        return {"eval": result, "best_miou": best_miou, "history": []}
+
+    sampler = train_ds.make_sampler(world, rank, args.seed)
+    train_loader = DataLoader(train_ds, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                              pin_memory=pin, drop_last=True, collate_fn=seg_collate)
+    if len(train_loader) == 0:
+        raise SystemExit(f"data.length {d['length']} gives {len(sampler)} windows per process, fewer than "
+                         f"--batch_size {args.batch_size}")
+    log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() and args.log_dir else None
+    jsonl = JsonlLogger(out_dir)
+    history: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
+    with training_run(log_writer):
+        for epoch in range(args.start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            train_ds.epoch = epoch
+            train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, amp, args, log_writer)
+            log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            last = epoch + 1 == args.epochs
+            if last or (epoch + 1) % args.eval_freq == 0:
+                result = run_eval(f"seg-epoch{epoch + 1:04d}", final=last)
+                first = result["scales"][scale_key(args.eval_scales[0])]
+                best_miou = max(best_miou, first["miou"])
+                log_stats.update({"test_miou": first["miou"], "test_pixel_acc": first["pixel_acc"],
+                                  "test_mean_miou": result["mean"]["miou"], "best_miou": best_miou})
+                if log_writer is not None:
+                    for key, r in result["scales"].items():
+                        log_writer.add_scalar(f"perf/miou_scale{key}", r["miou"], epoch)
+                    log_writer.flush()
+            if dist_util.is_main_process() and out_dir is not None:
+                state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                         "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args),
+                         "best_miou": best_miou, "classes": classes}
+                save_epoch_checkpoints(state, out_dir, epoch, args)
+            history.append(log_stats)
+            jsonl.log(log_stats)
+    dist_util.cleanup()
+    return {"eval": result, "best_miou": best_miou, "history": history}
+
+
+if __name__ == "__main__":
+    cli = get_args_parser().parse_args()
+    try:
+        main(cli)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a diagnosis: one line on stderr, rank 0 only, status 2
+            if dist_util.get_rank() == 0:
+                print(f"error: {exc.code}", file=sys.stderr)
+            sys.exit(2)
+        raise
