@@ -125,7 +125,9 @@ def scale_key(scale: float) -> str:
 
 
 def _scaled_side(side: int, scale: float, patch: int) -> int:
-    return max(patch, int(round(side * scale / patch)) * patch)
+    """Side of a window of ``side`` px at ``scale``: a multiple of the patch, at least 2 patches (the pyramid's
+    coarsest level halves the patch grid)."""
+    return max(2 * patch, int(round(side * scale / patch)) * patch)
 
 
 @torch.no_grad()

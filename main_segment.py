@@ -303,6 +303,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dist_util.cleanup()
         return {"eval": result, "best_miou": best_miou, "history": []}
 
+    if args.start_epoch >= args.epochs:
+        print(f"nothing left to train: the resumed run finished epoch {args.start_epoch - 1} of --epochs "
+              f"{args.epochs} (raise --epochs, or use a new --output_dir); evaluating it")
+        result = run_eval(f"seg-epoch{args.start_epoch:04d}", final=True)
+        dist_util.cleanup()
+        return {"eval": result, "best_miou": best_miou, "history": []}
     sampler = train_ds.make_sampler(world, rank, args.seed)
     train_loader = DataLoader(train_ds, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                               pin_memory=pin, drop_last=True, collate_fn=seg_collate)

@@ -185,6 +185,9 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: torch.Tensor, input_res: Optional[torch.Tensor] = None, return_aux: bool = False):
         size = x.shape[-2:]
+        if x.shape[-1] < 2 * self.patch_size:
+            raise ValueError(f"input side {x.shape[-1]} px is below 2 patches ({2 * self.patch_size} px): the "
+                             f"pyramid's 1/32 level needs a patch grid of at least 2")
         maps = self.neck(self.encoder_maps(x, input_res))
         logits = _resize(self.decode_head(maps), size)
         if not return_aux:

@@ -5,7 +5,8 @@ Config (``config/seg_*.yaml``), one top-level ``data`` mapping::
     data:
       type: geotiff              # geotiff: rasters + a vector file; masks: image/mask file pairs
       img_dir: tiles/            # training rasters (folder, recursive *.tif/*.tiff, or one file); masks: images
-      labels: buildings.geojson  # geotiff: any vector file geopandas reads (GeoJSON, GPKG, Shapefile, ...)
+      labels: buildings.geojson  # geotiff: any vector file geopandas reads (GeoJSON, GPKG, Shapefile, ...), or a
+                                 # folder of them (e.g. SpaceNet's one GeoJSON per tile), concatenated
       mask_dir: masks/           # masks: the label images, matched to images by file stem
       val_img_dir: val_tiles/    # validation rasters / images
       val_labels: null           # geotiff: default = labels;  masks: val_mask_dir
@@ -64,7 +65,7 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 SEG_SCHEMA: Dict[str, _Field] = {
     "type": _Field("str", SEG_TYPES, "geotiff (rasters + vector labels) or masks (image/mask pairs)"),
     "img_dir": _Field("path", SEG_TYPES, "training rasters / images"),
-    "labels": _Field("path", ("geotiff",), "vector file of labelled polygons"),
+    "labels": _Field("path", ("geotiff",), "vector file (or folder of vector files) of labelled polygons"),
     "mask_dir": _Field("path", ("masks",), "training masks (same file stems as the images)"),
     "val_img_dir": _Field("path", SEG_TYPES, "validation rasters / images"),
     "val_labels": _Field("path", ("geotiff",), "validation vector file (default: labels)"),
@@ -189,11 +190,47 @@ def window_transform(tile_transform: Sequence[float], row: int, col: int):
     return Affine(*tuple(tile_transform)[:6]) @ Affine.translation(col, row)
 
 
+VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp", ".fgb", ".kml", ".gml")
+
+
+def _read_vector_file(path: Path):
+    import geopandas as gpd
+
+    try:
+        return gpd.read_file(path)
+    except Exception as exc:  # pyogrio/fiona raise many types
+        raise DataError(f"{path}: cannot read the label file (expected GeoJSON/GPKG/Shapefile/...): "
+                        f"{str(exc).splitlines()[0]}") from None
+
+
+def _read_vectors(path: Path):
+    """One vector file, or every vector file under a folder (e.g. SpaceNet's one GeoJSON per tile), concatenated
+    in the first non-empty file's CRS (files without features are skipped)."""
+    import geopandas as gpd
+    import pandas as pd
+
+    if not path.exists():
+        raise MissingDataError(f"{path}: label file not found")
+    if path.is_file():
+        return _read_vector_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VECTOR_SUFFIXES)
+    if not files:
+        raise DataError(f"{path}: no vector files ({', '.join(VECTOR_SUFFIXES)}) in the label folder")
+    frames = [f for f in (_read_vector_file(p) for p in files) if len(f)]
+    if not frames:
+        return gpd.GeoDataFrame(geometry=[], crs="EPSG:4326")
+    for p, f in zip(files, frames):
+        if f.crs is None:
+            raise DataError(f"{p}: label file has no CRS; expected one (e.g. EPSG:4326)")
+    crs = frames[0].crs
+    return gpd.GeoDataFrame(pd.concat([f.to_crs(crs) for f in frames], ignore_index=True), crs=crs)
+
+
 class VectorLabels:
     """Labelled polygons of a vector file, rasterised on any window grid.
 
     Args:
-        path: any vector file geopandas reads (or a GeoDataFrame).
+        path: any vector file geopandas reads, a folder of them (concatenated), or a GeoDataFrame.
         classes: foreground class names; polygon values are ``1 + classes.index(name)``.
         class_column: attribute holding each polygon's class name; None: every polygon is class 1.
 
@@ -210,13 +247,7 @@ class VectorLabels:
             gdf, self.source = path, "<GeoDataFrame>"
         else:
             self.source = str(path)
-            if not Path(path).exists():
-                raise MissingDataError(f"{path}: label file not found")
-            try:
-                gdf = gpd.read_file(path)
-            except Exception as exc:  # fiona/pyogrio raise many types
-                raise DataError(f"{path}: cannot read the label file (expected GeoJSON/GPKG/Shapefile/...): "
-                                f"{str(exc).splitlines()[0]}") from None
+            gdf = _read_vectors(Path(path))
         if gdf.crs is None and len(gdf):
             raise DataError(f"{self.source}: label file has no CRS; expected one (e.g. EPSG:4326)")
         gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty]

@@ -175,3 +175,26 @@ def test_synthetic_scenes_labels_match_the_drawn_roofs(tmp_path):
     batch = seg_collate([train[w] for w in list(sampler)[:4]])
     assert batch["image"].shape == (4, 3, 64, 64) and batch["mask"].dtype == torch.int64
     assert set(batch["mask"].unique().tolist()) <= {0, 1, 255}
+
+
+def test_label_folder_spacenet_style(tmp_path):
+    """One GeoJSON per tile (some empty, as SpaceNet ships them), read as one label set."""
+    import geopandas as gpd
+
+    folder = tmp_path / "geojson"
+    folder.mkdir()
+    labels_4326([px_box(2.25, 3.25, 5.25, 7.25)], tmp_path, name="geojson/a.geojson")
+    labels_4326([px_box(6.25, 6.25, 9.25, 9.25)], tmp_path, name="geojson/b.geojson")
+    (folder / "empty.geojson").write_text(gpd.GeoDataFrame(geometry=[], crs="EPSG:4326").to_json())
+    labels = VectorLabels(folder)
+    assert len(labels) == 2
+    src = GeoVectorSource(utm_raster(tmp_path), labels)
+    assert src.read(0, 0, 0, 10, 10)[2].sum() == 12 + 9
+
+
+@pytest.mark.parametrize("name", ["seg_spacenet.yaml", "seg_masks.yaml"])
+def test_shipped_seg_configs_validate(name, tmp_path):
+    from pathlib import Path
+
+    cfg = load_seg_config(Path(__file__).resolve().parent.parent / "config" / name, data_root=tmp_path)
+    assert cfg["data"]["img_dir"] == str(tmp_path / "train" / "images")
