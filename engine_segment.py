@@ -108,9 +108,10 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
         lr = max(g["lr"] for g in optimizer.param_groups)
         aux_value = float(loss_aux.item()) if loss_aux is not None else 0.0
         metric_logger.update(loss=loss_value, loss_main=float(loss_main.item()), loss_aux=aux_value, lr=lr)
+        loss_reduced = dist_util.all_reduce_mean(loss_value)  # every rank: a collective
         if log_writer is not None and update:
             x = int((step / num_steps + epoch) * 1000)
-            log_writer.add_scalar("train/loss", dist_util.all_reduce_mean(loss_value), x)
+            log_writer.add_scalar("train/loss", loss_reduced, x)
             log_writer.add_scalar("train/loss_aux", aux_value, x)
             log_writer.add_scalar("train/lr", lr, x)
     metric_logger.synchronize_between_processes()
