@@ -39,12 +39,14 @@ def _no_sync(model: nn.Module, skip_sync: bool):
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, amp: AmpConfig, args: Any,
-                    log_writer: Any = None, max_norm: Optional[float] = None) -> dict[str, float]:
+                    log_writer: Any = None, max_norm: Optional[float] = None,
+                    on_finite_loss: Optional[Any] = None) -> dict[str, float]:
     """Train ``model`` for one epoch; returns the epoch averages ``{'loss', 'lr'}`` (loss averaged over ranks).
 
     ``args`` provides ``accum_iter``, ``lr``, ``min_lr``, ``warmup_epochs``, ``epochs`` and ``print_freq``.
     TensorBoard (``log_writer``, rank 0): ``train/loss`` (mean over ranks) and ``train/lr`` at
-    x = ``int(1000 * fractional epoch)``, at every optimizer step.
+    x = ``int(1000 * fractional epoch)``, at every optimizer step. ``on_finite_loss()`` is called once each step's
+    loss (mean over ranks) is known to be finite; a non-finite one raises ``NonFiniteLossError`` on every rank.
     """
     model.train(True)
     accum_iter = max(1, int(getattr(args, "accum_iter", 1) or 1))
@@ -71,9 +73,11 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 outputs = model(samples, input_res=input_res)
                 loss = criterion(outputs.float(), targets)
             loss_value = float(loss.item())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, step {step}: stopping training "
-                                         f"(try a lower --blr, --amp bf16/none, or check the data)")
+            loss_reduced = dist_util.all_reduce_mean(loss_value)
+            if not math.isfinite(loss_reduced):
+                raise NonFiniteLossError(f"loss is {loss_reduced} at epoch {epoch}, step {step}; training stopped.")
+            if on_finite_loss is not None:
+                on_finite_loss()
             amp.backward_step(loss / accum_iter, optimizer, params, update_grad=update, clip_grad=max_norm)
         if update:
             optimizer.zero_grad(set_to_none=True)
@@ -83,7 +87,6 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 
         lr = max(group["lr"] for group in optimizer.param_groups)
         metric_logger.update(loss=loss_value, lr=lr)
-        loss_reduced = dist_util.all_reduce_mean(loss_value)
         if log_writer is not None and update:
             x = int((step / num_steps + epoch) * 1000)
             log_writer.add_scalar("train/loss", loss_reduced, x)

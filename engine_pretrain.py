@@ -50,13 +50,16 @@ def train_one_epoch(
     steps_per_epoch: Optional[int] = None,
     on_step_end: Optional[Callable[[int], None]] = None,
     on_visualize: Optional[Callable[[int, tuple], None]] = None,
+    on_finite_loss: Optional[Callable[[], None]] = None,
 ) -> dict[str, float]:
     """Train for one epoch (or its remainder when resuming at ``start_step``).
 
     Batches are ``(imgs [N, C, H, H], input_res [N], targets [N, C, 2H, 2H], target_res [N])``.
     ``on_step_end(step)`` runs after every optimizer step (mid-epoch checkpoints); ``on_visualize(step, outputs)``
-    every ``args.print_freq`` steps on rank 0. Returns the epoch's averaged metrics.
-    Raises ``NonFiniteLossError`` naming the epoch and step if the loss is not finite.
+    every ``args.print_freq`` steps on rank 0; ``on_finite_loss()`` once the step's loss (mean over ranks) is known to
+    be finite, before the update (the weights that produced it are good: ``CheckpointKeeper.verify``).
+    Returns the epoch's averaged metrics. Raises ``NonFiniteLossError`` naming the epoch and step if the loss is not
+    finite on any rank (all ranks raise together).
     """
     model.train(True)
     accum_iter = args.accum_iter
@@ -89,12 +92,13 @@ def train_one_epoch(
                             source_size=source_size, noise=noise, loss_only=not visualize_now)
             loss, outputs = (out[0], out) if visualize_now else (out, None)
             loss_value = loss.item()
-            if not math.isfinite(loss_value):
+            loss_all = dist_util.all_reduce_mean(loss_value)  # every rank sees the same verdict
+            if not math.isfinite(loss_all):
                 raise NonFiniteLossError(
-                    f"loss is {loss_value} at epoch {epoch}, step {step} (global step "
-                    f"{epoch * steps_per_epoch + step}); stopping without saving. The last checkpoint in "
-                    f"{args.output_dir} is untouched. Try a lower --blr, --amp bf16 instead of fp16, or --clip_grad."
-                )
+                    f"loss is {loss_value if not math.isfinite(loss_value) else loss_all} at epoch {epoch}, step "
+                    f"{step} (global step {epoch * steps_per_epoch + step}); training stopped.")
+            if on_finite_loss is not None:
+                on_finite_loss()
             # --clip_grad 0 means off here (the original's flag), hence ``or None``
             grad_norm = amp.backward_step(loss / accum_iter, optimizer, params, update_grad=update,
                                           clip_grad=args.clip_grad or None)
@@ -110,7 +114,6 @@ def train_one_epoch(
             logger.update(grad_norm=float(grad_norm))
 
         if update:
-            loss_all = dist_util.all_reduce_mean(loss_value)
             if log_writer is not None:
                 x = int((epoch + (step + 1) / steps_per_epoch) * 1000)  # the original's 1000 * fractional epoch
                 log_writer.add_scalar("train_loss", loss_all, x)

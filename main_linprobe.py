@@ -22,6 +22,7 @@ random resized crop (area fraction in [scale_min, scale_max]); validation uses o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 from pathlib import Path
@@ -34,12 +35,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import models_vit
 from engine_finetune import evaluate, train_one_epoch
 from util import dist as dist_util
+from util import harness
 from util.amp import AmpConfig
-from util.checkpoint import (CheckpointError, args_to_plain, describe_state_dict_mismatch, find_latest_checkpoint,
-                             load_checkpoint, strip_module_prefix)
+from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
 from util.dist import ShardSampler
-from util.launch import (add_distributed_args, add_loader_args, add_run_args, init_run, open_log_writer,
-                         save_epoch_checkpoints, save_run_config, training_run, warn_dead_flags)
+from util.harness import warn_dead_flags
 from util.lr_decay import apply_linear_layer_scale, param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
@@ -58,6 +58,8 @@ DEAD_FLAGS = {
 }
 
 HEAD_NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "dist_token")
+WRITER = "main_linprobe"
+DEFAULT_MODEL = "vit_large_patch16"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,28 +67,31 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("schedule")
     g.add_argument("--batch_size", default=64, type=int,
-                   help="per-process batch (times the config's oversample); effective = batch * accum * world")
-    g.add_argument("--epochs", default=400, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (>= 2-D tensors)")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; default blr * effective batch / 256")
-    g.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr * effective batch / 256")
-    g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay (--finetune only)")
+                   help="per-process batch (times the config's oversample); effective = batch * accum * world "
+                        "(default 64)")
+    g.add_argument("--epochs", default=400, type=int, help="(default 400)")
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step (default 1)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of >= 2-D tensors (default 0.05)")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr * effective batch / 256 (default 1e-3)")
+    g.add_argument("--layer_decay", type=float, default=0.75, help="layer-wise lr decay, --finetune only (default 0.75)")
     g.add_argument("--linear_layer_scale", type=float, default=1.0,
-                   help="extra lr scale of the head-weight group (--finetune only)")
-    g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule")
-    g.add_argument("--warmup_epochs", type=float, default=0, help="linear warmup, per iteration")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the global grad norm (off in the original)")
+                   help="extra lr scale of the head-weight group, --finetune only (default 1.0)")
+    g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
+    g.add_argument("--warmup_epochs", type=float, default=0, help="linear warmup, per iteration (default 0)")
+    g.add_argument("--clip_grad", type=float, default=None, help="clip the global grad norm (default off, as the original)")
     g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU; bf16 works on CPU")
+                   help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU; bf16 works on CPU "
+                        "(default auto)")
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute encoder blocks in backward (--finetune only; a frozen encoder stores nothing)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_large_patch16", type=str,
-                   help=f"encoder: {', '.join(models_vit.MODELS)} (an MAE name such as mae_vit_large_patch16 "
-                        f"is mapped to its encoder)")
-    g.add_argument("--input_size", default=224, type=int, help="training image side (px)")
+    g.add_argument("--model", default=None, type=str,
+                   help=f"encoder: {', '.join(models_vit.MODELS)}; an MAE name such as mae_vit_large_patch16 is "
+                        f"mapped to its encoder (default: the architecture of --checkpoint_path / the resumed "
+                        f"checkpoint, else vit_large_patch16)")
+    g.add_argument("--input_size", default=224, type=int, help="training image side, px (default 224)")
     g.add_argument("--nb_classes", default=None, type=int, help="classifier size (default: from the dataset)")
     g.add_argument("--global_pool", action="store_true", help="mean of patch tokens + fc_norm instead of cls token")
     g.add_argument("--cls_token", action="store_false", dest="global_pool", help="classify the cls token (default)")
@@ -95,44 +100,52 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint_path", default=None, type=str,
                    help="pretrained weights: pretraining checkpoint (ours or the original release), encoder file "
                         "(.pth/.safetensors from tools/export_encoder.py); path or URL")
+    g.add_argument("--allow_random_init", action="store_true",
+                   help="train or --eval without --checkpoint_path / --resume (a randomly initialised encoder)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--config", default="config.yaml", type=str,
-                   help="YAML data config of the TRAIN set, e.g. config/resisc.yaml, config/demo.yaml")
+    g.add_argument("--config", default=None, type=str,
+                   help="YAML data config of the TRAIN set (default config/resisc.yaml: "
+                        "data/resisc45/train-resisc.txt)")
     g.add_argument("--data_root", default=None, type=str,
-                   help="folder that relative paths in --config and --eval_path resolve against")
+                   help="folder that relative paths in --config and --eval_path resolve against (default: the "
+                        "repository's data/ for the shipped configs in config/, else the config file's folder)")
     g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE",
                    help="override config entries, e.g. data.img_dir=/data/resisc45/train.txt")
-    g.add_argument("--scale_min", default=0.5, type=float, help="random resized crop: min area fraction")
-    g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction")
+    g.add_argument("--scale_min", default=0.5, type=float, help="random resized crop: min area fraction (default 0.5)")
+    g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction (default 1.0)")
     g.add_argument("--base_resolution", default=2.5, type=float,
-                   help="train res = (crop - 1) / input_size * base_resolution")
-    add_loader_args(g)
+                   help="train res = (crop - 1) / input_size * base_resolution (default 2.5)")
+    harness.add_loader_args(g)
 
     g = p.add_argument_group("evaluation")
-    g.add_argument("--eval_dataset", default="resisc", type=str,
-                   help="validation set id: resisc, mlrsnet, airound, cvbrct, eurosat, optimal-31, whu-rs19, "
-                        "ucmerced, fmow, demo")
-    g.add_argument("--eval_path", default="resisc45", type=str,
-                   help="validation ImageFolder root or split-list file (with --eval_dataset demo and no "
-                        "--eval_path: built-in synthetic scenes)")
+    g.add_argument("--eval_dataset", default=None, type=str,
+                   help="validation set id (its normalisation): resisc, mlrsnet, airound, cvbrct, eurosat, optimal-31, "
+                        "whu-rs19, ucmerced, fmow, demo (default: the config's data.type)")
+    g.add_argument("--eval_path", default=None, type=str,
+                   help="validation ImageFolder root or split-list file; training images in it are left out "
+                        "(default: val-<name>.txt / val.txt / val/ next to the training source, else a seeded "
+                        "10%% per-class split of it, said at start-up)")
     g.add_argument("--eval_scale", default=224, type=int,
-                   help="validation image side (fmow: Resize+CenterCrop; others with --eval_resize)")
+                   help="validation image side (fmow: Resize+CenterCrop; others with --eval_resize) (default 224)")
     g.add_argument("--eval_resize", action="store_true",
                    help="Resize+CenterCrop every validation set to --eval_scale (the original only did so for fmow)")
     g.add_argument("--eval_gsd", action="store_true",
                    help="eval res = eval_base_resolution * eval_reference_resolution / eval_scale")
-    g.add_argument("--eval_base_resolution", default=1.0, type=float)
-    g.add_argument("--eval_reference_resolution", default=224, type=float)
+    g.add_argument("--eval_base_resolution", default=1.0, type=float, help="validation res (default 1.0)")
+    g.add_argument("--eval_reference_resolution", default=224, type=float, help="see --eval_gsd (default 224)")
     g.add_argument("--eval", action="store_true", help="evaluate (the resumed model) and exit")
 
-    g = add_run_args(p, output_dir_help="checkpoints, log.txt, config.yaml",
-                     resume_help="checkpoint of this script to resume from (path or URL)")
+    g = harness.add_run_args(p, output_dir_default=None,
+                             output_dir_help="checkpoints, log.txt, config.yaml: ./output_dir/linprobe, or "
+                                             "./output_dir/finetune with --finetune; never the pretraining folder",
+                             resume_help="checkpoint of this script to resume from (path or URL)")
     g.add_argument("--checkpoint_interval", default=20, type=int,
-                   help="keep checkpoint-{epoch}.pth every n epochs (and the last); checkpoint-latest.pth always")
-    g.add_argument("--print_freq", default=20, type=int, help="progress line every n steps")
+                   help="keep checkpoint-{epoch}.pth every n epochs and the last; checkpoint-latest.pth always "
+                        "(default 20)")
+    g.add_argument("--print_freq", default=20, type=int, help="progress line every n steps (default 20)")
 
-    add_distributed_args(p)
+    harness.add_distributed_args(p)
 
     g = p.add_argument_group("accepted for compatibility, no effect")
     g.add_argument("--drop_path", type=float, default=0.1, help="ignored, as in the original")
@@ -148,7 +161,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
-def resolve_model_name(name: str) -> str:
+def resolve_model_name(name: str, quiet: bool = False) -> str:
     """A ``models_vit`` factory name; MAE names (``mae_vit_large_patch16[_dec512d8b]``) map to their encoder."""
     if name in models_vit.MODELS:
         return name
@@ -157,9 +170,10 @@ def resolve_model_name(name: str) -> str:
         if encoder.endswith("_dec512d8b"):
             encoder = encoder[: -len("_dec512d8b")]
         if encoder in models_vit.MODELS:
-            print(f"NOTE: --model {name} is a pretraining model; using its encoder {encoder}")
+            if not quiet:
+                print(f"NOTE: --model {name} is a pretraining model; using its encoder {encoder}")
             return encoder
-    raise SystemExit(f"--model {name!r} is not an encoder; choose from {sorted(models_vit.MODELS)} "
+    raise harness.UserError(f"--model {name!r} is not an encoder; choose from {sorted(models_vit.MODELS)} "
                      f"(or an MAE name such as mae_vit_large_patch16)")
 
 
@@ -198,67 +212,105 @@ def report_resolutions(args: argparse.Namespace) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------------------ data
 def _resolve_eval_path(args: argparse.Namespace) -> Optional[str]:
+    """--eval_path; a relative path that does not exist from the working directory is taken under --data_root."""
     path = args.eval_path
-    if args.eval_dataset.lower() == "demo" and path == get_args_parser().get_default("eval_path"):
-        return None  # built-in synthetic validation scenes
-    if path and args.data_root and "://" not in path and not os.path.isabs(os.path.expanduser(path)):
+    if not path:
+        return None
+    path = os.path.expanduser(path)
+    if args.data_root and not os.path.isabs(path) and not os.path.exists(path):
         return str(Path(args.data_root) / path)
-    return os.path.expanduser(path) if path else path
+    return path
+
+
+def default_eval_dataset(cfg: Optional[Mapping]) -> str:
+    """The evaluation id matching the training config's data type (resisc when it is not one)."""
+    from dataloaders.builders import EVAL_STATS
+
+    kind = str(((cfg or {}).get("data") or {}).get("type", "")).lower()
+    return kind if kind in EVAL_STATS or kind == "demo" else "resisc"
 
 
 def build_datasets(args: argparse.Namespace) -> tuple[Optional[Dataset], Dataset, int, Optional[dict]]:
-    """(train_ds or None with --eval and no config, val_ds, num_classes, config)."""
+    """(train_ds or None with --eval and no config, val_ds, num_classes, config). Says where validation comes
+    from; it never holds training images."""
     from dataloaders.builders import build_linprobe_datasets
     from dataloaders.config import load_config
 
-    eval_path = _resolve_eval_path(args)
-    if not Path(args.config).is_file():
-        if args.eval:
-            from dataloaders.eval_sets import build_scene_dataset, demo_eval_datasets, eval_transform
+    if args.eval and args.config is None and args.eval_path:
+        from dataloaders.eval_sets import build_scene_dataset, eval_transform
 
-            tf = eval_transform(args.eval_dataset, "linprobe", args.eval_scale, resize=args.eval_resize or None)
-            if eval_path is None:
-                _, val, n = demo_eval_datasets(tf, args.seed)
-                return None, val, n, None
-            val = build_scene_dataset(eval_path, args.eval_dataset, tf)
-            print(f"--config {args.config} not found: evaluating on {eval_path} alone "
-                  f"({len(val.class_to_idx)} classes)")
-            return None, val, len(val.class_to_idx), None
-        raise SystemExit(f"--config {args.config} not found; pass the training-set config, e.g. "
-                         f"config/resisc.yaml or config/demo.yaml")
+        args.eval_dataset = args.eval_dataset or "resisc"
+        eval_path = _resolve_eval_path(args)
+        tf = eval_transform(args.eval_dataset, "linprobe", args.eval_scale, resize=args.eval_resize or None)
+        val = build_scene_dataset(eval_path, args.eval_dataset, tf)
+        print(f"--eval without --config: evaluating on {eval_path} alone ({len(val.class_to_idx)} classes)")
+        return None, val, len(val.class_to_idx), None
+    harness.resolve_data_config(args, default="resisc.yaml")
     cfg = load_config(args.config, data_root=args.data_root, overrides=args.data_override)
+    if args.eval_dataset is None:
+        args.eval_dataset = default_eval_dataset(cfg)
+    notes: list[str] = []
     train_ds, val_ds, num_classes = build_linprobe_datasets(
-        cfg, args.eval_dataset, eval_path, input_size=args.input_size, scale_min=args.scale_min,
+        cfg, args.eval_dataset, _resolve_eval_path(args), input_size=args.input_size, scale_min=args.scale_min,
         scale_max=args.scale_max, base_resolution=args.base_resolution, eval_scale=args.eval_scale, seed=args.seed,
-        val_resize=True if args.eval_resize else None)
+        val_resize=True if args.eval_resize else None, report=notes)
+    for line in notes:
+        print(line)
+    print(f"data: {len(train_ds)} training images ({args.config}), {len(val_ds)} validation images "
+          f"({args.eval_dataset} normalisation), {num_classes} classes")
     return train_ds, val_ds, num_classes, cfg
 
 
 # ----------------------------------------------------------------------------------------------------- model
-def read_pretrained(path: str) -> dict[str, torch.Tensor]:
-    """State dict from ``--checkpoint_path``: ``{'model': ...}`` checkpoints, bare state dicts, ``.safetensors``."""
+ENCODER_SHAPES = {(16, 192, 4): "vit_tiny_patch16", (16, 768, 12): "vit_base_patch16",
+                  (16, 1024, 24): "vit_large_patch16", (14, 1280, 32): "vit_huge_patch14"}
+
+
+def read_pretrained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, saved args) from ``--checkpoint_path``: ``{'model': ...}`` checkpoints, bare state dicts,
+    ``.safetensors``."""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         if not Path(path).is_file():
-            raise SystemExit(f"--checkpoint_path {path}: file not found")
-        return load_file(path)
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, CheckpointError) as err:
-        raise SystemExit(f"--checkpoint_path: {err}") from None
+            raise harness.UserError(f"--checkpoint_path {path}: file not found")
+        try:
+            return load_file(path), {}
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise harness.UserError(f"--checkpoint_path {path}: not a readable safetensors file ({err})") from None
+    ckpt = harness.read_checkpoint(path, "--checkpoint_path")
+    saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
     for key in ("model", "state_dict"):
         if isinstance(ckpt.get(key), Mapping):
             ckpt = ckpt[key]
             break
-    return strip_module_prefix({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)})
+    return strip_module_prefix({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}), saved_args
 
 
-def load_pretrained(model: models_vit.VisionTransformer, path: str) -> models_vit.LoadReport:
+def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, source: str) -> str:
+    """The ``models_vit`` name of a checkpoint: its saved ``--model``, else its tensor shapes."""
+    saved = saved_args.get("model") if saved_args else None
+    if isinstance(saved, str):
+        with contextlib.suppress(SystemExit):
+            return resolve_model_name(saved, quiet=True)
+    weight = state.get("patch_embed.proj.weight")
+    if weight is None:
+        raise harness.UserError(f"{source}: no encoder tensors (patch_embed.proj.weight is missing); is it a "
+                                f"Scale-MAE checkpoint?")
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+    key = (int(weight.shape[-1]), int(weight.shape[0]), depth)
+    if key not in ENCODER_SHAPES:
+        raise harness.UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
+                                f"model in {sorted(models_vit.MODELS)}; pass --model")
+    return ENCODER_SHAPES[key]
+
+
+def load_pretrained(model: models_vit.VisionTransformer, path: str,
+                    state: Optional[Mapping[str, torch.Tensor]] = None) -> models_vit.LoadReport:
     """Load ``--checkpoint_path`` into the encoder, checking missing/unexpected keys exactly
     (``models_vit.load_mae_checkpoint``); a classifier of another layout in the file (e.g. a probe's
     ``head.0/1.*``) is ignored."""
-    sd = read_pretrained(path)
+    sd = dict(state) if state is not None else read_pretrained(path)[0]
     own = model.state_dict()
     foreign_head = [k for k in sd if k.startswith("head.") and k not in own]
     if foreign_head:
@@ -267,20 +319,22 @@ def load_pretrained(model: models_vit.VisionTransformer, path: str) -> models_vi
     try:
         report = models_vit.load_mae_checkpoint(model, sd)
     except ValueError as err:
-        raise SystemExit(f"--checkpoint_path {path}: {err}") from None
+        raise harness.UserError(f"--checkpoint_path {path}: {err}") from None
     print(f"loaded {path}: missing {report.missing_keys} (expected: the classifier, plus the unused pos_embed at "
           f"another input size); {len(report.unexpected_keys)} unused pretraining-only tensors (decoder etc.)")
     return report
 
 
-def build_model(args: argparse.Namespace, num_classes: int, resuming: bool = False) -> models_vit.VisionTransformer:
+def build_model(args: argparse.Namespace, num_classes: int, resuming: bool = False,
+                pretrained: Optional[Mapping[str, torch.Tensor]] = None) -> models_vit.VisionTransformer:
     """Encoder + BatchNorm/Linear head; pretrained weights from ``--checkpoint_path`` unless resuming."""
-    model = models_vit.MODELS[args.model](img_size=args.input_size, num_classes=num_classes,
-                                          global_pool=args.global_pool)
+    model = models_vit.MODELS[args.model or DEFAULT_MODEL](img_size=args.input_size, num_classes=num_classes,
+                                                           global_pool=args.global_pool)
     if args.checkpoint_path and not resuming:
-        load_pretrained(model, args.checkpoint_path)
+        load_pretrained(model, args.checkpoint_path, pretrained)
     elif args.checkpoint_path:
-        print(f"resuming: --checkpoint_path {args.checkpoint_path} is not loaded (the resumed weights replace it)")
+        print(f"resuming: the weights come from the resumed checkpoint (--checkpoint_path {args.checkpoint_path} "
+              f"was used when this run started)")
     elif not resuming:
         print("WARNING: no --checkpoint_path: the encoder is randomly initialised")
     if not args.eval:
@@ -310,101 +364,116 @@ def build_param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[
     return apply_linear_layer_scale(groups, args.linear_layer_scale)
 
 
-def _load_resume(args, resume: str, model: nn.Module, optimizer, amp: AmpConfig) -> float:
-    """Weights (strict), and unless ``--eval`` optimizer/scaler/epoch; returns the best acc1 so far."""
-    try:
-        ckpt = load_checkpoint(resume)
-    except (FileNotFoundError, CheckpointError) as err:
-        raise SystemExit(f"--resume: {err}") from None
-    if "model" not in ckpt:
-        raise SystemExit(f"resume checkpoint {resume} has no 'model' entry (keys: {sorted(ckpt)})")
+def load_resumed_weights(model: nn.Module, ckpt: Mapping, resume: str) -> float:
+    """Weights (strict) of this script's checkpoint; returns the best acc1 so far."""
     state = strip_module_prefix(ckpt["model"])
     problem = describe_state_dict_mismatch(model.state_dict(), state)
     if problem:
-        raise SystemExit(f"resume checkpoint {resume} does not match the model (a pretraining checkpoint goes to "
-                         f"--checkpoint_path; check --model, --global_pool, --nb_classes):\n{problem}")
+        raise harness.UserError(f"resume checkpoint {resume} does not match the model (check --model, "
+                                f"--global_pool, --nb_classes): {problem}")
     model.load_state_dict(state, strict=True)
     print(f"resumed model weights from {resume}")
-    best = float(ckpt.get("best_acc1", 0.0) or 0.0)
-    if "optimizer" in ckpt and "epoch" in ckpt and not args.eval:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise SystemExit(f"resume checkpoint {resume}: its optimizer state does not fit this run (linear probe "
-                             f"vs --finetune?): {err}") from None
-        amp.load_state_dict(ckpt.get("scaler"))
-        args.start_epoch = 0 if args.restart else int(ckpt["epoch"]) + 1
-        print(f"resumed optimizer; starting at epoch {args.start_epoch} (best acc1 so far {best:.2f})")
-    return best
+    return float(ckpt.get("best_acc1", 0.0) or 0.0)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Start-up checks (nothing is read or written yet)."""
+    harness.check_positive(args, "batch_size", "epochs", "accum_iter", "input_size", "checkpoint_interval",
+                           "print_freq", "eval_scale", "nb_classes", "blr", "lr", "layer_decay",
+                           "linear_layer_scale", "eval_base_resolution", "eval_reference_resolution",
+                           "base_resolution", "num_workers", "warmup_epochs", "weight_decay", "min_lr",
+                           "start_epoch", "clip_grad",
+                           allow_zero=("num_workers", "warmup_epochs", "weight_decay", "min_lr", "start_epoch",
+                                       "clip_grad"))
+    harness.require(0.0 < args.scale_min <= args.scale_max <= 1.0,
+                    f"--scale_min {args.scale_min} / --scale_max {args.scale_max}: need 0 < min <= max <= 1")
+    if args.model is not None:
+        resolve_model_name(args.model, quiet=True)
+    if not args.eval and args.warmup_epochs >= args.epochs:
+        print(f"WARNING: --warmup_epochs {args.warmup_epochs:g} >= --epochs {args.epochs}: the learning rate never "
+              f"reaches --blr/--lr (it stays in the linear warmup for the whole run)")
 
 
 # ------------------------------------------------------------------------------------------------------ main
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run a linear probe / finetune (or ``--eval``). Returns ``{'test': last stats, 'best_acc1', 'history'}``
     (``--eval``: the evaluation stats ``{'acc1', 'acc5', 'loss', 'n'}``)."""
-    device = init_run(args)
+    validate_args(args)
+    if args.output_dir is None:
+        args.output_dir = "./output_dir/finetune" if args.finetune else "./output_dir/linprobe"
+    device = harness.setup(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    if out_dir is not None and dist_util.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-    args.model = resolve_model_name(args.model)
-    amp = AmpConfig(args.amp, device)
-    amp_dtype = amp.dtype
+    out_dir = harness.prepare_output(args)
+
+    # --- what to start from
+    resume = harness.find_resume(args, out_dir, WRITER)
+    resumed = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
+    if resumed is not None:
+        writer = harness.checkpoint_writer(resumed)
+        if "model" not in resumed:
+            raise harness.UserError(f"resume checkpoint {resume} has no 'model' entry (keys: {sorted(resumed)})")
+        if writer not in (None, WRITER):
+            raise harness.UserError(f"--resume {resume} was written by {writer}.py; pretrained weights go to "
+                                    f"--checkpoint_path (--resume continues a run of this script)")
+    pretrained, pretrained_args = (None, {})
+    if args.checkpoint_path and resumed is None:
+        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
+    if resumed is None and pretrained is None and not args.allow_random_init:
+        raise harness.UserError("no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this "
+                                "script; --allow_random_init trains a randomly initialised encoder)")
+    if args.model is not None:
+        args.model = resolve_model_name(args.model)
+    elif resumed is not None:
+        args.model = architecture_of(strip_module_prefix(resumed["model"]), resumed.get("args") or {}, resume)
+        print(f"--model not given: {args.model}, from {resume}")
+    elif pretrained is not None:
+        args.model = architecture_of(pretrained, pretrained_args, args.checkpoint_path)
+        print(f"--model not given: {args.model}, from {args.checkpoint_path}")
+    else:
+        args.model = DEFAULT_MODEL
+    patch = 14 if args.model.endswith("patch14") else 16
+    harness.require(args.input_size % patch == 0,
+                    f"--input_size {args.input_size}: must be a multiple of the patch size {patch} of {args.model}")
+    amp_dtype = AmpConfig(args.amp, device).dtype
     if amp_dtype == torch.float16 and device.type != "cuda":
         print("NOTE: fp16 autocast on CPU is slow and loses precision; --amp bf16 is the CPU choice")
-
-    # --- what to resume from
-    resume = args.resume
-    if not resume and not args.no_autoresume and out_dir is not None:
-        latest = find_latest_checkpoint(out_dir)
-        if latest is not None:
-            resume = str(latest)
-            print(f"autoresume: found {resume}")
 
     # --- data
     train_ds, val_ds, num_classes, cfg = build_datasets(args)
     if args.nb_classes is None:
         args.nb_classes = num_classes
     elif args.nb_classes < num_classes:
-        raise SystemExit(f"--nb_classes {args.nb_classes} is smaller than the {num_classes} classes of the data")
+        raise harness.UserError(f"--nb_classes {args.nb_classes} is smaller than the {num_classes} classes of the "
+                                f"data")
     elif args.nb_classes > num_classes:
         print(f"WARNING: --nb_classes {args.nb_classes} > {num_classes} classes in the data (unused outputs)")
     res_info = report_resolutions(args)
     eval_res = res_info["eval_res"]
 
     # --- model, optimizer
-    model = build_model(args, args.nb_classes, resuming=bool(resume)).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if args.lr is None:
-        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
-    print(f"model {args.model} ({'finetune' if args.finetune else 'linear probe'}): {n_params / 1e6:.2f} M "
-          f"parameters, {n_train / 1e6:.3f} M trainable; {args.nb_classes} classes; effective batch "
-          f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g} (blr {args.blr:.3g})")
-    param_groups = build_param_groups(model, args)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95))
-    best_acc1 = 0.0
-    if resume:
-        best_acc1 = _load_resume(args, resume, model, optimizer, amp)
-
-    model_without_ddp = model
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-
-    # --- loaders
+    model = build_model(args, args.nb_classes, resuming=resumed is not None, pretrained=pretrained).to(device)
+    best_acc1 = load_resumed_weights(model, resumed, resume) if resumed is not None else 0.0
     pin = args.pin_mem and device.type == "cuda"
     val_loader = DataLoader(val_ds, sampler=ShardSampler(val_ds, world, rank), batch_size=args.batch_size,
                             num_workers=args.num_workers, pin_memory=pin, drop_last=False)
-
-    if dist_util.is_main_process() and out_dir is not None:
-        save_run_config(out_dir, args, cfg, evaluating=args.eval, resolution=res_info)
-    warn_dead_flags(args, get_args_parser(), DEAD_FLAGS)
-
     if args.eval:
+        harness.save_run_config(out_dir, args, cfg, evaluating=True, resolution=res_info)
         stats = evaluate(val_loader, model, device, eval_res, amp_dtype, args.print_freq)
         print(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f} %")
         dist_util.cleanup()
         return stats
+
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if args.lr is None:
+        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
+    optimizer, amp = harness.build_optimizer(build_param_groups(model, args), args, device, keep_names=True)
+    harness.restore_training_state(resumed, optimizer, amp, args, source=str(resume))
+    if resumed is not None and "optimizer" in resumed:
+        print(f"best acc1 so far {best_acc1:.2f}")
+    if harness.nothing_left(args, resume):
+        dist_util.cleanup()
+        return {"test": {}, "best_acc1": best_acc1, "history": []}
 
     assert train_ds is not None
     oversample = float(((cfg or {}).get("data") or {}).get("oversample", 1.0) or 1.0)
@@ -413,29 +482,39 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     train_loader = DataLoader(train_ds, sampler=train_sampler, batch_size=train_batch, num_workers=args.num_workers,
                               pin_memory=pin, drop_last=True)
     if len(train_loader) == 0:
-        raise SystemExit(f"the training set gives {len(train_sampler)} samples per process, fewer than the batch "
-                         f"size {train_batch}: lower --batch_size or add data")
+        raise harness.UserError(f"the training set gives {len(train_sampler)} samples per process, fewer than the "
+                                f"batch size {train_batch}: lower --batch_size or add data")
+    print(f"model {args.model} ({'finetune' if args.finetune else 'linear probe'}): {n_params / 1e6:.2f} M "
+          f"parameters, {n_train / 1e6:.3f} M trainable; {args.nb_classes} classes; effective batch "
+          f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g} (blr {args.blr:.3g})")
 
-    log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() and args.log_dir else None
+    model_without_ddp = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+
+    # --- the run starts: from here on the output folder describes it
+    harness.save_run_config(out_dir, args, cfg, resolution=res_info)
+    warn_dead_flags(args, get_args_parser(), DEAD_FLAGS)
+    log_writer = harness.open_log_writer(args.log_dir) if dist_util.is_main_process() else None
+    keeper = harness.CheckpointKeeper(out_dir, WRITER)
     jsonl = JsonlLogger(out_dir)
 
     history: list[dict[str, Any]] = []
     test_stats: dict[str, float] = {}
     print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
-    with training_run(log_writer):
+    with harness.training_run(log_writer, keeper):
         for epoch in range(args.start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)
             train_stats = train_one_epoch(model, nn.CrossEntropyLoss(), train_loader, optimizer, device, epoch,
-                                          amp, args, log_writer=log_writer, max_norm=args.clip_grad)
+                                          amp, args, log_writer=log_writer, max_norm=args.clip_grad,
+                                          on_finite_loss=keeper.verify)
             test_stats = evaluate(val_loader, model, device, eval_res, amp_dtype, args.print_freq)
             best_acc1 = max(best_acc1, test_stats["acc1"])
             print(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.2f} % "
                   f"(best {best_acc1:.2f} %)")
-            if dist_util.is_main_process() and out_dir is not None:
-                state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args),
-                         "best_acc1": best_acc1}
-                save_epoch_checkpoints(state, out_dir, epoch, args)
+            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args), "best_acc1": best_acc1}
+            keeper.save(state, f"the end of epoch {epoch}", epoch=epoch, args=args)
             if log_writer is not None:
                 log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
                 log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
@@ -451,5 +530,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    cli = get_args_parser().parse_args()
-    main(cli)
+    harness.run(main, get_args_parser())

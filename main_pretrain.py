@@ -9,21 +9,18 @@ kNN of a checkpoint:               python main_pretrain.py --resume ckpt.pth --e
 from __future__ import annotations
 
 import argparse
-import random
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 import models_mae
 from engine_pretrain import train_one_epoch
 from util import dist as dist_util
-from util.amp import AmpConfig, amp_dtype
-from util.checkpoint import (args_to_plain, describe_state_dict_mismatch, load_checkpoint, save_checkpoint,
-                             strip_module_prefix)
-from util.launch import (add_distributed_args, add_loader_args, add_run_args, init_run, open_log_writer,
-                         save_epoch_checkpoints, save_run_config, training_run, warn_dead_flags)
+from util import harness
+from util.amp import amp_dtype
+from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
+from util.harness import warn_dead_flags
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
@@ -43,91 +40,103 @@ DEAD_FLAGS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Scale-MAE pretraining", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
+    p = argparse.ArgumentParser("Scale-MAE pretraining", add_help=True)
     g = p.add_argument_group("schedule")
-    g.add_argument("--batch_size", default=32, type=int, help="per-process batch (effective = batch * accum * world)")
-    g.add_argument("--epochs", default=800, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay (tensors with >= 2 dims)")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; default blr * effective batch / 256")
-    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256")
-    g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule")
-    g.add_argument("--warmup_epochs", type=int, default=20, help="linear warmup, per iteration")
-    g.add_argument("--clip_grad", type=float, default=None, help="clip the global grad norm (off in the original)")
+    g.add_argument("--batch_size", default=32, type=int,
+                   help="per-process batch; effective = batch * accum * world (default 32)")
+    g.add_argument("--epochs", default=800, type=int, help="(default 800)")
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step (default 1)")
+    g.add_argument("--weight_decay", type=float, default=0.05, help="AdamW weight decay of >= 2-D tensors (default 0.05)")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    g.add_argument("--blr", type=float, default=1.5e-4, help="base lr: lr = blr * effective batch / 256 (default 1.5e-4)")
+    g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
+    g.add_argument("--warmup_epochs", type=int, default=20, help="linear warmup, per iteration (default 20)")
+    g.add_argument("--clip_grad", type=float, default=None, help="clip the global grad norm (default off, as the original)")
     g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = fp16 + GradScaler on CUDA (the original), none on CPU")
+                   help="mixed precision: auto = fp16 + GradScaler on CUDA (the original), none on CPU (default auto)")
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on error)")
 
-    g = p.add_argument_group("model")
+    g = p.add_argument_group("model (unset flags keep the factory's values, or the checkpoint's when resuming)")
     g.add_argument("--model", default=None, type=str,
-                   help=f"one of {sorted(models_mae.MODELS)}; default mae_vit_base_patch16, or the checkpoint's "
-                        "architecture when resuming/evaluating")
-    g.add_argument("--input_size", default=224, type=int, help="encoder input side (px)")
+                   help=f"one of {sorted(models_mae.MODELS)} (default mae_vit_base_patch16, or the checkpoint's "
+                        "architecture when resuming/evaluating)")
+    g.add_argument("--input_size", default=224, type=int, help="encoder input side, a multiple of the patch (default 224)")
     g.add_argument("--target_size", nargs="*", type=int, default=None,
-                   help="high-resolution target side; default 32 * input_size / patch (2x input at p=16)")
+                   help="high-resolution target side; must be 32 * input_size / patch (default: that, 448 at 224)")
     g.add_argument("--source_size", nargs="*", type=int, default=None,
-                   help="optional smaller encoder input side(s) (multiples of the patch); default input_size")
+                   help="smaller encoder input side(s), multiples of the patch (default: input_size)")
     g.add_argument("--source_size_scheduler", default="constant", choices=["constant", "random"],
-                   help="constant: first --source_size; random: one of --source_size per step")
-    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed")
-    g.add_argument("--decoder_depth", default=3, type=int)
-    g.add_argument("--use_mask_token", action="store_true", default=True)
+                   help="constant: first --source_size; random: one of --source_size per step (default constant)")
+    g.add_argument("--mask_ratio", default=0.75, type=float, help="fraction of patches removed, in [0, 1) (default 0.75)")
+    g.add_argument("--decoder_depth", default=None, type=int, help="decoder blocks (default 3; tiny: 2)")
+    g.add_argument("--use_mask_token", action="store_true", default=None, help="learned mask token (always on)")
     g.add_argument("--no_mask_token", action="store_false", dest="use_mask_token",
-                   help="not supported (the original crashes); raises an error")
-    g.add_argument("--project_pos_emb", action="store_true", help="not supported (the original crashes)")
-    g.add_argument("--absolute_scale", action="store_true", help="ignore res: plain MAE positional embedding")
-    g.add_argument("--fcn_dim", default=512, type=int, help="width of the reconstruction heads")
-    g.add_argument("--fcn_layers", default=2, type=int, help="residual blocks per reconstruction head")
-    g.add_argument("--share_fcn_head", action="store_false", dest="independent_fcn_head",
-                   help="one reconstruction head for both bands")
-    g.add_argument("--use_l1_loss", action="store_true", help="L1 (not L2) on the high-frequency band")
-    g.add_argument("--l1_loss_weight", default=1.0, type=float, help="weight of the high band when --use_l1_loss")
-    g.add_argument("--band_config", nargs=2, type=int, default=[7, 56],
-                   help="[dim1, dim2]: high band = target - up(down(target, dim1)); dim2 matters only when 224")
-    g.add_argument("--progressive", action="store_true", help="FPN shares its first upsampling")
+                   help="not supported (the original crashes); an error")
+    g.add_argument("--project_pos_emb", action="store_true", default=None,
+                   help="not supported (the original crashes); an error")
+    g.add_argument("--absolute_scale", action="store_true", default=None, help="ignore res: plain MAE positional embedding")
+    g.add_argument("--fcn_dim", default=None, type=int, help="width of the reconstruction heads (default 512; tiny: 64)")
+    g.add_argument("--fcn_layers", default=None, type=int, help="residual blocks per reconstruction head (default 2)")
+    g.add_argument("--share_fcn_head", action="store_false", dest="independent_fcn_head", default=None,
+                   help="one reconstruction head for both bands (default: one per band)")
+    g.add_argument("--use_l1_loss", action="store_true", default=None, help="L1 (not L2) on the high-frequency band")
+    g.add_argument("--l1_loss_weight", default=None, type=float, help="weight of the high band with --use_l1_loss (default 1)")
+    g.add_argument("--band_config", nargs=2, type=int, default=None,
+                   help="[dim1, dim2]: high band = target - up(down(target, dim1)); dim2 matters only when 224 "
+                        "(default 7 56)")
+    g.add_argument("--progressive", action="store_true", default=None, help="FPN shares its first upsampling")
 
     g = p.add_argument_group("data")
-    g.add_argument("--config", default="config.yaml", type=str, help="YAML data config, e.g. config/fmow.yaml")
+    g.add_argument("--config", default=None, type=str,
+                   help="YAML data config (default config/fmow.yaml: fMoW-rgb under the repository's data/ folder, "
+                        "the original README's `ln -s ~/data/fmow-rgb data`)")
     g.add_argument("--data_root", default=None, type=str,
-                   help="root for relative paths in the config (default: the config file's folder)")
+                   help="root for relative paths in the config (default: the repository's data/ for the shipped "
+                        "configs in config/, else the config file's folder)")
     g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE",
                    help="override config entries, e.g. data.img_dir=/data/fmow/train")
-    g.add_argument("--scale_min", default=0.2, type=float, help="random resized crop: min area fraction")
-    g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction")
-    g.add_argument("--base_resolution", default=2.5, type=float, help="res = (crop - 1) / target * base_resolution")
-    add_loader_args(g)
+    g.add_argument("--scale_min", default=0.2, type=float, help="random resized crop: min area fraction (default 0.2)")
+    g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction (default 1.0)")
+    g.add_argument("--base_resolution", default=2.5, type=float,
+                   help="res = (crop - 1) / target * base_resolution (default 2.5)")
+    harness.add_loader_args(g)
 
     g = p.add_argument_group("kNN evaluation")
     g.add_argument("--eval_only", action="store_true", help="run kNN on the (resumed) model and exit")
+    g.add_argument("--allow_random_init", action="store_true",
+                   help="let --eval_only run without --resume (a randomly initialised model)")
     g.add_argument("--skip_knn_eval", action="store_true", help="no kNN monitor during training")
-    g.add_argument("--knn", default=20, type=int, help="k of the kNN classifier")
+    g.add_argument("--knn", default=20, type=int, help="k of the kNN classifier (default 20)")
     g.add_argument("--knn_ks", nargs="*", type=int, default=None, help="several k at once, e.g. 10 20 100 200")
-    g.add_argument("--knn_temperature", default=0.07, type=float, help="vote weight exp(sim / T)")
-    g.add_argument("--knn_eval_freq", default=5, type=int, help="kNN before epoch e when e %% freq == 0, and at the end")
+    g.add_argument("--knn_temperature", default=0.07, type=float, help="vote weight exp(sim / T) (default 0.07)")
+    g.add_argument("--knn_eval_freq", default=5, type=int,
+                   help="kNN before epoch e when e %% freq == 0, and at the end (default 5)")
     g.add_argument("--eval_dataset", default="resisc", type=str,
                    help="resisc, mlrsnet, airound, cvbrct, eurosat, optimal-31, whu-rs19, ucmerced, fmow (sets the "
-                        "normalisation), or demo (built-in synthetic scenes)")
+                        "normalisation), or demo (built-in synthetic scenes) (default resisc)")
     g.add_argument("--eval_train_fnames", default=None, type=str, help="kNN bank: split list file or ImageFolder")
     g.add_argument("--eval_val_fnames", default=None, type=str, help="kNN queries: split list file or ImageFolder")
     g.add_argument("--eval_path", default=None, type=str, help="ImageFolder root split 90/10 at random (seeded)")
-    g.add_argument("--eval_scale", nargs="*", type=int, default=[56, 112, 224], help="evaluation image sides")
+    g.add_argument("--eval_scale", nargs="*", type=int, default=[56, 112, 224],
+                   help="evaluation image sides (default 56 112 224)")
     g.add_argument("--eval_gsd", action="store_true", help="res = eval_base_resolution * 224 / eval_scale")
-    g.add_argument("--eval_base_resolution", default=1.0, type=float)
-    g.add_argument("--eval_batch_size", default=None, type=int, help="default 64 with --eval_only, else 32")
+    g.add_argument("--eval_base_resolution", default=1.0, type=float, help="kNN res (default 1.0)")
+    g.add_argument("--eval_batch_size", default=None, type=int, help="(default 64 with --eval_only, else 32)")
     g.add_argument("--eval_amp", default="none", choices=["none", "bf16", "fp16"],
-                   help="autocast for kNN feature extraction (the original: fp32)")
+                   help="autocast for kNN feature extraction (default none: fp32, as the original)")
 
-    g = add_run_args(p, output_dir_help="checkpoints, log.txt, config.yaml, figures",
-                     resume_help="checkpoint path or URL to resume from")
-    g.add_argument("--checkpoint_interval", default=20, type=int, help="keep checkpoint-{epoch}.pth every n epochs")
+    g = harness.add_run_args(p, output_dir_default="./output_dir",
+                             output_dir_help="checkpoints, log.txt, config.yaml, figures",
+                             resume_help="checkpoint path or URL to resume from (or to evaluate with --eval_only)")
+    g.add_argument("--checkpoint_interval", default=20, type=int,
+                   help="keep checkpoint-{epoch}.pth every n epochs (default 20)")
     g.add_argument("--save_every_steps", default=0, type=int,
-                   help="also save checkpoint-latest.pth every n optimizer steps, resumable mid-epoch (0 = off)")
-    g.add_argument("--print_freq", default=20, type=int, help="log every n steps; also the reconstruction figure")
+                   help="also save checkpoint-latest.pth every n optimizer steps, resumable mid-epoch (default 0: off)")
+    g.add_argument("--print_freq", default=20, type=int,
+                   help="log every n steps; also the reconstruction figure (default 20)")
 
-    add_distributed_args(p)
+    harness.add_distributed_args(p)
 
     g = p.add_argument_group("accepted for compatibility, no effect")
     g.add_argument("--norm_pix_loss", action="store_true", default=True)
@@ -144,66 +153,50 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
-def rng_state() -> dict[str, Any]:
-    """Plain-data RNG state (loads with weights_only=True) for exact mid-epoch resumption."""
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "python": _plain_python_state(random.getstate()),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _plain_python_state(state):
-    return [state[0], list(state[1]), state[2]]
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+WRITER = "main_pretrain"
+DEFAULT_MODEL = "mae_vit_base_patch16"
+MODEL_FLAGS = ("decoder_depth", "use_mask_token", "project_pos_emb", "absolute_scale", "fcn_dim", "fcn_layers",
+               "independent_fcn_head", "use_l1_loss", "l1_loss_weight", "band_config", "progressive")
+# model flags that change the loss or the features but not the tensor shapes: kept from the checkpoint's args
+BEHAVIOUR_FLAGS = ("absolute_scale", "use_l1_loss", "l1_loss_weight", "band_config")
 
 
 def resolve_model_name(args: argparse.Namespace, checkpoint: Optional[dict]) -> tuple[str, dict]:
-    """The factory and kwarg overrides to build: --model, else the checkpoint's args/shapes, else the default."""
+    """The factory and kwarg overrides to build: --model, else the checkpoint's architecture (its saved name, its
+    tensor shapes, and its loss/feature flags the user did not set), else mae_vit_base_patch16."""
     if args.model is not None:
         if args.model not in models_mae.MODELS:
-            raise SystemExit(f"--model {args.model!r} is not a pretraining model; choose from {sorted(models_mae.MODELS)}")
+            raise harness.UserError(f"--model {args.model!r} is not a pretraining model; choose from "
+                                    f"{sorted(models_mae.MODELS)}")
         return args.model, {}
-    if checkpoint is not None:
-        saved = (checkpoint.get("args") or {}).get("model")
-        if saved in models_mae.MODELS:
-            print(f"--model not given: using {saved} from the checkpoint's saved arguments")
-            return saved, {}
-        if "model" in checkpoint:
-            name, kwargs = models_mae.infer_architecture(checkpoint["model"])
-            print(f"--model not given: the checkpoint's tensor shapes identify {name} ({kwargs})")
-            return name, kwargs
-    return "mae_vit_base_patch16", {}
-
-
-MODEL_FLAGS = ("decoder_depth", "use_mask_token", "project_pos_emb", "absolute_scale", "fcn_dim", "fcn_layers",
-               "independent_fcn_head", "use_l1_loss", "l1_loss_weight", "band_config", "progressive")
+    if checkpoint is None or "model" not in checkpoint:
+        return DEFAULT_MODEL, {}
+    saved_args = checkpoint.get("args") or {}
+    try:
+        name, kwargs = models_mae.infer_architecture(strip_module_prefix(checkpoint["model"]))
+    except ValueError as err:
+        raise harness.UserError(f"cannot tell the checkpoint's architecture ({err}); pass --model") from None
+    kwargs.pop("img_size", None)
+    saved = saved_args.get("model")
+    if saved in models_mae.MODELS and models_mae.MODELS[saved] is models_mae.MODELS[name]:
+        name = saved
+    for flag in BEHAVIOUR_FLAGS:
+        if saved_args.get(flag) is not None:
+            kwargs[flag] = saved_args[flag]
+    print(f"--model not given: the checkpoint is {name} ({', '.join(f'{k}={v}' for k, v in kwargs.items())})")
+    return name, kwargs
 
 
 def build_model(args: argparse.Namespace, name: str, overrides: dict, in_chans: int) -> models_mae.MaskedAutoencoderViT:
-    """The factory with the model flags the user changed (unchanged flags keep the factory's values, which are the
-    original's command-line defaults for base/large/huge and smaller heads for the tiny demo model)."""
-    defaults = get_args_parser()
-    kwargs = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) != defaults.get_default(k)}
+    """The factory with the model flags the user set (unset flags are None: the checkpoint's architecture from
+    ``overrides``, else the factory's values -- the original's command-line defaults for base/large/huge)."""
+    kwargs = dict(overrides)
+    kwargs.update(harness.explicit_flags(args, MODEL_FLAGS))
     kwargs.update(img_size=args.input_size, in_chans=in_chans, target_size=args.target_size)
-    kwargs.update(overrides)
     try:
         return models_mae.MODELS[name](**kwargs)
     except ValueError as err:
-        raise SystemExit(f"cannot build {name}: {err}") from None
+        raise harness.UserError(f"cannot build {name}: {err}") from None
 
 
 UNUSED_TABLES = ("pos_embed", "decoder_pos_embed")
@@ -217,9 +210,59 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str) ->
             getattr(model, key).data = torch.zeros_like(state_dict[key], device=own[key].device)
     problem = describe_state_dict_mismatch(model.state_dict(), state_dict)
     if problem:
-        raise SystemExit(f"checkpoint {source} does not match the model (check --model and the model options):\n"
-                         f"{problem}")
+        raise harness.UserError(f"checkpoint {source} does not match the model (check --model and the model "
+                                f"options): {problem}")
     model.load_state_dict(state_dict, strict=True)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Start-up checks of the flags that do not depend on the model (nothing is read or written yet)."""
+    harness.check_positive(args, "batch_size", "epochs", "accum_iter", "input_size", "checkpoint_interval",
+                           "print_freq", "knn", "knn_ks", "knn_eval_freq", "eval_scale", "eval_batch_size",
+                           "decoder_depth", "fcn_dim", "fcn_layers", "band_config", "target_size", "source_size",
+                           "blr", "lr", "knn_temperature", "eval_base_resolution", "base_resolution",
+                           "save_every_steps", "num_workers", "warmup_epochs", "weight_decay", "min_lr",
+                           "start_epoch", "clip_grad", "l1_loss_weight",
+                           allow_zero=("save_every_steps", "num_workers", "warmup_epochs", "weight_decay",
+                                       "min_lr", "start_epoch", "clip_grad"))
+    harness.require(0.0 <= args.mask_ratio < 1.0,
+                    f"--mask_ratio {args.mask_ratio}: must be in [0, 1) (the fraction of patches removed)")
+    harness.require(0.0 < args.scale_min <= args.scale_max <= 1.0,
+                    f"--scale_min {args.scale_min} / --scale_max {args.scale_max}: need 0 < min <= max <= 1")
+    harness.require(args.use_mask_token is not False, "--no_mask_token is not supported (the original crashes)")
+    harness.require(not args.project_pos_emb, "--project_pos_emb is not supported (the original crashes)")
+    if args.eval_only and not args.resume and not args.allow_random_init:
+        out = Path(args.output_dir) / harness.LATEST if args.output_dir else None
+        harness.require(not args.no_autoresume and out is not None and out.is_file(),
+                        "--eval_only needs weights: pass --resume <checkpoint.pth> (or --allow_random_init to "
+                        "evaluate a randomly initialised model)")
+    if not args.eval_only and args.warmup_epochs >= args.epochs:
+        print(f"WARNING: --warmup_epochs {args.warmup_epochs} >= --epochs {args.epochs}: the learning rate never "
+              f"reaches --blr/--lr (it stays in the linear warmup for the whole run)")
+
+
+def validate_sizes(args: argparse.Namespace, patch: int) -> None:
+    """--input_size/--target_size/--source_size against the model's patch size; fills their defaults."""
+    harness.require(args.input_size % patch == 0,
+                    f"--input_size {args.input_size}: must be a multiple of the patch size {patch} "
+                    f"(e.g. {max(patch, args.input_size // patch * patch)} or {(args.input_size // patch + 1) * patch})")
+    expected = 32 * args.input_size // patch
+    if args.target_size is None or not args.target_size:
+        args.target_size = [expected]
+    harness.require(max(args.target_size) == expected,
+                    f"--target_size {' '.join(map(str, args.target_size))}: the model reconstructs "
+                    f"{expected} px for --input_size {args.input_size} (2x the input); omit --target_size")
+    if args.source_size is None or not args.source_size:
+        args.source_size = [args.input_size]
+    for size in args.source_size:
+        harness.require(size % patch == 0 and size <= args.input_size,
+                        f"--source_size {size}: must be a multiple of the patch size {patch} and <= --input_size "
+                        f"{args.input_size}")
+
+
+def resolve_config(args: argparse.Namespace) -> str:
+    """--config (default config/fmow.yaml) and, for the shipped configs, the default --data_root (data/)."""
+    return harness.resolve_data_config(args, default="fmow.yaml")
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -246,16 +289,29 @@ def build_train_loader(args: argparse.Namespace, cfg: dict, device: torch.device
     return loader, sampler, len(base) // args.batch_size
 
 
+def knn_sources_given(args: argparse.Namespace) -> bool:
+    return bool(args.eval_train_fnames or args.eval_val_fnames or args.eval_path) or args.eval_dataset == "demo"
+
+
 def build_knn_sets(args: argparse.Namespace):
-    """kNN bank and query datasets (built only when kNN will run; the original built them even when skipped)."""
-    has_source = (args.eval_train_fnames and args.eval_val_fnames) or args.eval_path
-    if not has_source and args.eval_dataset != "demo":
-        raise SystemExit("kNN evaluation needs --eval_train_fnames and --eval_val_fnames (split list files or "
-                         "ImageFolder roots) or --eval_path (an ImageFolder split 90/10); or pass --skip_knn_eval")
+    """kNN bank and query datasets, or None when the training monitor has no data (one warning line).
+
+    Built at start-up, so that a wrong flag fails before any training; with --eval_only, data is required."""
+    if not knn_sources_given(args):
+        if args.eval_only:
+            raise harness.UserError("--eval_only needs evaluation data: --eval_train_fnames and --eval_val_fnames "
+                                    "(split list files or ImageFolder roots) or --eval_path (an ImageFolder, split "
+                                    "90/10)")
+        print("WARNING: kNN monitor off: no evaluation data given (pass --eval_train_fnames and --eval_val_fnames, "
+              "or --eval_path; --skip_knn_eval silences this)")
+        return None
     from dataloaders.builders import build_eval_datasets
 
-    return build_eval_datasets(args.eval_dataset, train_fnames=args.eval_train_fnames,
-                               val_fnames=args.eval_val_fnames, eval_path=args.eval_path, seed=args.seed)
+    try:
+        return build_eval_datasets(args.eval_dataset, train_fnames=args.eval_train_fnames,
+                                   val_fnames=args.eval_val_fnames, eval_path=args.eval_path, seed=args.seed)
+    except ValueError as err:
+        raise harness.UserError(f"kNN evaluation data: {err}") from None
 
 
 def run_knn(args, model, knn_sets, device, epoch: Optional[int], log_writer) -> dict:
@@ -284,91 +340,77 @@ def run_knn(args, model, knn_sets, device, epoch: Optional[int], log_writer) -> 
     return result
 
 
+def load_data_config(args: argparse.Namespace) -> dict:
+    from dataloaders.config import load_config
+
+    resolve_config(args)
+    cfg = load_config(args.config, data_root=args.data_root, overrides=args.data_override)
+    if float(cfg["data"].get("oversample") or 1.0) != 1.0:
+        print(f"WARNING: data.oversample={cfg['data']['oversample']} in {args.config} is not used: the loader batch "
+              f"is --batch_size (GeoTIFF configs filter windows with data.min_valid instead)")
+    return cfg
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
-    device = init_run(args)
-    out_dir = Path(args.output_dir)
-    if dist_util.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
+    """Pretrain (or, with --eval_only, evaluate by kNN). Returns ``{'history': [...], 'knn_epochN': ...}`` or the
+    kNN result. User errors raise ``harness.UserError`` (one line from the command line)."""
+    validate_args(args)
+    device = harness.setup(args)
+    out_dir = harness.prepare_output(args)
 
-    # --- what to resume from
-    resume = args.resume
-    if not resume and not args.no_autoresume and (out_dir / "checkpoint-latest.pth").is_file():
-        resume = str(out_dir / "checkpoint-latest.pth")
-        print(f"autoresume: found {resume}")
-    checkpoint = load_checkpoint(resume) if resume else None
+    # --- what to resume from (read before anything is written)
+    resume = harness.find_resume(args, out_dir, WRITER)
+    checkpoint = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
     if checkpoint is not None and "model" not in checkpoint:
-        raise SystemExit(f"checkpoint {resume} has no 'model' entry (keys: {sorted(checkpoint)})")
+        raise harness.UserError(f"checkpoint {resume} has no 'model' entry (keys: {sorted(checkpoint)})")
 
-    # --- data
-    cfg = None
-    in_chans = 3
-    if not args.eval_only:
-        from dataloaders.config import load_config
-
-        if not Path(args.config).is_file():
-            raise SystemExit(f"--config {args.config} not found; pass a data config such as config/fmow.yaml "
-                             f"or config/demo.yaml")
-        cfg = load_config(args.config, data_root=args.data_root, overrides=args.data_override)
-        in_chans = len(cfg["data"]["mean"])
-        if float(cfg["data"].get("oversample") or 1.0) != 1.0:
-            print(f"WARNING: data.oversample={cfg['data']['oversample']} in {args.config} is not used: the loader batch "
-                  f"is --batch_size (GeoTIFF configs filter windows with data.min_valid instead)")
+    # --- data config, model, sizes
+    cfg = None if args.eval_only else load_data_config(args)
     name, overrides = resolve_model_name(args, checkpoint)
-    if "in_chans" in overrides and cfg is None:
-        in_chans = overrides.pop("in_chans")
+    in_chans = overrides.pop("in_chans", 3) if cfg is None else len(cfg["data"]["mean"])
+    overrides.pop("in_chans", None)
     args.model = name
-    patch = 14 if name.endswith("patch14") else 16
+    patch = 14 if name.endswith(("patch14", "patch14_dec512d8b")) else 16
     args.patch_size = patch
-    if args.target_size is None:
-        args.target_size = [32 * args.input_size // patch]
-    if args.source_size is None:
-        args.source_size = [args.input_size]
+    validate_sizes(args, patch)
     if args.eval_batch_size is None:
         args.eval_batch_size = 64 if args.eval_only else 32
+    knn_sets = build_knn_sets(args) if (args.eval_only or not args.skip_knn_eval) else None
 
     model = build_model(args, name, overrides, in_chans).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    if checkpoint is not None:
+        load_model_weights(model, checkpoint["model"], resume)
+        print(f"loaded model weights from {resume}")
+
+    if args.eval_only:
+        print(f"model {name}: {n_params:.1f} M parameters")
+        if checkpoint is None:
+            print("WARNING: --allow_random_init: evaluating a randomly initialised model")
+        if dist_util.is_main_process():
+            harness.save_run_config(out_dir, args, cfg, evaluating=True)
+        result = run_knn(args, model, knn_sets, device, None, None)
+        dist_util.cleanup()
+        return result
+
     eff_batch = args.batch_size * args.accum_iter * args.world_size
     if args.lr is None:
         args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, args.world_size)
-    print(f"model {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
-          f"effective batch {eff_batch}; lr {args.lr:.3g} (blr {args.blr:.3g})")
-
-    param_groups = param_groups_weight_decay(model, args.weight_decay)
-    for group in param_groups:  # names are for humans; keep the optimizer's state_dict layout the original's
-        group.pop("param_names", None)
-        group.pop("name", None)
-    # the fused kernel exists on CPU and CUDA (same maths; 0.07 s instead of 0.32 s per ViT-B step on CPU)
-    fused = device.type in ("cpu", "cuda")
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(0.9, 0.95), fused=fused or None)
-    amp = AmpConfig(args.amp, device)
-
-    start_step = 0
-    if checkpoint is not None:
-        load_model_weights(model, checkpoint["model"], resume)
-        print(f"resumed model weights from {resume}")
-        if "optimizer" in checkpoint and "epoch" in checkpoint and not args.eval_only:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            amp.load_state_dict(checkpoint.get("scaler"))
-            if args.restart:
-                args.start_epoch = 0
-            elif "resume_step" in checkpoint:
-                args.start_epoch, start_step = checkpoint["resume_epoch"], checkpoint["resume_step"]
-            else:
-                args.start_epoch = checkpoint["epoch"] + 1
-            if "rng" in checkpoint and start_step:
-                set_rng_state(checkpoint["rng"])
-            print(f"resumed optimizer; starting at epoch {args.start_epoch}, step {start_step}")
-
-    knn_due = args.eval_only or not args.skip_knn_eval
-    knn_sets = build_knn_sets(args) if knn_due else None
-
-    log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() and not args.eval_only else None
-    if dist_util.is_main_process():
-        save_run_config(out_dir, args, cfg, evaluating=args.eval_only)
-    warn_dead_flags(args, get_args_parser(), DEAD_FLAGS)
+    optimizer, amp = harness.build_optimizer(param_groups_weight_decay(model, args.weight_decay), args, device)
+    start_step = harness.restore_training_state(checkpoint if not args.eval_only else None, optimizer, amp, args,
+                                                source=str(resume))
+    if harness.nothing_left(args, resume, start_step):
+        dist_util.cleanup()
+        return {"history": []}
+    loader, sampler, steps_per_epoch = build_train_loader(args, cfg, device)
+    if steps_per_epoch == 0:
+        raise harness.UserError(f"the dataset gives {len(sampler)} samples per process, fewer than --batch_size "
+                                f"{args.batch_size}: lower the batch size or add data")
+    print(f"model {name}: {n_params:.1f} M parameters; effective batch {eff_batch}; lr {args.lr:.3g} "
+          f"(blr {args.blr:.3g}); {steps_per_epoch} steps per epoch")
 
     model_without_ddp = model
     if args.compile:
@@ -385,15 +427,11 @@ def main(args: argparse.Namespace) -> dict:
             model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True,
         )
 
-    if args.eval_only:
-        result = run_knn(args, model_without_ddp, knn_sets, device, None, None)
-        dist_util.cleanup()
-        return result
-
-    loader, sampler, steps_per_epoch = build_train_loader(args, cfg, device)
-    if steps_per_epoch == 0:
-        raise SystemExit(f"the dataset gives {len(sampler)} samples per process, fewer than --batch_size "
-                         f"{args.batch_size}: lower the batch size or add data")
+    # --- the run starts: from here on the output folder describes it
+    harness.save_run_config(out_dir, args, cfg)
+    warn_dead_flags(args, get_args_parser(), DEAD_FLAGS)
+    log_writer = harness.open_log_writer(args.log_dir) if dist_util.is_main_process() else None
+    keeper = harness.CheckpointKeeper(out_dir, WRITER)
     sampler.set_epoch(args.start_epoch)
     sampler.skip = start_step * args.batch_size
     mean, std = cfg["data"]["mean"], cfg["data"]["std"]
@@ -414,27 +452,26 @@ def main(args: argparse.Namespace) -> dict:
     history = []
     epoch_log = JsonlLogger(out_dir)
     results: dict[str, Any] = {}
-    with training_run(log_writer):
+    with harness.training_run(log_writer, keeper):
         for epoch in range(args.start_epoch, args.epochs + 1):
-            if knn_due and start_step == 0 and (epoch % args.knn_eval_freq == 0 or epoch == args.epochs):
+            if knn_sets is not None and start_step == 0 and (epoch % args.knn_eval_freq == 0 or epoch == args.epochs):
                 results[f"knn_epoch{epoch}"] = run_knn(args, model_without_ddp, knn_sets, device, epoch, log_writer)
             if epoch == args.epochs:
                 break
             sampler.set_epoch(epoch)
 
             def save_mid_epoch(step: int, epoch=epoch) -> None:
-                if args.save_every_steps and (step + 1) % args.save_every_steps == 0 and step + 1 < steps_per_epoch \
-                        and dist_util.is_main_process():
+                if args.save_every_steps and (step + 1) % args.save_every_steps == 0 and step + 1 < steps_per_epoch:
                     state = checkpoint_state(epoch - 1)
-                    state.update(resume_epoch=epoch, resume_step=step + 1, rng=rng_state())
-                    save_checkpoint(state, out_dir / "checkpoint-latest.pth")
+                    if dist_util.is_main_process():
+                        state.update(resume_epoch=epoch, resume_step=step + 1, rng=harness.rng_state())
+                    keeper.save(state, f"epoch {epoch}, step {step + 1} (mid-epoch)")
 
             stats = train_one_epoch(model, loader, optimizer, device, epoch, amp, args, log_writer,
                                     start_step=start_step, steps_per_epoch=steps_per_epoch,
-                                    on_step_end=save_mid_epoch, on_visualize=visualize)
+                                    on_step_end=save_mid_epoch, on_visualize=visualize, on_finite_loss=keeper.verify)
             start_step = 0
-            if dist_util.is_main_process():
-                save_epoch_checkpoints(checkpoint_state(epoch), out_dir, epoch, args)
+            keeper.save(checkpoint_state(epoch), f"the end of epoch {epoch}", epoch=epoch, args=args)
             log_stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
             history.append(log_stats)
             epoch_log.log(log_stats)  # rank 0 only
@@ -446,7 +483,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    cli = get_args_parser().parse_args()
-    if cli.output_dir:
-        Path(cli.output_dir).mkdir(parents=True, exist_ok=True)
-    main(cli)
+    harness.run(main, get_args_parser())

@@ -9,7 +9,9 @@ Modules (import them directly; this package imports nothing heavy on its own):
 * ``scenes``      -- ImageFolder trees, split lists (``./<class>/<file>``), decoding with clear errors.
 * ``eval_sets``   -- the nine kNN / linear-probe dataset ids, statistics and transforms.
 * ``geotiff``     -- ``GeoTiffDataset``, ``GeoTiffPretrainDataset``, ``relative_res``; with ``geo_index``
-  (GSD, tile index, area of interest) and ``geo_sampler`` (``DistributedRandomWindowSampler``).
+  (ground GSD in any CRS, band-file scenes, read grids, tile index, header cache, area of interest),
+  ``geo_read`` (plain / decimated / warped window reads, mosaics) and ``geo_sampler``
+  (``DistributedRandomWindowSampler``).
 * ``splits``      -- writing split lists and SHA256SUMS (``tools/make_splits.py``).
 * ``synthetic``   -- deterministic synthetic scenes and GeoTIFFs for tests and the demo.
 * ``stats``, ``errors`` -- normalisation statistics; ``DataError`` / ``MissingDataError``.
@@ -17,5 +19,6 @@ Modules (import them directly; this package imports nothing heavy on its own):
 Resolution (``res``) semantics: ``res`` is a *relative* ground sample distance that multiplies the patch-grid
 positions of the positional embedding; it is not metres. In pretraining ``target_res = (crop_side - 1) / T *
 base_resolution`` and ``input_res = target_res * T / input_size``; for GeoTIFF configs with
-``reference_gsd`` both are further multiplied by ``gsd_m / reference_gsd_m`` (``geotiff.relative_res``).
+``reference_gsd`` both are further multiplied by ``gsd_m / reference_gsd_m`` (``geotiff.relative_res``), with
+``gsd_m`` the window's ground GSD as read.
 """

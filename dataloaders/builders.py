@@ -16,6 +16,7 @@ Usage by the training engines::
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Mapping, Optional, Tuple, Union
 
 from torch.utils.data import Dataset, DistributedSampler, Sampler
@@ -24,7 +25,7 @@ from .config import GEO_TYPES, data_section, validate_config
 from .errors import DataError
 from .eval_sets import (DEMO_ID, EVAL_STATS, build_eval_datasets, build_scene_dataset, demo_eval_datasets,
                         eval_stats, eval_transform)
-from .geotiff import GeoTiffDataset, GeoTiffPretrainDataset
+from .geotiff import GeoTiffDataset, GeoTiffPretrainDataset, geotiff_dataset_from_config
 from .scenes import SceneDataset, collect_samples, fmow_rgb_filter, make_class_map
 from .synthetic import DemoScenes
 from .transforms import LinprobeTrainTransform, PretrainTransform
@@ -63,7 +64,7 @@ def build_pretrain_dataset(cfg: Mapping, input_size: int = 224, target_size: Opt
     * ``resisc``/``eurosat``: ImageFolder or split list; RRC from the whole image (as the original collate).
     * ``demo``: in-memory synthetic scenes (``length`` images of ``size`` px), the fmow pipeline.
     * ``naip``/``sentinel2``/``geotiff``: :class:`GeoTiffPretrainDataset` over windows of ``size`` px
-      (default 2x input) with ``bands``, ``scale``, ``nodata``, ``aoi``, ``reference_gsd``, ``min_valid``;
+      (default 2x input) with the GeoTIFF keys of the config (``geotiff.geotiff_dataset_from_config``);
       pair it with :func:`build_pretrain_sampler`.
 
     ``target_size`` None means ``2 * input_size``. Errors (missing/empty folder, bad files, wrong band
@@ -80,10 +81,7 @@ def build_pretrain_dataset(cfg: Mapping, input_size: int = 224, target_size: Opt
         if d["type"] == DEMO_ID:
             return DemoScenes(d["length"], d["size"], d["num_classes"], d["seed"], transform, with_label=False)
         if geo:
-            ds = GeoTiffDataset(d["img_dir"], window_size=d.get("size") or 2 * int(input_size),
-                                bands=d.get("bands"), nodata=d.get("nodata"), scale=d.get("scale", 1.0),
-                                aoi=d.get("aoi"), length=d.get("length"), seed=seed, glob=d.get("glob"),
-                                expected_bands=None if d.get("bands") else len(mean))
+            ds = geotiff_dataset_from_config(d, window_size=d.get("size") or 2 * int(input_size), seed=seed)
             return GeoTiffPretrainDataset(ds, transform, [m * 1.0 for m in mean],
                                           reference_gsd=d.get("reference_gsd"), min_valid=d.get("min_valid", 0.0))
         samples = _scene_samples(d)
@@ -107,19 +105,60 @@ def build_pretrain_sampler(dataset: Dataset, cfg: Mapping, num_replicas: int = 1
     return DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
 
 
+def default_val_source(train_source: PathLike) -> Optional[Path]:
+    """The validation source that sits next to a training source, if it exists: ``train.txt`` -> ``val.txt``,
+    ``train-<name>.txt`` -> ``val-<name>.txt`` (the shipped list names), a folder ``train`` -> ``val``."""
+    src = Path(train_source)
+    name = src.name
+    if name.startswith("train"):
+        candidate = src.with_name("val" + name[len("train"):])
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _stratified_split(samples: list, val_fraction: float, seed: int) -> Tuple[list, list]:
+    """Seeded per-class split of ``samples`` into (train, val): ``ceil(n * fraction)`` of each class with at
+    least two images goes to val."""
+    import math
+    import random
+
+    by_class: dict = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    rng = random.Random(seed)
+    train, val = [], []
+    for cls in sorted(by_class):
+        items = sorted(by_class[cls])
+        rng.shuffle(items)
+        n_val = min(len(items) - 1, max(1, math.ceil(len(items) * val_fraction - 1e-9))) if len(items) > 1 else 0
+        val += items[:n_val]
+        train += items[n_val:]
+    return sorted(train), sorted(val)
+
+
 def build_linprobe_datasets(cfg: Mapping, eval_dataset: str, eval_path: Optional[PathLike],
                             input_size: int = 224, scale_min: float = 0.5, scale_max: float = 1.0,
                             base_resolution: float = 2.5, eval_scale: int = 224, seed: int = 0,
-                            val_resize: Optional[bool] = None) -> Tuple[Dataset, Dataset, int]:
-    """Linear-probe / finetune datasets: ``(train_ds, val_ds, num_classes)``.
+                            val_resize: Optional[bool] = None, val_fraction: float = 0.1,
+                            report: Optional[list] = None) -> Tuple[Dataset, Dataset, int]:
+    """Linear-probe / finetune datasets: ``(train_ds, val_ds, num_classes)``. Never validates on training images.
 
     Train (from the config): items ``(img[3,in,in], input_res, label)`` with
     :class:`LinprobeTrainTransform` (fmow: resize + random crop first), normalised with the config stats.
-    Val (``eval_dataset`` + ``eval_path``, an ImageFolder root or split list; for ``demo`` it may be None):
-    items ``(img, label)`` with :func:`eval_transform` in ``linprobe`` mode (fmow: Resize+CenterCrop to
-    ``eval_scale``; ``val_resize=True`` applies that to every dataset). One class map over train and val.
+    Val: items ``(img, label)`` with :func:`eval_transform` in ``linprobe`` mode (fmow: Resize+CenterCrop to
+    ``eval_scale``; ``val_resize=True`` applies that to every dataset), from, in this order:
+
+    * ``eval_path`` (an ImageFolder root or split list); images that are also training images are dropped;
+    * the list or folder next to the training source (``val-<name>.txt`` beside ``train-<name>.txt``, ``val.txt``
+      beside ``train.txt``, ``val/`` beside ``train/``);
+    * a seeded, per-class split of the training source (``val_fraction`` of each class; those images are then not
+      trained on).
+
+    One class map over train and val. What was chosen is appended to ``report`` (a list of lines) when given.
     """
     d = _data(cfg)
+    notes = report if report is not None else []
     if d["type"] in GEO_TYPES:
         raise DataError(f"data.type={d['type']}: linear probing needs labelled scenes (fmow, resisc, eurosat, "
                         f"demo); GeoTIFF configs have no labels")
@@ -132,16 +171,36 @@ def build_linprobe_datasets(cfg: Mapping, eval_dataset: str, eval_path: Optional
             train = DemoScenes(d["length"], d["size"], d["num_classes"], d["seed"], train_tf)
             if eval_path is None:
                 _, val, _ = demo_eval_datasets(val_tf, seed, d["num_classes"], d["size"])
+                notes.append("validation: built-in synthetic scenes drawn with another seed than the training ones")
                 return train, val, d["num_classes"]
             val = build_scene_dataset(eval_path, eval_dataset, val_tf)
             names = sorted(set(train.classes) | set(val.classes))
             if names != train.classes:
                 raise DataError(f"{eval_path}: classes {names} do not match the demo classes {train.classes}")
             return train, val, len(names)
-        if eval_path is None:
-            raise ValueError("linear probing needs --eval_path (an ImageFolder root or a split-list file)")
         train_s = _scene_samples(d)
-        val_s = collect_samples(eval_path, is_valid_file=fmow_rgb_filter if eval_dataset.lower() == "fmow" else None)
+        val_filter = fmow_rgb_filter if eval_dataset.lower() == "fmow" else None
+        if eval_path is None:
+            eval_path = default_val_source(d["img_dir"])
+            if eval_path is not None:
+                notes.append(f"validation: {eval_path} (found next to the training source {d['img_dir']})")
+        if eval_path is not None:
+            val_s = collect_samples(eval_path, is_valid_file=val_filter)
+            seen = {os.path.realpath(p) for p, _ in train_s}
+            kept = [s for s in val_s if os.path.realpath(s[0]) not in seen]
+            if len(kept) < len(val_s):
+                notes.append(f"validation: {len(val_s) - len(kept)} of the {len(val_s)} images of {eval_path} are "
+                             f"training images and are left out; {len(kept)} remain")
+            val_s = kept
+            if not val_s:
+                notes.append(f"validation: {eval_path} holds only training images")
+        if eval_path is None or not val_s:
+            train_s, val_s = _stratified_split(train_s, val_fraction, seed)
+            notes.append(f"validation: no separate validation set, so a seeded split (seed {seed}) of the training "
+                         f"source holds out {len(val_s)} of {len(train_s) + len(val_s)} images "
+                         f"({val_fraction:.0%} per class; pass --eval_path to use your own)")
+            if not val_s:
+                raise DataError(f"{d['img_dir']}: too few images to hold out a validation set; pass --eval_path")
         cmap = make_class_map(train_s, val_s)
         return SceneDataset(train_s, cmap, train_tf), SceneDataset(val_s, cmap, val_tf), len(cmap)
     except DataError as exc:

@@ -2,7 +2,8 @@
 
 A config file has one top-level key, ``data``, in the schema of the original Scale-MAE configs
 (``type, img_dir, mean, std, oversample, vis_factor, length, size, base_resolution, input_size``) plus the
-keys of the GeoTIFF datasets (``bands, nodata, aoi, reference_gsd, scale, glob, min_valid``) and of the
+keys of the GeoTIFF datasets (``bands, nodata, aoi, reference_gsd, scale, glob, min_valid, band_files,
+scene_glob, crs, target_gsd, resampling, downsampling, mosaic, gsd_range, nodata_mode, index_cache``) and of the
 built-in demo data (``num_classes, seed``). See ``config/*.yaml`` for commented examples.
 
 Rules
@@ -26,6 +27,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import yaml
 
+from .geo_read import NODATA_MODES, RESAMPLING_METHODS
 from .stats import DEMO_MEAN, DEMO_STD
 
 PathLike = Union[str, os.PathLike]
@@ -42,7 +44,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class _Field:
-    kind: str  # "str", "path", "int", "float", "floats", "ints"
+    kind: str  # "str", "strs", "path", "path_or_false", "bool", "int", "float", "floats", "float_or_floats", "ints"
     types: tuple = ALL_TYPES  # dataset types the key applies to
     doc: str = ""
 
@@ -60,12 +62,22 @@ SCHEMA: dict[str, _Field] = {
     "base_resolution": _Field("float", doc="informational, as in the original (CLI --base_resolution is used)"),
     "input_size": _Field("int", doc="informational, as in the original (CLI --input_size is used)"),
     "bands": _Field("ints", GEO_TYPES, "1-based band indexes to read (GDAL order)"),
-    "nodata": _Field("float", GEO_TYPES, "nodata value overriding the files' own"),
+    "nodata": _Field("float_or_floats", GEO_TYPES, "nodata overriding the files' own: one value or one per band"),
     "aoi": _Field("path", GEO_TYPES, "area-of-interest polygon file (GeoJSON/GPKG/...)"),
     "reference_gsd": _Field("float", GEO_TYPES, "metres; res is multiplied by gsd / reference_gsd"),
     "scale": _Field("float", GEO_TYPES, "raw DN divisor applied before mean/std (default 1.0)"),
     "glob": _Field("str", GEO_TYPES, "file pattern under img_dir (default: *.tif/*.tiff, recursive)"),
     "min_valid": _Field("float", GEO_TYPES, "minimum valid-pixel fraction of a window (default 0.0)"),
+    "band_files": _Field("strs", GEO_TYPES, "per-band file patterns of a scene folder, stacked in order"),
+    "scene_glob": _Field("str", GEO_TYPES, "scene folders under img_dir for band_files (default: img_dir)"),
+    "crs": _Field("str", GEO_TYPES, "read every tile in this CRS (mixed-CRS collections), e.g. EPSG:32633"),
+    "target_gsd": _Field("float", GEO_TYPES, "metres; cell of the read grid (resampled)"),
+    "resampling": _Field("str", GEO_TYPES, "warp resampling method (default bilinear)"),
+    "downsampling": _Field("str", GEO_TYPES, "gsd_range read method (default average)"),
+    "mosaic": _Field("bool", GEO_TYPES, "windows may cross tile edges (read from all tiles they touch)"),
+    "gsd_range": _Field("floats", GEO_TYPES, "[min, max] metres: read each window at a GSD drawn from it"),
+    "nodata_mode": _Field("str", GEO_TYPES, "any (default): a pixel is invalid when any band is; all"),
+    "index_cache": _Field("path_or_false", GEO_TYPES, "tile-header cache file, or false (default: automatic)"),
     "num_classes": _Field("int", DEMO_TYPES, "demo: number of synthetic scene classes"),
     "seed": _Field("int", DEMO_TYPES, "demo: generator seed"),
 }
@@ -96,6 +108,25 @@ def _check_value(source: str, key: str, field: _Field, value: Any) -> Any:
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     kind = field.kind
+    if kind == "path_or_false":
+        if value is False:
+            return False
+        kind = "path"
+    if kind == "float_or_floats":  # one number, or a list of numbers where null keeps the files' own value
+        if isinstance(value, (list, tuple)):
+            if not value or not all(v is None or is_num(v) for v in value):
+                raise fail("a number or a non-empty list of numbers/nulls")
+            return [None if v is None else float(v) for v in value]
+        kind = "float"
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise fail("true or false")
+        return value
+    if kind == "strs":
+        if (not isinstance(value, (list, tuple)) or not value
+                or not all(isinstance(v, str) and v.strip() for v in value)):
+            raise fail("a non-empty list of strings")
+        return [str(v) for v in value]
     if kind in ("str", "path"):
         if not isinstance(value, str) or not value.strip():
             raise fail("a non-empty string" if kind == "str" else "a path (string)")
@@ -168,7 +199,7 @@ def validate_config(raw: Any, source: str = "<config>", base_dir: Optional[PathL
             raise ConfigError(f"{_where(source, key)}: not valid for type {dtype!r} "
                               f"(only for {', '.join(field.types)})")
         value = _check_value(source, key, field, value)
-        if field.kind == "path" and base_dir is not None:
+        if field.kind in ("path", "path_or_false") and value is not False and base_dir is not None:
             value = _resolve_path(value, Path(base_dir))
         out[key] = value
 
@@ -209,6 +240,46 @@ def _check_consistency(source: str, d: dict) -> None:
             raise ConfigError(f"{_where(source, key)}: expected a positive number, got {d[key]}")
     if "min_valid" in d and not 0.0 <= d["min_valid"] <= 1.0:
         raise ConfigError(f"{_where(source, 'min_valid')}: expected a fraction in [0, 1], got {d['min_valid']}")
+    _check_geo_consistency(source, d)
+
+
+def _check_geo_consistency(source: str, d: dict) -> None:
+    """Checks of the GeoTIFF keys (band files, reprojection, multi-GSD reads, nodata)."""
+    if "band_files" in d:
+        for key, hint in (("bands", "the band_files patterns select and order the bands"),
+                          ("glob", "band_files patterns are globbed inside each scene folder (see scene_glob)")):
+            if key in d:
+                raise ConfigError(f"{_where(source, key)}: not valid together with data.band_files ({hint})")
+    elif "scene_glob" in d:
+        raise ConfigError(f"{_where(source, 'scene_glob')}: only used with data.band_files")
+    for key in ("resampling", "downsampling"):
+        if key in d and d[key] not in RESAMPLING_METHODS:
+            raise ConfigError(f"{_where(source, key)}: expected one of {', '.join(RESAMPLING_METHODS)}, got {d[key]!r}")
+    if "nodata_mode" in d and d["nodata_mode"] not in NODATA_MODES:
+        raise ConfigError(f"{_where(source, 'nodata_mode')}: expected one of {', '.join(NODATA_MODES)}, "
+                          f"got {d['nodata_mode']!r}")
+    if "target_gsd" in d and d["target_gsd"] <= 0:
+        raise ConfigError(f"{_where(source, 'target_gsd')}: expected a positive number of metres, "
+                          f"got {d['target_gsd']}")
+    if "gsd_range" in d:
+        g = d["gsd_range"]
+        if len(g) != 2 or not 0 < g[0] <= g[1]:
+            raise ConfigError(f"{_where(source, 'gsd_range')}: expected [min, max] metres with 0 < min <= max, "
+                              f"got {g}")
+    if isinstance(d.get("nodata"), list):
+        n = len(d["bands"]) if "bands" in d else len(d.get("mean", []))
+        if n and len(d["nodata"]) != n:
+            raise ConfigError(f"{_where(source, 'nodata')}: expected one value or {n} (one per band read), "
+                              f"got {len(d['nodata'])}")
+    if "crs" in d:
+        try:
+            from pyproj import CRS
+            from pyproj.exceptions import CRSError
+
+            CRS.from_user_input(d["crs"])
+        except CRSError as exc:
+            raise ConfigError(f"{_where(source, 'crs')}: not a CRS pyproj understands ({d['crs']!r}: {exc}); "
+                              f"expected e.g. EPSG:32633") from None
 
 
 def apply_overrides(raw: Any, overrides: Iterable[str], source: str = "<config>") -> Any:

@@ -1,49 +1,69 @@
-"""GeoTIFF datasets read with rasterio: any band count and dtype, real GSD, CRS, bounds and nodata masks.
+"""GeoTIFF datasets read with rasterio: any band count and dtype, ground GSD per window, CRS, nodata masks.
 
 Pieces (re-exported here):
 
 * :func:`build_tile_index` / :func:`load_aoi` / :func:`read_raster_info` (``geo_index``): a geopandas
-  GeoDataFrame of footprints in one CRS, optionally restricted to an area-of-interest polygon file.
+  GeoDataFrame of tiles (multi-band files or band-file scenes) with their read grids, in one CRS, optionally
+  restricted to an area-of-interest polygon file; headers cached and shared by all ranks.
+* :class:`GridReader` (``geo_read``): plain, decimated (overviews) and warped (``WarpedVRT``) reads.
 * :class:`DistributedRandomWindowSampler` (``geo_sampler``): distributed, epoch-seeded, area-weighted windows.
-* :class:`GeoTiffDataset`: reads a window; a sample is the dict ``{"image": FloatTensor[C,h,w] (raw values
-  divided by ``scale``), "mask": BoolTensor[h,w] (True = valid), "gsd": float (metres, mean of x and y),
-  "crs": str, "bounds": (minx, miny, maxx, maxy) in the file's CRS, "path": str}``.
+* :class:`GeoTiffDataset`: reads a window. A sample is the dict (torchgeo style: it carries its metadata)::
+
+      image      FloatTensor[C, h, w]  raw values / scale (invalid pixels hold whatever the file holds)
+      mask       BoolTensor[h, w]      True = valid pixel (see nodata_mode)
+      band_mask  BoolTensor[C, h, w]   True = valid value of that band
+      gsd        float                 ground metres per pixel at the window centre (mean of x and y)
+      gsd_xy     (float, float)        ground metres along the pixel x and y axes
+      res        float                 gsd / reference_gsd (1.0 without reference_gsd)
+      crs        str                   CRS of the window grid ("EPSG:32610" or WKT)
+      transform  (a, b, c, d, e, f)    affine of the window grid: pixel (col, row) -> crs coordinates
+      bounds     (minx, miny, maxx, maxy) in crs
+      path       str                   the tile's file (scene: "<folder>/<wildcard text>", e.g. .../T33UUP_20240101)
+
+  ``rasterio.features.rasterize(shapes, out_shape=(h, w), transform=Affine(*sample["transform"]))`` puts
+  vector labels (reprojected to ``crs``) on the window's pixels.
 * :class:`GeoTiffPretrainDataset`: turns windows into the pretraining 4-tuple.
 
 Relative resolution. The model's positional embedding takes a *relative* scale ``res`` (not metres). For
 GeoTIFF configs the crop-derived res of the pretraining transform is multiplied by
-``relative_res(gsd, reference_gsd) = gsd / reference_gsd``::
+``relative_res(gsd, reference_gsd) = gsd / reference_gsd`` (the one home of that rule)::
 
     target_res = (crop_side - 1) / T * base_resolution * gsd / reference_gsd
     input_res  = target_res * T / input_size
 
-so pixels twice as large on the ground as the reference get twice the res. Without ``reference_gsd`` the
-factor is 1 (the original NAIP/Sentinel-2 behaviour, which ignored the real GSD). At evaluation time a user
-who wants real GSD can pass ``relative_res(gsd_m, reference_gsd_m)`` as ``input_res``.
+so pixels twice as large on the ground as the reference get twice the res; ``gsd`` is the window's ground
+GSD as read (so a ``gsd_range`` read at 4x the tile's GSD gets 4x the res). Without ``reference_gsd`` the
+factor is 1 (the original NAIP/Sentinel-2 behaviour, which ignored the real GSD).
 
-Valid mask: with a nodata value (``data.nodata`` overriding the file's own) a pixel is invalid when *all*
-selected bands equal it; without one, GDAL's dataset mask (alpha band / internal mask) is used. NaNs are
-always invalid.
+Valid mask: a band value is invalid when it equals that band's nodata (``data.nodata``, one value or one per
+band, overriding the files' own), is NaN, lies outside every file's footprint, or is masked by the file's
+internal mask / alpha band. ``nodata_mode: any`` (default) marks a pixel invalid when any band is invalid;
+``all`` only when all are. The pretraining view sets invalid values to the band mean (0 after
+normalisation).
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from affine import Affine
 from torch.utils.data import Dataset
 
 from .errors import DataError
-from .geo_index import (RasterInfo, build_tile_index, find_rasters, ground_sample_distance, load_aoi,
-                        read_raster_info)
+from .geo_index import (RasterInfo, build_tile_index, crs_to_string, find_rasters, ground_gsd_at,
+                        ground_sample_distance, load_aoi, read_raster_info, to_crs)
+from .geo_read import NODATA_MODES, RESAMPLING_METHODS, GridReader
 from .geo_sampler import DistributedRandomWindowSampler, WindowDrawer, WindowSpec
 
 PathLike = Union[str, os.PathLike]
 
 __all__ = ["GeoTiffDataset", "GeoTiffPretrainDataset", "DistributedRandomWindowSampler", "WindowSpec",
            "build_tile_index", "load_aoi", "read_raster_info", "find_rasters", "ground_sample_distance",
-           "relative_res", "RasterInfo"]
+           "ground_gsd_at", "relative_res", "RasterInfo", "GridReader", "geotiff_dataset_from_config",
+           "NODATA_MODES", "RESAMPLING_METHODS"]
 
 
 def relative_res(gsd, reference_gsd: float):
@@ -68,136 +88,198 @@ def _window_bounds(transform, row: int, col: int, height: int, width: int) -> Tu
 
 
 class GeoTiffDataset(Dataset):
-    """Windows of a set of GeoTIFFs (folder, glob, file or list; or a prebuilt tile index).
+    """Windows of a set of GeoTIFFs or band-file scenes (folder, glob, file or list; or a prebuilt tile index).
 
-    Indexing: ``dataset[WindowSpec(tile, row, col, h, w)]`` reads that window (what
+    Indexing: ``dataset[WindowSpec(tile, row, col, h, w)]`` reads that window of the tile's read grid (what
     :class:`DistributedRandomWindowSampler` yields); ``dataset[i]`` with an int reads a random window drawn
     deterministically from ``(seed, i)``, so the dataset also works with ordinary samplers.
 
     Args:
-        source: folder / file / list of files, or a GeoDataFrame from :func:`build_tile_index`.
+        source: folder / file / list of files (with ``band_files``: the folder of scene folders), or a
+            GeoDataFrame from :func:`build_tile_index`.
         window_size: side (px) of the windows drawn for int indexes and by :meth:`make_sampler`.
-        bands: 1-based band indexes to read (default: all bands).
-        nodata: nodata value overriding the files' own.
+        bands: 1-based band indexes to read (default: all bands; not with ``band_files``).
+        nodata: nodata overriding the files' own: one value, or one per band read.
         scale: raw values are divided by it (e.g. 255 for 8-bit imagery, 10000 for Sentinel-2 L2A DNs).
         aoi: area-of-interest vector file (or shapely geometry in the index CRS).
         length: nominal length (``len(dataset)``); default: number of tiles.
-        seed: seed of int-indexed windows.
+        seed: seed of int-indexed windows and of the ``gsd_range`` draws.
         glob: file pattern under a folder.
-        expected_bands: band count every file must have when ``bands`` is not given.
-        verify: read every file's last row at start-up (truncated files fail early, by name).
+        expected_bands: band count every tile must have when ``bands`` is not given.
+        verify: read every file's last row when building the index (truncated files fail early, by name).
+        band_files: per-band file patterns of a scene (``["*_B02.tif", "*_B03.tif"]``), stacked in order.
+        scene_glob: scene folders under ``source``, each searched separately (default: ``source`` itself);
+            files of one scene agree on what the patterns' wildcards match (see ``geo_index.find_scenes``).
+        crs: read every tile in this CRS (mixed-CRS collections; windows are read warped).
+        target_gsd: cell of the read grids in metres (see ``geo_index.grid_cell``).
+        resampling: method of warped reads (default ``bilinear``); ``downsampling`` the method of
+            ``gsd_range`` reads (default ``average``). Any ``rasterio.enums.Resampling`` name.
+        mosaic: windows may extend past their tile; they are read from every tile they touch.
+        gsd_range: ``(min, max)`` metres: each window is read at a GSD drawn log-uniformly from the range
+            (never finer than the tile's own), covering ``gsd / tile_gsd`` times more ground.
+        nodata_mode: ``any`` (default: a pixel is invalid when any band is invalid) or ``all``.
+        index_cache: header cache file (None: next to the data or in the user cache; False: off).
+        reference_gsd: metres mapping to ``res`` 1 in the samples (``res = gsd / reference_gsd``).
     """
 
     def __init__(self, source, window_size: int = 256, bands: Optional[Sequence[int]] = None,
-                 nodata: Optional[float] = None, scale: float = 1.0, aoi=None, length: Optional[int] = None,
+                 nodata=None, scale: float = 1.0, aoi=None, length: Optional[int] = None,
                  seed: int = 0, glob: Optional[str] = None, expected_bands: Optional[int] = None,
-                 verify: bool = True) -> None:
+                 verify: bool = True, *, band_files: Optional[Sequence[str]] = None, scene_glob: Optional[str] = None,
+                 crs: Optional[str] = None, target_gsd: Optional[float] = None, resampling: Optional[str] = None,
+                 downsampling: Optional[str] = None, mosaic: bool = False,
+                 gsd_range: Optional[Sequence[float]] = None, nodata_mode: str = "any", index_cache=None,
+                 reference_gsd: Optional[float] = None) -> None:
         import geopandas as gpd
 
+        if nodata_mode not in NODATA_MODES:
+            raise ValueError(f"nodata_mode must be one of {NODATA_MODES}, got {nodata_mode!r}")
+        for name, method in (("resampling", resampling), ("downsampling", downsampling)):
+            if method is not None and method not in RESAMPLING_METHODS:
+                raise ValueError(f"{name} must be one of {', '.join(RESAMPLING_METHODS)}, got {method!r}")
+        if gsd_range is not None and not (len(gsd_range) == 2 and 0 < gsd_range[0] <= gsd_range[1]):
+            raise ValueError(f"gsd_range must be [min, max] metres with 0 < min <= max, got {gsd_range!r}")
         if isinstance(source, gpd.GeoDataFrame):
             self.tile_index = source
         else:
-            self.tile_index = build_tile_index(source, glob=glob, aoi=aoi, bands=bands,
-                                               expected_bands=expected_bands, verify=verify)
+            self.tile_index = build_tile_index(source, glob=glob, aoi=aoi, bands=bands, crs=crs,
+                                               expected_bands=expected_bands, verify=verify, band_files=band_files,
+                                               scene_glob=scene_glob, target_gsd=target_gsd, nodata=nodata,
+                                               index_cache=index_cache)
         self.window_size = int(window_size)
         self.bands = [int(b) for b in bands] if bands else None
-        self.nodata = None if nodata is None else float(nodata)
         self.scale = float(scale)
         self.seed = int(seed)
         self.length = int(length) if length else len(self.tile_index)
-        self.num_bands = len(self.bands) if self.bands else int(self.tile_index["count"].iloc[0])
+        self.num_bands = int(self.tile_index["count"].iloc[0])
+        self.mosaic = bool(mosaic)
+        self.gsd_range = None if gsd_range is None else (float(gsd_range[0]), float(gsd_range[1]))
+        self.nodata_mode = nodata_mode
+        self.reference_gsd = None if reference_gsd is None else float(reference_gsd)
         self._paths = list(self.tile_index["path"])
         self._gsd = [float(g) for g in self.tile_index["gsd"]]
         self._crs = [str(c) for c in self.tile_index["crs"]]
+        self._transforms = [Affine(*t) for t in self.tile_index["transform"]]
         self.tile_shapes = [(int(h), int(w)) for h, w in zip(self.tile_index["height"], self.tile_index["width"])]
-        if not any(h >= self.window_size and w >= self.window_size for h, w in self.tile_shapes):
+        if not self.mosaic and not any(h >= self.window_size and w >= self.window_size for h, w in self.tile_shapes):
             biggest = max(self.tile_shapes, key=lambda hw: hw[0] * hw[1])
             raise DataError(f"{self._paths[0] if len(self._paths) == 1 else source}: no raster can hold a "
                             f"{self.window_size}x{self.window_size} px window (largest is {biggest[0]}x{biggest[1]} "
-                            f"px); use a smaller data.size")
+                            f"px); use a smaller data.size, or data.mosaic: true where tiles have neighbours")
+        self.reader = GridReader(self.tile_index, resampling=resampling or "bilinear",
+                                 downsampling=downsampling or "average")
         self._drawer: Optional[WindowDrawer] = None
-        self._handles: Dict[str, object] = {}
-        self._pid = os.getpid()
-
-    # -- pickling for DataLoader workers: never ship open GDAL handles
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_handles"] = {}
-        return state
+        self._sindex = None
+        self._index_crs: Optional[str] = None
 
     def __len__(self) -> int:
         return self.length
 
+    def __getstate__(self):  # the spatial index is rebuilt lazily in each worker
+        state = self.__dict__.copy()
+        state["_sindex"] = None
+        return state
+
+    @property
+    def drawer(self) -> WindowDrawer:
+        """The :class:`WindowDrawer` of this dataset's window size (and mosaic mode)."""
+        if self._drawer is None:
+            self._drawer = WindowDrawer(self.tile_index, self.window_size, mosaic=self.mosaic)
+        return self._drawer
+
     def make_sampler(self, length: Optional[int] = None, num_replicas: int = 1, rank: int = 0, seed: int = 0,
                      shuffle: bool = True) -> DistributedRandomWindowSampler:
-        """A :class:`DistributedRandomWindowSampler` over this dataset's tiles and window size."""
+        """A :class:`DistributedRandomWindowSampler` over this dataset's tiles, window size and mosaic mode."""
         return DistributedRandomWindowSampler(self.tile_index, self.window_size, length or self.length,
-                                              num_replicas=num_replicas, rank=rank, seed=seed, shuffle=shuffle)
+                                              num_replicas=num_replicas, rank=rank, seed=seed, shuffle=shuffle,
+                                              mosaic=self.mosaic)
 
     def window_for_index(self, i: int) -> WindowSpec:
         """The deterministic random window of integer index ``i``."""
-        if self._drawer is None:
-            self._drawer = WindowDrawer(self.tile_index, self.window_size)
-        return self._drawer.draw(1, np.random.default_rng([self.seed, int(i), 7]))[0]
+        return self.drawer.draw(1, np.random.default_rng([self.seed, int(i), 7]))[0]
 
-    def _open(self, path: str):
-        import rasterio
-        from rasterio.errors import RasterioError
+    def gsd_factor(self, spec: WindowSpec) -> float:
+        """How many read-grid pixels one output pixel of ``spec`` covers (1 without ``gsd_range``).
 
-        if self._pid != os.getpid():  # forked worker: do not reuse the parent's handles
-            self._handles, self._pid = {}, os.getpid()
-        src = self._handles.get(path)
-        if src is None:
-            if len(self._handles) >= 64:
-                for h in self._handles.values():
-                    h.close()
-                self._handles = {}
-            try:
-                src = rasterio.open(path)
-            except RasterioError as exc:
-                raise DataError(f"{path}: not a readable raster (corrupt or not a GeoTIFF?): {exc}") from None
-            self._handles[path] = src
-        return src
+        Drawn log-uniformly (deterministically from the seed and the window) so that the read GSD lies in
+        ``gsd_range``, never below the tile's own GSD; without ``mosaic`` capped so the window fits its tile.
+        """
+        if self.gsd_range is None:
+            return 1.0
+        tile = int(spec.tile)
+        native = self._gsd[tile]
+        lo, hi = max(self.gsd_range[0], native), max(self.gsd_range[1], native)
+        rng = np.random.default_rng([self.seed, tile, int(spec.row) % 2**31, int(spec.col) % 2**31, 13])
+        gsd = math.exp(rng.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
+        factor = gsd / native
+        if not self.mosaic:
+            h, w = self.tile_shapes[tile]
+            factor = min(factor, h / spec.height, w / spec.width)
+        return max(factor, 1.0)
+
+    def window_grid(self, spec: WindowSpec) -> Tuple[Affine, float]:
+        """``(transform, factor)`` of the output grid of ``spec`` in its tile's read CRS.
+
+        With a ``gsd_range`` factor f > 1 the window keeps its centre and covers f times more ground per
+        side (shifted back inside the tile without ``mosaic``).
+        """
+        tile, row, col, height, width = (int(v) for v in spec)
+        factor = self.gsd_factor(spec)
+        if factor == 1.0:
+            return self._transforms[tile] @ Affine.translation(col, row), 1.0
+        cy, cx = row + height / 2.0, col + width / 2.0
+        r0, c0 = cy - height * factor / 2.0, cx - width * factor / 2.0
+        if not self.mosaic:
+            h, w = self.tile_shapes[tile]
+            r0 = min(max(r0, 0.0), h - height * factor)
+            c0 = min(max(c0, 0.0), w - width * factor)
+        return self._transforms[tile] @ Affine.translation(c0, r0) @ Affine.scale(factor), factor
+
+    def _contributors(self, tile: int, crs: str, transform: Affine, height: int, width: int) -> List[int]:
+        """Tiles whose footprint meets the window: ``tile`` first, then the others in index order."""
+        if not self.mosaic:
+            return [tile]
+        from shapely.geometry import box
+
+        if self._index_crs is None:
+            self._index_crs = crs_to_string(self.tile_index.crs)
+        geom = to_crs(box(*_window_bounds(transform, 0, 0, height, width)), crs, self._index_crs)
+        if self._sindex is None:
+            self._sindex = self.tile_index.sindex
+        hits = sorted(int(i) for i in self._sindex.query(geom, predicate="intersects"))
+        return [tile] + [i for i in hits if i != tile]
 
     def read_window(self, spec: WindowSpec) -> dict:
         """Read one window; see the module docstring for the sample dict."""
-        from rasterio.enums import MaskFlags
-        from rasterio.errors import RasterioError
-        from rasterio.windows import Window
-
         tile, row, col, height, width = (int(v) for v in spec)
         path = self._paths[tile]
-        src = self._open(path)
-        if row < 0 or col < 0 or row + height > src.height or col + width > src.width:
+        h, w = self.tile_shapes[tile]
+        if not self.mosaic and (row < 0 or col < 0 or row + height > h or col + width > w):
             raise DataError(f"{path}: window rows {row}:{row + height}, cols {col}:{col + width} is outside the "
-                            f"raster ({src.height} x {src.width} px)")
-        window = Window(col, row, width, height)
-        indexes = self.bands or list(range(1, src.count + 1))
-        if max(indexes) > src.count:
-            raise DataError(f"{path}: has {src.count} band(s) but bands={indexes} needs at least {max(indexes)}")
+                            f"raster ({h} x {w} px)")
+        transform, _ = self.window_grid(spec)
+        crs = self._crs[tile]
+        tiles = self._contributors(tile, crs, transform, height, width)
+        image, band_valid = self.reader.read(tiles, crs, transform, height, width)
+        valid = band_valid.all(0) if self.nodata_mode == "any" else band_valid.any(0)
         try:
-            arr = src.read(indexes=indexes, window=window)
-            nodata = self.nodata if self.nodata is not None else src.nodata
-            if nodata is not None:
-                valid = ~np.all(arr == nodata, axis=0)
-            elif MaskFlags.all_valid not in src.mask_flag_enums[0]:  # alpha band or internal mask
-                valid = src.dataset_mask(window=window) > 0
-            else:
-                valid = np.ones(arr.shape[1:], dtype=bool)
-        except RasterioError as exc:
-            raise DataError(f"{path}: failed to read window rows {row}:{row + height}, cols {col}:{col + width} "
-                            f"(truncated or corrupt file?): {exc}") from None
-        image = arr.astype(np.float32)
-        if np.issubdtype(arr.dtype, np.floating):
-            valid &= ~np.any(np.isnan(image), axis=0)
+            gsd_x, gsd_y = ground_gsd_at(crs, transform, width / 2.0, height / 2.0)
+        except ValueError as exc:
+            raise DataError(f"{path}: cannot compute the ground sample distance of window rows {row}:"
+                            f"{row + height}, cols {col}:{col + width}: {exc}") from None
         if self.scale != 1.0:
             image /= self.scale
+        gsd = 0.5 * (gsd_x + gsd_y)
         return {
             "image": torch.from_numpy(image),
             "mask": torch.from_numpy(np.ascontiguousarray(valid)),
-            "gsd": self._gsd[tile],
-            "crs": self._crs[tile],
-            "bounds": _window_bounds(src.transform, row, col, height, width),
+            "band_mask": torch.from_numpy(band_valid),
+            "gsd": gsd,
+            "gsd_xy": (gsd_x, gsd_y),
+            "res": float(relative_res(gsd, self.reference_gsd)) if self.reference_gsd else 1.0,
+            "crs": crs,
+            "transform": tuple(transform)[:6],
+            "bounds": _window_bounds(transform, 0, 0, height, width),
             "path": path,
         }
 
@@ -207,6 +289,19 @@ class GeoTiffDataset(Dataset):
                 raise IndexError(f"index {idx} out of range for a dataset of length {self.length}")
             idx = self.window_for_index(int(idx) % self.length)
         return self.read_window(WindowSpec(*idx))
+
+
+def geotiff_dataset_from_config(d: Mapping, window_size: int, seed: int = 0) -> GeoTiffDataset:
+    """The :class:`GeoTiffDataset` of a validated ``data`` section (types naip, sentinel2, geotiff)."""
+    expected = None if d.get("bands") else len(d["mean"])
+    return GeoTiffDataset(d["img_dir"], window_size=window_size, bands=d.get("bands"), nodata=d.get("nodata"),
+                          scale=d.get("scale", 1.0), aoi=d.get("aoi"), length=d.get("length"), seed=seed,
+                          glob=d.get("glob"), expected_bands=expected, band_files=d.get("band_files"),
+                          scene_glob=d.get("scene_glob"), crs=d.get("crs"), target_gsd=d.get("target_gsd"),
+                          resampling=d.get("resampling"), downsampling=d.get("downsampling"),
+                          mosaic=bool(d.get("mosaic", False)), gsd_range=d.get("gsd_range"),
+                          nodata_mode=d.get("nodata_mode") or "any", index_cache=d.get("index_cache"),
+                          reference_gsd=d.get("reference_gsd"))
 
 
 class GeoTiffPretrainDataset(Dataset):
@@ -248,22 +343,21 @@ class GeoTiffPretrainDataset(Dataset):
         if self.min_valid <= 0:
             return sample
         spec = WindowSpec(*idx) if not isinstance(idx, (int, np.integer)) else self.geo.window_for_index(int(idx))
-        rng = np.random.default_rng([self.geo.seed, spec.tile, spec.row, spec.col, 11])
-        h, w = self.geo.tile_shapes[spec.tile]
+        rng = np.random.default_rng([self.geo.seed, spec.tile, spec.row % 2**31, spec.col % 2**31, 11])
         best = sample
         for _ in range(self.max_redraws):
             if float(sample["mask"].float().mean()) >= self.min_valid:
                 return sample
-            row = int(rng.integers(0, h - spec.height + 1))
-            col = int(rng.integers(0, w - spec.width + 1))
-            sample = self.geo.read_window(WindowSpec(spec.tile, row, col, spec.height, spec.width))
+            redraw = self.geo.drawer.draw_in_tile(spec.tile, rng)
+            sample = self.geo.read_window(redraw._replace(height=spec.height, width=spec.width))
             if sample["mask"].float().mean() > best["mask"].float().mean():
                 best = sample
         return sample if float(sample["mask"].float().mean()) >= self.min_valid else best
 
     def __getitem__(self, idx):
         sample = self._read(idx)
-        img = torch.where(sample["mask"][None], sample["image"], self.mean)
+        valid = sample["band_mask"] & sample["mask"][None]
+        img = torch.where(valid, sample["image"], self.mean)
         img = torch.nan_to_num(img)
         inp, input_res, target, target_res = self.transform(img)
         if self.reference_gsd:

@@ -15,7 +15,7 @@ def test_shipped_configs_load_with_original_values():
     assert fmow["base_resolution"] == 2.5 and fmow["oversample"] == 1.0 and fmow["vis_factor"] == 1.0
     resisc = load_config(CONFIG / "resisc.yaml")["data"]
     assert resisc["mean"] == [0.368, 0.381, 0.3436] and resisc["std"] == [0.2035, 0.1854, 0.1849]
-    assert resisc["img_dir"].endswith("resisc45/train.txt")
+    assert resisc["img_dir"].endswith("resisc45/train-resisc.txt")  # the shipped list name
     euro = load_config(CONFIG / "eurosat.yaml")["data"]
     assert euro["mean"] == resisc["mean"] and euro["img_dir"].endswith("EURO_TRAIN")
     naip = load_config(CONFIG / "naip.yaml")["data"]

@@ -22,10 +22,11 @@ def test_projected_gsd_crs_and_bounds(tmp_path):
     make_geotiff_folder(tmp_path, n=2, bands=3, size=64, gsd=0.6, crs="EPSG:32610")
     info = read_raster_info(tmp_path / "tile_001.tif")
     assert info.crs == "EPSG:32610" and not info.geographic
-    assert info.gsd_x == pytest.approx(0.6) and info.gsd_y == pytest.approx(0.6)
+    # ground metres: the 0.6 m grid near the UTM central meridian, divided by its point scale 0.9996
+    assert info.gsd_x == pytest.approx(0.6 / 0.9996, rel=1e-5) and info.gsd_y == pytest.approx(0.6 / 0.9996, rel=1e-5)
     ds = GeoTiffDataset(tmp_path, window_size=16)
     s = ds[WindowSpec(1, 10, 20, 16, 16)]
-    assert s["gsd"] == pytest.approx(0.6) and s["crs"] == "EPSG:32610"
+    assert s["gsd"] == pytest.approx(0.6 / 0.9996, rel=1e-5) and s["crs"] == "EPSG:32610"
     assert s["path"].endswith("tile_001.tif")
     x0, y0 = 500000 + 64 * 0.6, 4200000
     assert s["bounds"] == pytest.approx((x0 + 20 * 0.6, y0 - 26 * 0.6, x0 + 36 * 0.6, y0 - 10 * 0.6))
@@ -37,7 +38,8 @@ def test_projected_gsd_crs_and_bounds(tmp_path):
 def test_feet_crs_gsd_in_metres(tmp_path):
     make_geotiff_folder(tmp_path, n=1, size=32, gsd=2.0, crs="EPSG:2227", origin=(6000000.0, 2000000.0))
     info = read_raster_info(tmp_path / "tile_000.tif")
-    assert info.gsd == pytest.approx(2.0 * 1200 / 3937, rel=1e-6)  # US survey feet
+    assert info.gsd == pytest.approx(2.0 * 1200 / 3937, rel=1e-4)  # US survey feet (state plane scale ~1 - 5e-5)
+    assert info.gsd != pytest.approx(2.0, rel=0.1)
 
 
 def test_geographic_gsd_is_geodesic_metres(tmp_path):
@@ -63,9 +65,14 @@ def test_nodata_mask_from_file_and_override(tmp_path):
     value = float(s["image"][:, 5, 5].max())
     band_vals = s["image"][:, 5, 5]
     ds2 = GeoTiffDataset(tmp_path, window_size=16, nodata=value)
-    m2 = ds2[WindowSpec(0, 16, 16, 16, 16)]["mask"]
-    assert bool(m2[5, 5]) == (not bool((band_vals == value).all()))
-    assert torch.equal(m2, ~(s["image"] == value).all(0))
+    s2 = ds2[WindowSpec(0, 16, 16, 16, 16)]
+    assert bool((band_vals == value).any()) and not bool((band_vals == value).all())
+    assert not s2["mask"][5, 5]  # default nodata_mode "any": nodata in one band makes the pixel invalid
+    assert torch.equal(s2["mask"], ~(s["image"] == value).any(0))
+    assert torch.equal(s2["band_mask"], s["image"] != value)
+    ds3 = GeoTiffDataset(tmp_path, window_size=16, nodata=value, nodata_mode="all")
+    m3 = ds3[WindowSpec(0, 16, 16, 16, 16)]["mask"]
+    assert bool(m3[5, 5]) and torch.equal(m3, ~(s["image"] == value).all(0))
 
 
 def test_float_nan_is_invalid(tmp_path):

@@ -89,7 +89,7 @@ def test_eval_only_infers_the_architecture_from_shapes(tmp_path, capsys):
          "--device", "cpu", "--num_workers", "0", "--output_dir", str(out), "--knn_ks", "5", "20"])
     result = main_pretrain.main(args)
     printed = capsys.readouterr().out
-    assert "identify mae_vit_tiny_patch16" in printed
+    assert "the checkpoint is mae_vit_tiny_patch16" in printed
     assert set(result["scales"]) == {32, 64} and set(result["scales"][32]["k"]) == {5, 20}
     assert (out / "knn.json").is_file() and (out / "knn.png").is_file()
 

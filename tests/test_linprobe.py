@@ -66,17 +66,19 @@ def encoder_keys(sd):
 def test_original_flags_and_defaults():
     a = main_linprobe.get_args_parser().parse_args([])
     expected = dict(checkpoint_interval=20, batch_size=64, print_freq=20, drop_path=0.1, epochs=400, accum_iter=1,
-                    config="config.yaml", name="", linear_layer_scale=1.0, wandb_id=None, input_size=224,
+                    config=None, name="", linear_layer_scale=1.0, wandb_id=None, input_size=224,
                     target_size=[224], source_size=[224], mask_ratio=0.75, scale_min=0.5, scale_max=1.0,
                     norm_pix_loss=False, restart=False, weight_decay=0.05, lr=None, blr=1e-3, layer_decay=0.75,
-                    min_lr=0.0, warmup_epochs=0, output_dir="./output_dir", log_dir="./output_dir", device="cuda",
-                    eval_only=False, eval_dataset="resisc", eval_path="resisc45", eval_gsd=False,
+                    min_lr=0.0, warmup_epochs=0, output_dir=None, log_dir=None, device="cuda",
+                    eval_only=False, eval_dataset=None, eval_path=None, eval_gsd=False,
                     eval_base_resolution=1.0, eval_reference_resolution=224, eval_scale=224, eval=False,
-                    dist_eval=False, no_autoresume=False, seed=0, resume="", start_epoch=0, num_workers=10,
+                    dist_eval=False, no_autoresume=False, seed=0, resume="", start_epoch=0, num_workers=None,
                     pin_mem=True, world_size=1, local_rank=-1, dist_on_itp=False, dist_url="env://",
                     base_resolution=2.5, finetune=False, checkpoint_path=None, global_pool=False,
-                    # sane fixes: a models_vit name, classes from the dataset
-                    model="vit_large_patch16", nb_classes=None, amp="auto", data_root=None,
+                    # unset = None: the architecture of the checkpoint, classes from the dataset, data by the
+                    # documented defaults (config/resisc.yaml, the val list next to the train list), output
+                    # ./output_dir/linprobe (finetune), logs in the output folder, workers fitted to the machine
+                    model=None, nb_classes=None, amp="auto", data_root=None,
                     grad_checkpointing=False)
     assert {k: getattr(a, k) for k in expected} == expected
     p = main_linprobe.get_args_parser()

@@ -13,6 +13,7 @@ import engine_pretrain
 import main_pretrain
 import models_mae
 from conftest import DATA_DIR
+from util import harness
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "config" / "demo.yaml")
@@ -40,10 +41,41 @@ def test_local_rank_both_spellings_parse():
 def test_original_defaults_are_kept():
     args = main_pretrain.get_args_parser().parse_args([])
     assert (args.batch_size, args.epochs, args.blr, args.warmup_epochs, args.mask_ratio) == (32, 800, 1.5e-4, 20, 0.75)
-    assert (args.decoder_depth, args.fcn_dim, args.fcn_layers, args.band_config) == (3, 512, 2, [7, 56])
-    assert args.independent_fcn_head and args.use_mask_token and args.pin_mem
+    assert args.pin_mem
     assert (args.knn, args.knn_eval_freq, args.eval_scale, args.checkpoint_interval) == (20, 5, [56, 112, 224], 20)
-    assert args.base_resolution == 2.5 and args.scale_min == 0.2 and args.num_workers == 10
+    assert args.base_resolution == 2.5 and args.scale_min == 0.2
+    # unset model flags are None: the factory's values apply, which are the original's command-line defaults
+    flags = main_pretrain.MODEL_FLAGS
+    assert all(getattr(args, f) is None for f in flags)
+    args.input_size, args.target_size = 224, [448]
+    with torch.device("meta"):
+        model = main_pretrain.build_model(args, "mae_vit_base_patch16", {}, 3)
+    assert len(model.decoder_blocks) == 3 and model.fcn_high.proj.out_channels == 512
+    assert len(model.fcn_high.conv_blocks) == 2 and tuple(model.band_config) == (7, 56)
+
+
+def test_model_flag_equal_to_parser_default_is_honoured():
+    """--fcn_dim 512 on the tiny model (whose factory uses 64) builds 512-wide heads; unset keeps 64."""
+    parser = main_pretrain.get_args_parser()
+    for argv, width in ((["--fcn_dim", "512"], 512), ([], 64)):
+        args = parser.parse_args(argv)
+        args.input_size, args.target_size = 32, [64]
+        model = main_pretrain.build_model(args, "mae_vit_tiny_patch16", {}, 3)
+        assert model.fcn_high.proj.out_channels == width, argv
+
+
+def test_num_workers_default_fits_the_machine(monkeypatch):
+    from util import harness
+
+    assert main_pretrain.get_args_parser().parse_args([]).num_workers is None
+    monkeypatch.setattr(harness, "usable_cores", lambda: 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert harness.default_num_workers() == 1
+    monkeypatch.setattr(harness, "usable_cores", lambda: 96)
+    assert harness.default_num_workers() == 10
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(harness, "usable_cores", lambda: 2)
+    assert harness.default_num_workers() == 0
 
 
 def fixed_batch(n: int = 8):
@@ -106,17 +138,17 @@ def test_mid_epoch_resume_continues_exactly(tmp_path, monkeypatch):
     reference = torch.load(full / "checkpoint-latest.pth", weights_only=True)["model"]
 
     crashed = tmp_path / "crashed"
-    real_save = main_pretrain.save_checkpoint
+    real_save = harness.save_checkpoint
 
     def save_then_crash(state, path):
         real_save(state, path)
         if "resume_step" in state:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(main_pretrain, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(harness, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         main_pretrain.main(demo_args(crashed, "--save_every_steps", "2"))
-    monkeypatch.setattr(main_pretrain, "save_checkpoint", real_save)
+    monkeypatch.setattr(harness, "save_checkpoint", real_save)
     partial = torch.load(crashed / "checkpoint-latest.pth", weights_only=True)
     assert (partial["resume_epoch"], partial["resume_step"]) == (0, 2)
     main_pretrain.main(demo_args(crashed))
@@ -145,7 +177,7 @@ def test_resume_original_layout_and_mismatch(tmp_path, capsys):
                                                                         output_dir=Path("x"))}, released)
     out = tmp_path / "run"
     main_pretrain.main(demo_args(out, "--resume", str(released)))
-    assert "resumed model weights" in capsys.readouterr().out
+    assert "loaded model weights from" in capsys.readouterr().out
     assert json.loads((out / "log.txt").read_text().splitlines()[0])["epoch"] == 0  # weights only: epoch 0
 
     other = tmp_path / "other.pth"
