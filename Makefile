@@ -38,7 +38,7 @@ demo: $(STAMP)
 # Building segmentation (UPerNet on a tiny encoder) on synthetic georeferenced scenes written to a temporary folder:
 # GeoTIFF tiles in UTM + building polygons in EPSG:4326; prints the per-scale IoU table. Rerunning resumes.
 DEMO_SEG_DIR ?= output_dir/demo-seg
-DEMO_SEG_FLAGS = --model vit_tiny_patch16 --input_size 64 --batch_size 16 --epochs 8 --warmup_epochs 1 --blr 1e-2 \
+DEMO_SEG_FLAGS = --model vit_tiny_patch16 --allow_random_init --input_size 64 --batch_size 16 --epochs 8 --warmup_epochs 1 --blr 1e-2 \
 	--layer_decay 1.0 --head_channels 64 --aux_channels 32 --device cpu --num_workers 1 --print_freq 8 --eval_freq 4 \
 	--eval_scales 1.0 0.75 0.5 --object_f1 --save_predictions --polygonize --overlays \
 	--output_dir $(DEMO_SEG_DIR) --log_dir $(DEMO_SEG_DIR)

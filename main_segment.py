@@ -24,9 +24,8 @@ GeoPackages, ``--overlays``: PNGs); TensorBoard in ``--log_dir``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -36,14 +35,16 @@ import models_seg
 import models_vit
 from engine_segment import evaluate, scale_key, train_one_epoch
 from util import dist as dist_util
+from util import harness
 from util.amp import AmpConfig
-from util.checkpoint import (CheckpointError, args_to_plain, describe_state_dict_mismatch, find_latest_checkpoint,
-                             load_checkpoint, strip_module_prefix)
-from util.launch import (add_distributed_args, add_loader_args, add_run_args, init_run, open_log_writer,
-                         save_epoch_checkpoints, save_run_config, training_run)
+from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
 from util.lr_decay import param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
+
+WRITER = "main_segment"
+DEFAULT_MODEL = "vit_large_patch16"
+DEFAULT_CONFIG = "seg_spacenet.yaml"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,10 +67,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute encoder blocks in backward")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_large_patch16",
-                   help=f"encoder: {', '.join(models_vit.MODELS)} (MAE names map to their encoder)")
+    g.add_argument("--model", default=None,
+                   help=f"encoder: {', '.join(models_vit.MODELS)} (MAE names map to their encoder); default: the "
+                        f"checkpoint's architecture, else {DEFAULT_MODEL}")
     g.add_argument("--checkpoint_path", default=None,
                    help="pretrained Scale-MAE weights (pretraining checkpoint, the release, or an exported encoder)")
+    g.add_argument("--allow_random_init", action="store_true",
+                   help="train without --checkpoint_path (randomly initialised encoder)")
     g.add_argument("--input_size", default=224, type=int, help="model input side (px), a multiple of the patch")
     g.add_argument("--out_indices", nargs=4, type=int, default=None, metavar="BLOCK",
                    help="encoder blocks feeding the pyramid (default: ViT-L 7 11 15 23, ViT-B 3 5 7 11)")
@@ -82,12 +86,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_sync_bn", action="store_false", dest="sync_bn")
 
     g = p.add_argument_group("data")
-    g.add_argument("--config", default="config/seg_spacenet.yaml", help="segmentation data config (YAML)")
+    g.add_argument("--config", default=None, help=f"segmentation data config (YAML; default config/{DEFAULT_CONFIG})")
     g.add_argument("--data_root", default=None, help="folder that relative paths in --config resolve against")
     g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE")
     g.add_argument("--base_resolution", default=1.0, type=float,
                    help="res of a window shown at its native pixel count (see the module docstring)")
-    add_loader_args(g)
+    harness.add_loader_args(g)
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_scales", nargs="+", type=float, default=[1.0],
@@ -102,69 +106,62 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlays", action="store_true", help="also write overlay PNGs (prediction + label outline)")
     g.add_argument("--eval", action="store_true", help="evaluate (--resume or --checkpoint_path) and exit")
 
-    g = add_run_args(p, output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
-                     resume_help="segmentation checkpoint of this script to resume from")
+    g = harness.add_run_args(p, output_dir_default="./output_dir/segment",
+                             output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
+                             resume_help="segmentation checkpoint of this script to resume from")
     g.add_argument("--checkpoint_interval", default=10, type=int)
     g.add_argument("--print_freq", default=20, type=int)
-    add_distributed_args(p)
+    harness.add_distributed_args(p)
     return p
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-def check_args(args: argparse.Namespace) -> None:
-    """Flag values that cannot work, as one line each."""
-    problems = []
-    if args.batch_size < 2:
-        problems.append(f"--batch_size {args.batch_size}: needs >= 2 per process (BatchNorm in the heads)")
-    for name in ("epochs", "accum_iter", "eval_freq", "input_size", "head_channels", "checkpoint_interval"):
-        if getattr(args, name) < 1:
-            problems.append(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("aux_weight", "dice_weight", "aux_channels", "warmup_epochs", "simplify"):
-        if getattr(args, name) < 0:
-            problems.append(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0 < args.layer_decay <= 1:
-        problems.append(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
-    if any(s <= 0 or s > 4 for s in args.eval_scales):
-        problems.append(f"--eval_scales must be in (0, 4], got {args.eval_scales}")
-    if args.base_resolution <= 0:
-        problems.append(f"--base_resolution must be > 0, got {args.base_resolution}")
-    if problems:
-        raise SystemExit(problems[0])
+def validate_args(args: argparse.Namespace) -> None:
+    """Start-up checks of the flags (nothing is read or written yet); each failure is one line."""
+    harness.require(args.batch_size >= 2,
+                    f"--batch_size {args.batch_size}: needs >= 2 per process (BatchNorm in the heads)")
+    harness.check_positive(args, "epochs", "accum_iter", "eval_freq", "input_size", "head_channels",
+                           "checkpoint_interval", "print_freq", "blr", "lr", "layer_decay", "base_resolution",
+                           "eval_scales", "eval_batch_size", "aux_weight", "dice_weight", "aux_channels",
+                           "warmup_epochs", "simplify", "weight_decay", "min_lr", "clip_grad", "num_workers",
+                           allow_zero=("aux_weight", "dice_weight", "aux_channels", "warmup_epochs", "simplify",
+                                       "weight_decay", "min_lr", "clip_grad", "num_workers"))
+    harness.require(args.layer_decay <= 1, f"--layer_decay {args.layer_decay}: must be in (0, 1]")
+    harness.require(all(s <= 4 for s in args.eval_scales), f"--eval_scales {args.eval_scales}: must be in (0, 4]")
+    if args.model is not None:
+        resolve_model_name(args.model, quiet=True)
 
 
-def resolve_model_name(name: str) -> str:
+def resolve_model_name(name: str, quiet: bool = False) -> str:
     """A ``models_vit`` encoder name (``mae_vit_large_patch16[_dec512d8b]`` maps to ``vit_large_patch16``)."""
     from main_linprobe import resolve_model_name as resolve
 
-    return resolve(name)
+    return resolve(name, quiet=quiet)
 
 
 # ------------------------------------------------------------------------------------------------------ model
 def build_model(args: argparse.Namespace, num_classes: int, in_chans: int,
-                resuming: bool) -> models_seg.SegmentationModel:
-    """The segmentation model; pretrained encoder weights from ``--checkpoint_path`` unless resuming."""
+                pretrained: Optional[Mapping[str, torch.Tensor]]) -> models_seg.SegmentationModel:
+    """The segmentation model, with the pretrained encoder weights ``pretrained`` (None: random or resumed)."""
     try:
         model = models_seg.build_segmentation_model(
             args.model, num_classes, img_size=args.input_size, in_chans=in_chans, out_indices=args.out_indices,
             channels=args.head_channels, aux_channels=args.aux_channels or None)
     except ValueError as err:
-        raise SystemExit(f"cannot build the segmentation model: {err}") from None
-    if args.input_size % model.patch_size:
-        raise SystemExit(f"--input_size {args.input_size} is not a multiple of the patch size {model.patch_size}")
-    if args.checkpoint_path and not resuming:
-        from main_linprobe import read_pretrained
-
+        raise harness.UserError(f"cannot build the segmentation model: {err}") from None
+    harness.require(args.input_size % model.patch_size == 0 and args.input_size >= 2 * model.patch_size,
+                    f"--input_size {args.input_size}: must be a multiple of the patch size {model.patch_size} "
+                    f"and at least {2 * model.patch_size}")
+    if pretrained is not None:
         try:
-            report = models_seg.load_pretrained_encoder(model, read_pretrained(args.checkpoint_path))
+            report = models_seg.load_pretrained_encoder(model, pretrained)
         except ValueError as err:
-            raise SystemExit(f"--checkpoint_path {args.checkpoint_path}: {err}") from None
+            raise harness.UserError(f"--checkpoint_path {args.checkpoint_path}: {err}") from None
         heads = [k for k in report.missing_keys if k.startswith(models_seg.HEAD_PREFIXES)]
         other = [k for k in report.missing_keys if k not in heads]
         print(f"loaded encoder from {args.checkpoint_path}: {len(heads)} neck/head tensors newly initialised"
               f"{f', also missing {other}' if other else ''}; {len(report.unexpected_keys)} pretraining-only "
               f"tensors unused")
-    elif not resuming:
-        print("WARNING: no --checkpoint_path: the encoder is randomly initialised")
     if args.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
     return model
@@ -185,36 +182,21 @@ def build_param_groups(model: models_seg.SegmentationModel, args: argparse.Names
     return [g for g in groups if g["params"]]
 
 
-def load_resume(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, amp: AmpConfig,
-                args: argparse.Namespace) -> float:
-    """Weights (strict) and, unless ``--eval``, optimizer/scaler/epoch; returns the best mIoU so far."""
-    try:
-        ckpt = load_checkpoint(path)
-    except (FileNotFoundError, CheckpointError) as err:
-        raise SystemExit(f"--resume: {err}") from None
-    if "model" not in ckpt:
-        raise SystemExit(f"--resume {path}: no 'model' entry (keys: {sorted(ckpt)})")
+def load_resumed_weights(model: nn.Module, ckpt: Mapping, resume: str) -> float:
+    """Weights (strict) of this script's checkpoint; returns the best mIoU so far."""
     state = strip_module_prefix(ckpt["model"])
     problem = describe_state_dict_mismatch(model.state_dict(), state)
     if problem:
-        raise SystemExit(f"--resume {path} does not match the model (a pretraining checkpoint goes to "
-                         f"--checkpoint_path; check --model, --out_indices, --head_channels, --aux_channels and the "
-                         f"classes): {problem.splitlines()[0]}")
+        raise harness.UserError(f"--resume {resume} does not match the model (check --model, --out_indices, "
+                                f"--head_channels, --aux_channels and the classes): {problem}")
     model.load_state_dict(state, strict=True)
-    best = float(ckpt.get("best_miou", 0.0) or 0.0)
-    if not args.eval and "optimizer" in ckpt and "epoch" in ckpt:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as err:
-            raise SystemExit(f"--resume {path}: its optimizer state does not fit this run: {err}") from None
-        amp.load_state_dict(ckpt.get("scaler"))
-        args.start_epoch = 0 if args.restart else int(ckpt["epoch"]) + 1
-    print(f"resumed {path} (start epoch {args.start_epoch}, best mIoU {best:.2f})")
-    return best
+    print(f"resumed model weights from {resume}")
+    return float(ckpt.get("best_miou", 0.0) or 0.0)
 
 
-def make_writer(args: argparse.Namespace, out_dir: Optional[Path], val_ds, classes, ignore_index: int):
-    if not (args.save_predictions or args.polygonize or args.overlays) or out_dir is None:
+def make_writer(args: argparse.Namespace, out_dir: Path, val_ds, classes, ignore_index: int):
+    """The prediction writer of the final evaluation (None unless an output is asked for)."""
+    if not (args.save_predictions or args.polygonize or args.overlays):
         return None
     from util.seg_outputs import PredictionWriter
 
@@ -227,104 +209,115 @@ def make_writer(args: argparse.Namespace, out_dir: Optional[Path], val_ds, class
 # ------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or ``--eval``); returns ``{"eval": last evaluation result, "best_miou", "history"}``."""
-    from dataloaders.config import ConfigError
-    from dataloaders.errors import DataError
     from dataloaders.segmentation import TileShardSampler, build_seg_datasets, load_seg_config, seg_collate
+    from main_linprobe import architecture_of, read_pretrained
     from util.seg_metrics import format_seg_table, save_seg_report
 
-    check_args(args)
-    device = init_run(args)
+    validate_args(args)
+    harness.resolve_data_config(args, DEFAULT_CONFIG)
+    device = harness.setup(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    if out_dir is not None and dist_util.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
-    args.model = resolve_model_name(args.model)
-    amp = AmpConfig(args.amp, device)
+    out_dir = harness.prepare_output(args)
 
-    resume = args.resume
-    if not resume and not args.no_autoresume and out_dir is not None:
-        latest = find_latest_checkpoint(out_dir)
-        if latest is not None:
-            resume = str(latest)
-            print(f"autoresume: found {resume}")
-    if args.eval and not (resume or args.checkpoint_path):
-        raise SystemExit("--eval needs --resume (a segmentation checkpoint) or an output_dir with one")
+    # --- what to start from
+    resume = harness.find_resume(args, out_dir, WRITER)
+    resumed = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
+    if resumed is not None:
+        writer = harness.checkpoint_writer(resumed)
+        harness.require("model" in resumed, f"--resume {resume} has no 'model' entry (keys: {sorted(resumed)})")
+        harness.require(writer in (None, WRITER), f"--resume {resume} was written by {writer}.py; pretrained "
+                                                  f"weights go to --checkpoint_path")
+    pretrained, pretrained_args = (None, {})
+    if args.checkpoint_path and resumed is None:
+        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
+    harness.require(resumed is not None or pretrained is not None or args.allow_random_init,
+                    "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
+                    "--allow_random_init trains a randomly initialised encoder)")
+    if args.model is not None:
+        args.model = resolve_model_name(args.model)
+    elif resumed is not None and isinstance((resumed.get("args") or {}).get("model"), str):
+        args.model = resolve_model_name(resumed["args"]["model"], quiet=True)
+    elif pretrained is not None:
+        args.model = architecture_of(pretrained, pretrained_args, args.checkpoint_path)
+        print(f"--model not given: {args.model}, from {args.checkpoint_path}")
+    else:
+        args.model = DEFAULT_MODEL
 
-    try:
-        cfg = load_seg_config(args.config, data_root=args.data_root, overrides=args.data_override)
-        train_ds, val_ds, classes = build_seg_datasets(cfg, args.input_size, args.base_resolution, args.seed)
-    except (ConfigError, DataError) as err:
-        raise SystemExit(str(err)) from None
+    # --- data
+    cfg = load_seg_config(args.config, data_root=args.data_root, overrides=args.data_override)
+    train_ds, val_ds, classes = build_seg_datasets(cfg, args.input_size, args.base_resolution, args.seed)
     d = cfg["data"]
     args.ignore_index = d["ignore_index"]
     print(f"classes {classes}; train {len(train_ds.source.paths)} raster(s), {d['length']} windows of {d['size']} px "
           f"per epoch shown at {args.input_size} px; validation {len(val_ds.source.paths)} raster(s), "
           f"{len(val_ds.windows)} windows")
 
-    model = build_model(args, len(classes), len(d["mean"]), resuming=bool(resume)).to(device)
+    # --- model
+    model = build_model(args, len(classes), len(d["mean"]), pretrained).to(device)
+    best_miou = load_resumed_weights(model, resumed, resume) if resumed is not None else 0.0
     if args.distributed and args.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if args.lr is None:
-        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"model {args.model} + UPerNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
-          f"({n_train / 1e6:.2f} M trainable), blocks {list(model.out_indices)}; effective batch "
-          f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g}; layer decay {args.layer_decay}")
-    optimizer = torch.optim.AdamW(build_param_groups(model, args), lr=args.lr, betas=(0.9, 0.999))
-    best_miou = 0.0
-    if resume:
-        best_miou = load_resume(resume, model, optimizer, amp, args)
     model_without_ddp = model
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-
     pin = args.pin_mem and device.type == "cuda"
     val_loader = DataLoader(val_ds, sampler=TileShardSampler(val_ds.windows, world, rank),
                             batch_size=args.eval_batch_size or args.batch_size, num_workers=args.num_workers,
                             pin_memory=pin, collate_fn=seg_collate)
-    if dist_util.is_main_process() and out_dir is not None:
-        save_run_config(out_dir, args, cfg, evaluating=args.eval, classes=classes)
+    amp_dtype = AmpConfig(args.amp, device).dtype
     object_class = 1 if args.object_f1 else None
 
     def run_eval(tag: str, final: bool) -> dict[str, Any]:
         writer = make_writer(args, out_dir, val_ds, classes, args.ignore_index) if final else None
-        result = evaluate(model, val_loader, device, args.eval_scales, classes, args.ignore_index, amp.dtype,
+        result = evaluate(model, val_loader, device, args.eval_scales, classes, args.ignore_index, amp_dtype,
                           object_class, writer, model_without_ddp.patch_size, args.print_freq)
         if dist_util.is_main_process():
             print(format_seg_table(result))
-            if out_dir is not None:
-                save_seg_report(result, out_dir, tag)
+            save_seg_report(result, out_dir, tag)
             if writer is not None:
                 print(f"predictions written to {writer.out_dir} ({len(writer.written)} files on rank 0)")
         return result
 
     if args.eval:
+        harness.save_run_config(out_dir, args, cfg, evaluating=True, classes=classes)
         result = run_eval("seg-eval", final=True)
         dist_util.cleanup()
         return {"eval": result, "best_miou": best_miou, "history": []}
 
-    if args.start_epoch >= args.epochs:
-        print(f"nothing left to train: the resumed run finished epoch {args.start_epoch - 1} of --epochs "
-              f"{args.epochs} (raise --epochs, or use a new --output_dir); evaluating it")
+    # --- optimizer, resumed training state
+    if args.lr is None:
+        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {args.model} + UPerNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+          f"({n_train / 1e6:.2f} M trainable), blocks {list(model_without_ddp.out_indices)}; effective batch "
+          f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g}; layer decay {args.layer_decay}")
+    optimizer, amp = harness.build_optimizer(build_param_groups(model, args), args, device, keep_names=True)
+    harness.restore_training_state(resumed, optimizer, amp, args, source=str(resume))
+    if harness.nothing_left(args, resume):
         result = run_eval(f"seg-epoch{args.start_epoch:04d}", final=True)
         dist_util.cleanup()
         return {"eval": result, "best_miou": best_miou, "history": []}
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+
     sampler = train_ds.make_sampler(world, rank, args.seed)
     train_loader = DataLoader(train_ds, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                               pin_memory=pin, drop_last=True, collate_fn=seg_collate)
-    if len(train_loader) == 0:
-        raise SystemExit(f"data.length {d['length']} gives {len(sampler)} windows per process, fewer than "
-                         f"--batch_size {args.batch_size}")
-    log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() and args.log_dir else None
+    harness.require(len(train_loader) > 0, f"data.length {d['length']} gives {len(sampler)} windows per process, "
+                                           f"fewer than --batch_size {args.batch_size}")
+
+    # --- the run starts: from here on the output folder describes it
+    harness.save_run_config(out_dir, args, cfg, classes=classes)
+    log_writer = harness.open_log_writer(args.log_dir) if dist_util.is_main_process() else None
+    keeper = harness.CheckpointKeeper(out_dir, WRITER)
     jsonl = JsonlLogger(out_dir)
     history: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
-    with training_run(log_writer):
+    with harness.training_run(log_writer, keeper):
         for epoch in range(args.start_epoch, args.epochs):
             sampler.set_epoch(epoch)
             train_ds.epoch = epoch
-            train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, amp, args, log_writer)
+            train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, amp, args, log_writer,
+                                          on_finite_loss=keeper.verify)
             log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             last = epoch + 1 == args.epochs
             if last or (epoch + 1) % args.eval_freq == 0:
@@ -337,11 +330,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     for key, r in result["scales"].items():
                         log_writer.add_scalar(f"perf/miou_scale{key}", r["miou"], epoch)
                     log_writer.flush()
-            if dist_util.is_main_process() and out_dir is not None:
-                state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                         "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args),
-                         "best_miou": best_miou, "classes": classes}
-                save_epoch_checkpoints(state, out_dir, epoch, args)
+            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args),
+                     "best_miou": best_miou, "classes": classes}
+            keeper.save(state, f"the end of epoch {epoch}", epoch=epoch, args=args)
             history.append(log_stats)
             jsonl.log(log_stats)
     dist_util.cleanup()
@@ -349,12 +341,4 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    cli = get_args_parser().parse_args()
-    try:
-        main(cli)
-    except SystemExit as exc:
-        if isinstance(exc.code, str):  # a diagnosis: one line on stderr, rank 0 only, status 2
-            if dist_util.get_rank() == 0:
-                print(f"error: {exc.code}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    harness.run(main, get_args_parser())

@@ -2,7 +2,7 @@
 
 Prints one JSON object: the median step time over ``--iters`` steps after ``--warmup``, images/s, peak resident
 memory (CPU) or peak allocated memory (CUDA), the machine and its load. Losses as ``main_segment.py`` computes them
-(cross-entropy + 0.4 x auxiliary cross-entropy), parameter groups with layer-wise decay, optional autocast.
+(cross-entropy + 0.4 x auxiliary cross-entropy), parameter groups with layer-wise decay and the launchers' optimizer/AMP setup (``util.harness.build_optimizer``).
 
     python bench/bench_segment.py --model vit_large_patch16 --input_size 224 --batch_size 2 --device cpu
     python bench/bench_segment.py --model vit_large_patch16 --input_size 512 --batch_size 8 --device cuda --amp bf16
@@ -26,7 +26,7 @@ def run(model: str = "vit_tiny_patch16", input_size: int = 224, batch_size: int 
 
     import main_segment
     import models_seg
-    from util.amp import AmpConfig
+    from util import harness
 
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -34,9 +34,8 @@ def run(model: str = "vit_tiny_patch16", input_size: int = 224, batch_size: int 
                                               aux_channels=aux_channels).to(dev)
     if grad_checkpointing:
         net.backbone.set_grad_checkpointing(True)
-    args = Namespace(weight_decay=0.05, layer_decay=0.65)
-    opt = torch.optim.AdamW(main_segment.build_param_groups(net, args), lr=1e-4, betas=(0.9, 0.999))
-    ampc = AmpConfig(amp, dev)
+    args = Namespace(weight_decay=0.05, layer_decay=0.65, lr=1e-4, amp=amp)
+    opt, ampc = harness.build_optimizer(main_segment.build_param_groups(net, args), args, dev)  # as launched
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, input_size, input_size, generator=g).to(dev)
     y = (torch.rand(batch_size, input_size, input_size, generator=g) > 0.7).long().to(dev)

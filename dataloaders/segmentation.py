@@ -34,7 +34,8 @@ and width clipped to the raster), ``transform`` (6 affine coefficients of the wi
 None), ``path``; :func:`seg_collate` batches them (tensors stacked, metadata as lists).
 
 Resolution: ``res = base_resolution * window_px / model_input_px * gsd / reference_gsd`` (the last factor only with
-``reference_gsd``), so a window shown to the model at half its pixel count gets twice the res.
+``reference_gsd``; ``gsd`` is the window's ground GSD as the GeoTIFF reader measures it, ``geotiff.relative_res``), so
+a window shown to the model at half its pixel count gets twice the res.
 """
 from __future__ import annotations
 
@@ -311,8 +312,12 @@ class VectorLabels:
 
 # ================================================================================================= sources
 class GeoVectorSource:
-    """Rasters (a :class:`~dataloaders.geotiff.GeoTiffDataset`) + :class:`VectorLabels`: ``read`` returns
-    ``(image float32 [C, h, w] (divided by scale), valid bool [h, w], label uint8 [h, w])``."""
+    """Rasters (a :class:`~dataloaders.geotiff.GeoTiffDataset`) + :class:`VectorLabels`.
+
+    ``read(tile, row, col, h, w)`` returns ``(image float32 [C, h, w] (divided by scale), valid bool [h, w], label
+    uint8 [h, w], meta)``; the labels are burnt on the window grid the GeoTIFF reader reports (``meta``: its
+    ``transform``, ``crs`` and ground ``gsd`` in metres).
+    """
 
     def __init__(self, geo, labels: VectorLabels, all_touched: bool = False) -> None:
         self.geo = geo
@@ -324,14 +329,15 @@ class GeoVectorSource:
         self.shapes = [(int(h), int(w)) for h, w in zip(index["height"], index["width"])]
         self.transforms = [tuple(t) for t in index["transform"]]
         self.crs = [str(c) for c in index["crs"]]
-        self.gsd = [float(g) for g in index["gsd"]]
         self.num_bands = geo.num_bands
 
     def read(self, tile: int, row: int, col: int, h: int, w: int):
+        from affine import Affine
+
         sample = self.geo.read_window(WindowSpec(tile, row, col, h, w))
-        label = self.labels.rasterize(window_transform(self.transforms[tile], row, col), (h, w), self.crs[tile],
-                                      self.all_touched)
-        return sample["image"].numpy(), sample["mask"].numpy(), label
+        label = self.labels.rasterize(Affine(*sample["transform"]), (h, w), sample["crs"], self.all_touched)
+        meta = {"transform": tuple(sample["transform"])[:6], "crs": sample["crs"], "gsd": float(sample["gsd"])}
+        return sample["image"].numpy(), sample["mask"].numpy(), label, meta
 
 
 def _pair_files(img_dir: PathLike, mask_dir: PathLike, glob: Optional[str]) -> List[Tuple[str, str]]:
@@ -397,7 +403,7 @@ class MaskPairSource:
         self.bands = list(bands) if bands else None
         self.mask_values = list(mask_values) if mask_values else None
         self.ignore_index = int(ignore_index)
-        self.shapes, self.transforms, self.crs, self.gsd = [], [], [], []
+        self.shapes, self.transforms, self.crs = [], [], []
         self._cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         counts = set()
         for img_path, mask_path in self.pairs:
@@ -410,7 +416,6 @@ class MaskPairSource:
             self.shapes.append((int(img.shape[1]), int(img.shape[2])))
             self.transforms.append(transform)
             self.crs.append(crs)
-            self.gsd.append(None)
         if len(counts) > 1:
             raise DataError(f"{img_dir}: images have different band counts {sorted(counts)}; set data.bands")
         self.num_bands = counts.pop()
@@ -438,7 +443,10 @@ class MaskPairSource:
         img, label = self._load(tile)
         img = img[:, row:row + h, col:col + w]
         valid = ~np.any(np.isnan(img), axis=0)
-        return img, valid, label[row:row + h, col:col + w].copy()
+        transform = self.transforms[tile]
+        meta = {"transform": None if transform is None else tuple(window_transform(transform, row, col))[:6],
+                "crs": self.crs[tile], "gsd": None}
+        return img, valid, label[row:row + h, col:col + w].copy(), meta
 
     @property
     def tile_index(self):
@@ -519,12 +527,13 @@ class SegmentationDataset(Dataset):
         return DistributedRandomWindowSampler(self.source.tile_index, self.size, self.length,
                                               num_replicas=num_replicas, rank=rank, seed=seed)
 
-    def res_of(self, tile: int, input_px: int) -> float:
-        """Model res of a window of tile ``tile`` shown at ``input_px`` pixels."""
+    def res_of(self, gsd: Optional[float], input_px: int) -> float:
+        """Model res of a window with ground ``gsd`` (metres; None: unknown) shown at ``input_px`` pixels."""
+        from .geotiff import relative_res
+
         res = self.base_resolution * self.size / input_px
-        gsd = self.source.gsd[tile]
         if self.reference_gsd and gsd:
-            res *= gsd / float(self.reference_gsd)
+            res *= float(relative_res(gsd, self.reference_gsd))
         return res
 
     def __getitem__(self, idx) -> dict:
@@ -532,7 +541,7 @@ class SegmentationDataset(Dataset):
         tile, row, col, size = int(spec.tile), int(spec.row), int(spec.col), int(spec.height)
         th, tw = self.source.shapes[tile]
         h, w = min(size, th - row), min(size, tw - col)
-        image, valid, label = self.source.read(tile, row, col, h, w)
+        image, valid, label, meta = self.source.read(tile, row, col, h, w)
         image = np.where(valid[None], (image - self.mean) / self.std, 0.0).astype(np.float32)
         image = np.nan_to_num(image)
         label = np.where(valid, label, self.ignore_index).astype(np.int64)
@@ -551,13 +560,11 @@ class SegmentationDataset(Dataset):
                 img_t, lab_t = img_t.flip(-1), lab_t.flip(-1)
             if rng.random() < 0.5:
                 img_t, lab_t = img_t.flip(-2), lab_t.flip(-2)
-        transform = self.source.transforms[tile]
         return {
             "image": img_t.contiguous(), "mask": lab_t.contiguous(),
-            "res": self.res_of(tile, self.input_size if self.train else size),
+            "res": self.res_of(meta["gsd"], self.input_size if self.train else size),
             "tile": tile, "row": row, "col": col, "height": h, "width": w,
-            "transform": None if transform is None else tuple(window_transform(transform, row, col))[:6],
-            "crs": self.source.crs[tile], "path": self.source.paths[tile],
+            "transform": meta["transform"], "crs": meta["crs"], "path": self.source.paths[tile],
         }
 
 

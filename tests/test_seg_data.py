@@ -175,6 +175,10 @@ def test_synthetic_scenes_labels_match_the_drawn_roofs(tmp_path):
     batch = seg_collate([train[w] for w in list(sampler)[:4]])
     assert batch["image"].shape == (4, 3, 64, 64) and batch["mask"].dtype == torch.int64
     assert set(batch["mask"].unique().tolist()) <= {0, 1, 255}
+    # res = base_resolution * window / input * ground gsd / reference_gsd (0.5 m pixels, reference 0.5 m)
+    assert torch.allclose(batch["res"], torch.ones(4), atol=2e-3)
+    half = build_seg_datasets(load_seg_config(out["config"], overrides=["data.reference_gsd=0.25"]), input_size=32)[0]
+    assert half[list(sampler)[0]]["res"] == pytest.approx(2 * 2.0, rel=2e-3)  # 64 px shown at 32 px, 2x gsd
 
 
 def test_label_folder_spacenet_style(tmp_path):

@@ -20,7 +20,7 @@ def test_two_process_segmentation(tmp_path):
 
     scenes = make_building_scenes(tmp_path / "data", n_train=2, n_val=3, size=64, count=4)
     out = tmp_path / "ddp"
-    flags = ["--config", str(scenes["config"]), "--model", "vit_tiny_patch16", "--input_size", "32",
+    flags = ["--config", str(scenes["config"]), "--model", "vit_tiny_patch16", "--allow_random_init", "--input_size", "32",
              "--batch_size", "4", "--epochs", "1", "--head_channels", "16", "--aux_channels", "8", "--device", "cpu",
              "--num_workers", "0", "--print_freq", "100", "--eval_scales", "1", "0.5", "--output_dir", str(out),
              "--data_override", "data.length=16", "data.size=32"]

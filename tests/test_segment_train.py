@@ -63,7 +63,7 @@ def test_tiny_model_learns_buildings(scenes):
 
 
 def run_main(scenes, out, *extra):
-    argv = ["--config", str(scenes["config"]), "--model", "vit_tiny_patch16", "--input_size", "64",
+    argv = ["--config", str(scenes["config"]), "--model", "vit_tiny_patch16", "--allow_random_init", "--input_size", "64",
             "--batch_size", "4", "--epochs", "1", "--head_channels", "16", "--aux_channels", "8", "--device", "cpu",
             "--num_workers", "0", "--print_freq", "100", "--output_dir", str(out), "--log_dir", str(out),
             "--data_override", "data.length=8", "data.size=64", *extra]
@@ -94,7 +94,9 @@ def test_launcher_writes_georeferenced_predictions_and_resumes(scenes, tmp_path)
 
 
 def test_bad_input_is_one_line(scenes, tmp_path):
-    with pytest.raises(SystemExit, match=r"unknown key data\.colour"):
+    from dataloaders.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown key data\.colour"):
         run_main(scenes, tmp_path / "a", "data.colour=1")
     with pytest.raises(SystemExit, match="--batch_size 1: needs >= 2"):
         run_main(scenes, tmp_path / "b", "--batch_size", "1")
@@ -102,7 +104,7 @@ def test_bad_input_is_one_line(scenes, tmp_path):
     bad.write_text(Path(scenes["config"]).read_text().replace("buildings.geojson", "missing.geojson"))
     bad = bad.replace(Path(scenes["config"]).with_name("bad.yaml"))
     proc = subprocess.run([sys.executable, str(REPO / "main_segment.py"), "--config", str(bad), "--device", "cpu",
-                           "--model", "vit_tiny_patch16", "--output_dir", str(tmp_path / "c")],
+                           "--model", "vit_tiny_patch16", "--allow_random_init", "--output_dir", str(tmp_path / "c")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
