@@ -16,6 +16,8 @@ Dice). AdamW with layer-wise lr decay (``--layer_decay``) on the encoder; neck a
 Resolution: a training window of ``data.size`` px shown at ``--input_size`` px gets ``res = --base_resolution *
 size / input_size`` (times ``gsd / data.reference_gsd`` when set); evaluation at scale ``f`` resizes windows to
 ``f * size`` px and multiplies res by ``1 / f`` accordingly (the kNN table's GSD sweep, here on dense labels).
+``--crop_scale MIN MAX`` trains on random square crops of that fraction of the window, resized to ``--input_size``,
+with the res of the crop (Scale-MAE's multiscale idea as a segmentation augmentation).
 
 Outputs in ``--output_dir``: checkpoints, ``log.txt``, ``config.yaml``, ``seg-epochNNNN.{md,json,png}`` (per-scale
 IoU table), ``predictions/`` (``--save_predictions``: GeoTIFFs with the source transform/CRS, ``--polygonize``:
@@ -91,6 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE")
     g.add_argument("--base_resolution", default=1.0, type=float,
                    help="res of a window shown at its native pixel count (see the module docstring)")
+    g.add_argument("--crop_scale", nargs=2, type=float, default=[1.0, 1.0], metavar=("MIN", "MAX"),
+                   help="scale augmentation: train on a random square crop of MIN..MAX of the window side, resized "
+                        "to --input_size (res follows the crop); default 1 1 = off")
     harness.add_loader_args(g)
 
     g = p.add_argument_group("evaluation")
@@ -128,6 +133,8 @@ def validate_args(args: argparse.Namespace) -> None:
                                        "weight_decay", "min_lr", "clip_grad", "num_workers"))
     harness.require(args.layer_decay <= 1, f"--layer_decay {args.layer_decay}: must be in (0, 1]")
     harness.require(all(s <= 4 for s in args.eval_scales), f"--eval_scales {args.eval_scales}: must be in (0, 4]")
+    harness.require(0 < args.crop_scale[0] <= args.crop_scale[1] <= 1,
+                    f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: need 0 < MIN <= MAX <= 1")
     if args.model is not None:
         resolve_model_name(args.model, quiet=True)
 
@@ -245,7 +252,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- data
     cfg = load_seg_config(args.config, data_root=args.data_root, overrides=args.data_override)
-    train_ds, val_ds, classes = build_seg_datasets(cfg, args.input_size, args.base_resolution, args.seed)
+    train_ds, val_ds, classes = build_seg_datasets(cfg, args.input_size, args.base_resolution, args.seed,
+                                                   tuple(args.crop_scale))
     d = cfg["data"]
     args.ignore_index = d["ignore_index"]
     print(f"classes {classes}; train {len(train_ds.source.paths)} raster(s), {d['length']} windows of {d['size']} px "

@@ -495,14 +495,18 @@ class SegmentationDataset(Dataset):
 
     Indexing: a :class:`WindowSpec` (what :class:`DistributedRandomWindowSampler` yields, training) or an int into
     ``windows`` (evaluation: :func:`grid_windows`). Training (``train=True``) resizes windows to ``input_size``
-    (image bilinear, label nearest) and flips them horizontally/vertically at random; evaluation returns windows
+    (image bilinear, label nearest) and flips them horizontally/vertically at random; with ``crop_scale`` (min, max)
+    a random square crop of that fraction of the window side is taken first (scale augmentation: the res follows the
+    crop, ``res_of``); evaluation returns windows
     at their native ``size`` (the engine rescales them per evaluation scale).
     """
 
     def __init__(self, source, mean: Sequence[float], std: Sequence[float], size: int,
                  input_size: Optional[int] = None, train: bool = False, windows: Optional[List[WindowSpec]] = None,
                  ignore_index: int = 255, base_resolution: float = 1.0, reference_gsd: Optional[float] = None,
-                 length: Optional[int] = None, seed: int = 0) -> None:
+                 length: Optional[int] = None, seed: int = 0, crop_scale: Tuple[float, float] = (1.0, 1.0)) -> None:
+        if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
         if len(mean) != source.num_bands:
             raise DataError(f"{source.paths[0]}: has {source.num_bands} band(s) but data.mean has {len(mean)} entries")
         self.source = source
@@ -517,6 +521,7 @@ class SegmentationDataset(Dataset):
         self.reference_gsd = reference_gsd
         self.length = int(length) if length else len(self.windows)
         self.seed = int(seed)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -527,11 +532,12 @@ class SegmentationDataset(Dataset):
         return DistributedRandomWindowSampler(self.source.tile_index, self.size, self.length,
                                               num_replicas=num_replicas, rank=rank, seed=seed)
 
-    def res_of(self, gsd: Optional[float], input_px: int) -> float:
-        """Model res of a window with ground ``gsd`` (metres; None: unknown) shown at ``input_px`` pixels."""
+    def res_of(self, gsd: Optional[float], input_px: int, window_px: Optional[int] = None) -> float:
+        """Model res of ``window_px`` (default ``size``) window pixels with ground ``gsd`` (metres; None: unknown)
+        shown at ``input_px`` pixels."""
         from .geotiff import relative_res
 
-        res = self.base_resolution * self.size / input_px
+        res = self.base_resolution * (window_px or self.size) / input_px
         if self.reference_gsd and gsd:
             res *= float(relative_res(gsd, self.reference_gsd))
         return res
@@ -549,20 +555,27 @@ class SegmentationDataset(Dataset):
             image = np.pad(image, ((0, 0), (0, size - h), (0, size - w)))
             label = np.pad(label, ((0, size - h), (0, size - w)), constant_values=self.ignore_index)
         img_t, lab_t = torch.from_numpy(image), torch.from_numpy(label)
+        shown = size  # window pixels per side that the model sees as its input
         if self.train:
-            if self.input_size != size:
+            rng = np.random.default_rng([self.seed, tile, row, col, self.epoch])
+            side = size
+            if self.crop_scale != (1.0, 1.0):  # scale augmentation: a random square crop, res follows its side
+                side = max(1, min(size, int(round(size * rng.uniform(*self.crop_scale)))))
+                top, left = (int(v) for v in rng.integers(0, size - side + 1, size=2))
+                img_t, lab_t = img_t[:, top:top + side, left:left + side], lab_t[top:top + side, left:left + side]
+            if self.input_size != side:
                 img_t = F.interpolate(img_t[None], size=(self.input_size,) * 2, mode="bilinear",
                                       align_corners=False, antialias=True)[0]
                 lab_t = F.interpolate(lab_t[None, None].float(), size=(self.input_size,) * 2,
                                       mode="nearest")[0, 0].long()
-            rng = np.random.default_rng([self.seed, tile, row, col, self.epoch])
+            shown = side
             if rng.random() < 0.5:
                 img_t, lab_t = img_t.flip(-1), lab_t.flip(-1)
             if rng.random() < 0.5:
                 img_t, lab_t = img_t.flip(-2), lab_t.flip(-2)
         return {
             "image": img_t.contiguous(), "mask": lab_t.contiguous(),
-            "res": self.res_of(meta["gsd"], self.input_size if self.train else size),
+            "res": self.res_of(meta["gsd"], self.input_size if self.train else size, shown),
             "tile": tile, "row": row, "col": col, "height": h, "width": w,
             "transform": meta["transform"], "crs": meta["crs"], "path": self.source.paths[tile],
         }
@@ -582,9 +595,11 @@ def seg_collate(batch: List[dict]) -> dict:
 
 
 # ================================================================================================ builders
-def build_seg_datasets(cfg: Mapping, input_size: int, base_resolution: float = 1.0,
-                       seed: int = 0) -> Tuple[SegmentationDataset, SegmentationDataset, List[str]]:
-    """(train dataset, validation dataset, class names with "background" first) of a loaded config."""
+def build_seg_datasets(cfg: Mapping, input_size: int, base_resolution: float = 1.0, seed: int = 0,
+                       crop_scale: Tuple[float, float] = (1.0, 1.0),
+                       ) -> Tuple[SegmentationDataset, SegmentationDataset, List[str]]:
+    """(train dataset, validation dataset, class names with "background" first) of a loaded config;
+    ``crop_scale``: the training windows' random square crop, as a fraction of the window side."""
     from .geotiff import GeoTiffDataset
 
     d = cfg["data"]
@@ -612,6 +627,7 @@ def build_seg_datasets(cfg: Mapping, input_size: int, base_resolution: float = 1
         train_src, val_src = source(d["img_dir"], d["mask_dir"]), source(d["val_img_dir"], d["val_mask_dir"])
     if not any(h >= d["size"] and w >= d["size"] for h, w in train_src.shapes):
         raise DataError(f"{d['img_dir']}: no training raster/image holds a {d['size']} px window; lower data.size")
-    train = SegmentationDataset(train_src, input_size=input_size, train=True, length=d["length"], **common)
+    train = SegmentationDataset(train_src, input_size=input_size, train=True, length=d["length"],
+                                crop_scale=crop_scale, **common)
     val = SegmentationDataset(val_src, input_size=input_size, train=False, **common)
     return train, val, classes

@@ -202,3 +202,29 @@ def test_shipped_seg_configs_validate(name, tmp_path):
 
     cfg = load_seg_config(Path(__file__).resolve().parent.parent / "config" / name, data_root=tmp_path)
     assert cfg["data"]["img_dir"] == str(tmp_path / "train" / "images")
+
+
+def test_crop_scale_augmentation_scales_res_and_keeps_labels_aligned(tmp_path):
+    """A bright square and its label, cropped and resized together; res follows the crop side."""
+    from affine import Affine
+
+    from dataloaders.geotiff import GeoTiffDataset
+    from dataloaders.synthetic import write_geotiff
+
+    data = np.full((1, 32, 32), 10, dtype=np.uint8)
+    data[:, 8:24, 8:24] = 250
+    path = write_geotiff(tmp_path / "sq.tif", data, Affine(1.0, 0, X0, 0, -1.0, Y0), UTM, dtype="uint8")
+    labels = VectorLabels(labels_4326([px_box(8, 8, 24, 24)], tmp_path))
+    src = GeoVectorSource(GeoTiffDataset(path, window_size=1), labels)
+    ds = SegmentationDataset(src, mean=[0.5], std=[0.5], size=32, input_size=16, train=True, length=8,
+                             crop_scale=(0.5, 0.5))
+    from dataloaders.geo_sampler import WindowSpec
+
+    sample = ds[WindowSpec(0, 0, 0, 32, 32)]
+    assert sample["image"].shape == (1, 16, 16) and sample["res"] == pytest.approx(1.0)  # 16 px crop at 16 px
+    bright = sample["image"][0] > (130 - 0.5) / 0.5  # roof 250, ground 10 (no scale), mid-grey threshold
+    assert torch.equal(bright, sample["mask"] == 1)
+    full = SegmentationDataset(src, mean=[0.5], std=[0.5], size=32, input_size=16, train=True, length=8)
+    assert full[WindowSpec(0, 0, 0, 32, 32)]["res"] == pytest.approx(2.0)  # the whole 32 px window at 16 px
+    with pytest.raises(ValueError, match="crop_scale"):
+        SegmentationDataset(src, mean=[0.5], std=[0.5], size=32, crop_scale=(0.5, 1.5))
