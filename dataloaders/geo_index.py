@@ -115,7 +115,7 @@ def _crs_kind(crs_text: str) -> Tuple[bool, bool, float]:
         return True, True, float("nan")
     op = crs.coordinate_operation
     method = (op.method_name if op is not None else "").lower()
-    mercator = "mercator" in method and "transverse" not in method
+    mercator = "mercator" in method and "transverse" not in method and "oblique" not in method
     factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
     return False, mercator, float(factor)
 
@@ -345,7 +345,7 @@ def find_rasters(source: Union[PathLike, Sequence[PathLike]], glob: Optional[str
     if source.is_file():
         return [str(source)]
     if glob:
-        paths = [p for p in source.glob(glob) if p.is_file()]
+        paths = [p for p in source.glob(glob) if p.is_file() and not p.name.startswith(CACHE_FILENAME)]
     else:
         paths = [p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES]
     if not paths:

@@ -7,9 +7,11 @@ pixels still invalid, as ``rasterio.merge``'s ``first`` method). Per file it tak
 * *aligned*: same CRS, same cell, whole-pixel offset -> a plain windowed read of the overlap (bit-exact);
 * *decimated*: same CRS, cell an integer-or-not multiple of the file's and the window inside the file ->
   ``read(out_shape=...)`` with the ``downsampling`` method: GDAL uses the file's overviews (COGs) when they
-  fit, else reads the full-resolution pixels and resamples;
+  fit, else reads the full-resolution pixels and resamples, in the file's data type (as overviews are
+  stored: integer files give rounded averages);
 * *warped*: anything else (another CRS, another cell, a partial overlap at a coarser cell) ->
-  ``rasterio.vrt.WarpedVRT`` onto the destination grid with the ``resampling`` method; nothing is written.
+  ``rasterio.vrt.WarpedVRT`` onto the destination grid with the ``resampling`` method (``downsampling`` for
+  ``gsd_range`` reads), computed in float32; nothing is written.
 
 Validity per band: not the band's nodata (config override or the file's own, per band), not NaN, inside
 the file's footprint, and not masked by an internal mask / alpha band. Read errors become one-line
@@ -114,9 +116,13 @@ class GridReader:
             self._handles[path] = src
         return src
 
-    def read(self, tiles: Sequence[int], crs: str, transform, height: int, width: int, dtype=np.float32
-             ) -> Tuple[np.ndarray, np.ndarray]:
-        """``(image[C,h,w] float32, valid[C,h,w] bool)`` of the grid, filled from ``tiles`` in order."""
+    def read(self, tiles: Sequence[int], crs: str, transform, height: int, width: int, dtype=np.float32,
+             decimated: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """``(image[C,h,w] float32, valid[C,h,w] bool)`` of the grid, filled from ``tiles`` in order.
+
+        ``decimated``: the grid is a coarser read of the tiles (``gsd_range``): warps that have to happen
+        anyway (a window across files, another CRS) use the ``downsampling`` method too.
+        """
         count = sum(len(b) for b in self.file_bands[tiles[0]])
         image = np.zeros((count, height, width), dtype=dtype)
         valid = np.zeros((count, height, width), dtype=bool)
@@ -129,7 +135,7 @@ class GridReader:
                 if valid[sl].all():
                     continue
                 try:
-                    arr, ok = self._read_file(path, info, bands, nodata, crs, transform, height, width)
+                    arr, ok = self._read_file(path, info, bands, nodata, crs, transform, height, width, decimated)
                 except _gdal_errors() as exc:
                     raise DataError(f"{path}: failed to read window ({width}x{height} px) "
                                     f"(truncated or corrupt file?): {_cause(exc)}") from None
@@ -142,7 +148,8 @@ class GridReader:
         return image, valid
 
     # -- one file onto the destination grid
-    def _read_file(self, path: str, info, bands, nodata, crs, transform, height: int, width: int):
+    def _read_file(self, path: str, info, bands, nodata, crs, transform, height: int, width: int,
+                   decimated: bool = False):
         from affine import Affine
 
         if info.crs == crs:
@@ -159,7 +166,8 @@ class GridReader:
                 if inside:
                     return self._read_decimated(path, bands, nodata, row0, col0, height * sy, width * sx, height,
                                                 width)
-        return self._read_warped(path, bands, nodata, crs, transform, height, width)
+        method = self.downsampling if decimated else self.resampling
+        return self._read_warped(path, bands, nodata, crs, transform, height, width, method)
 
     def _masked_bands(self, src) -> Tuple[bool, ...]:
         """Per band: does GDAL hold a mask (internal mask, alpha band, nodata) for it? (cached per file)."""
@@ -212,7 +220,7 @@ class GridReader:
         ok = self._masks(src, bands, nodata, arr, window=window, out_shape=(height, width), resampling=method)
         return arr.astype(np.float32, copy=False), ok
 
-    def _read_warped(self, path, bands, nodata, crs, transform, height, width):
+    def _read_warped(self, path, bands, nodata, crs, transform, height, width, method: str):
         from affine import Affine
         from rasterio.vrt import WarpedVRT
 
@@ -226,7 +234,7 @@ class GridReader:
         for key, ks in groups.items():
             nd = None if key is None else (float("nan") if key == "nan" else float(key))
             opts = dict(crs=crs, transform=Affine(*tuple(transform)[:6]), width=width, height=height, dtype="float32",
-                        resampling=_resampling(self.resampling))
+                        resampling=_resampling(method))
             if nd is None:
                 opts["add_alpha"] = True  # coverage (and the file's own masks) from the warped alpha band
             else:

@@ -53,10 +53,20 @@ class WindowDrawer:
         self.fallback = [None] * n
         weights = index["area_m2"].to_numpy(dtype=np.float64).copy()
         half = self.size / 2.0
+        areas = shapely.area(np.asarray(self.regions, dtype=object)) if n else np.zeros(0)
         for t in range(n):
             w, h = self.width[t], self.height[t]
-            whole = box(0, 0, w, h)
             region = self.regions[t]
+            if areas[t] >= w * h * (1 - 1e-9):  # the whole tile (no AOI): no geometry work, any centre is fine
+                self.full[t] = True
+                if not self.mosaic and (w < self.size or h < self.size):
+                    weights[t] = 0.0
+                elif self.mosaic:
+                    self.fallback[t] = (int(h // 2 - self.size // 2), int(w // 2 - self.size // 2))
+                else:
+                    self.fallback[t] = (int((h - self.size) // 2), int((w - self.size) // 2))
+                continue
+            whole = box(0, 0, w, h)
             self.full[t] = region.buffer(1e-6).contains(whole)
             if self.mosaic:
                 allowed = region

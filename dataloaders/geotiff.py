@@ -202,7 +202,8 @@ class GeoTiffDataset(Dataset):
         """How many read-grid pixels one output pixel of ``spec`` covers (1 without ``gsd_range``).
 
         Drawn log-uniformly (deterministically from the seed and the window) so that the read GSD lies in
-        ``gsd_range``, never below the tile's own GSD; without ``mosaic`` capped so the window fits its tile.
+        ``gsd_range``, never below the tile's own GSD, rounded to 0.001; without ``mosaic`` capped so the
+        window fits its tile. The sample's ``gsd`` is measured on the resulting grid.
         """
         if self.gsd_range is None:
             return 1.0
@@ -211,7 +212,7 @@ class GeoTiffDataset(Dataset):
         lo, hi = max(self.gsd_range[0], native), max(self.gsd_range[1], native)
         rng = np.random.default_rng([self.seed, tile, int(spec.row) % 2**31, int(spec.col) % 2**31, 13])
         gsd = math.exp(rng.uniform(math.log(lo), math.log(hi))) if hi > lo else lo
-        factor = gsd / native
+        factor = round(gsd / native, 3)  # 0.1 % steps: 2x stays 2x across tiles (res is measured, not assumed)
         if not self.mosaic:
             h, w = self.tile_shapes[tile]
             factor = min(factor, h / spec.height, w / spec.width)
@@ -257,10 +258,10 @@ class GeoTiffDataset(Dataset):
         if not self.mosaic and (row < 0 or col < 0 or row + height > h or col + width > w):
             raise DataError(f"{path}: window rows {row}:{row + height}, cols {col}:{col + width} is outside the "
                             f"raster ({h} x {w} px)")
-        transform, _ = self.window_grid(spec)
+        transform, factor = self.window_grid(spec)
         crs = self._crs[tile]
         tiles = self._contributors(tile, crs, transform, height, width)
-        image, band_valid = self.reader.read(tiles, crs, transform, height, width)
+        image, band_valid = self.reader.read(tiles, crs, transform, height, width, decimated=factor > 1.0)
         valid = band_valid.all(0) if self.nodata_mode == "any" else band_valid.any(0)
         try:
             gsd_x, gsd_y = ground_gsd_at(crs, transform, width / 2.0, height / 2.0)

@@ -191,6 +191,15 @@ def test_window_across_four_tiles_equals_the_mosaic(tmp_path):
     assert edge["mask"][:22, :22].all() and not edge["mask"][22:, :].any() and not edge["mask"][:, 22:].any()
     with pytest.raises(DataError, match="no raster can hold a 48x48 px window"):
         GeoTiffDataset(tmp_path / "tiles", window_size=48, index_cache=False)
+    # a 2x GSD read across the four tiles (warped, averaged) equals the decimated read of the mosaic
+    g = one.tile_index["gsd"].iloc[0]
+    tiles2 = GeoTiffDataset(tmp_path / "tiles", window_size=16, mosaic=True, gsd_range=[2 * g] * 2, index_cache=False)
+    one2 = GeoTiffDataset(tmp_path / "one", window_size=16, gsd_range=[2 * g] * 2, index_cache=False)
+    a2, b2 = tiles2[WindowSpec(0, 24, 24, 16, 16)], one2[WindowSpec(0, 24, 24, 16, 16)]
+    assert a2["transform"] == b2["transform"] and Affine(*a2["transform"]).a == 4.0
+    block = full[:, 16:48, 16:48].astype(np.float64).reshape(3, 16, 2, 16, 2).mean(axis=(2, 4))
+    np.testing.assert_allclose(a2["image"].numpy(), block, rtol=1e-6)  # warped in float32
+    np.testing.assert_allclose(b2["image"].numpy(), block, atol=0.5)  # GDAL's decimated read: in the file's uint16
 
 
 def test_mosaic_sampler_keeps_area_weights_and_rank_disjointness(tmp_path):
@@ -278,8 +287,9 @@ def test_nodata_in_one_band_makes_the_pixel_invalid(tmp_path):
     w = sc[WindowSpec(0, 10, 10, 32, 32)]
     assert not w["mask"][10:14, 10:14].any() and w["band_mask"][0, 10:14, 10:14].all()
     assert int((~w["mask"]).sum()) == 16
-    cfg = {"data": {"type": "geotiff", "img_dir": str(tmp_path / "s2"), "band_files": BANDS, "scene_glob": "*", "mean": [200.0] * 3,
-                    "std": [50.0] * 3, "size": 32, "length": 4, "min_valid": 1.0, "index_cache": False}}
+    cfg = {"data": {"type": "geotiff", "img_dir": str(tmp_path / "s2"), "band_files": BANDS, "scene_glob": "*",
+                    "mean": [200.0] * 3, "std": [50.0] * 3, "size": 32, "length": 4, "min_valid": 1.0,
+                    "index_cache": False}}
     pre = build_pretrain_dataset(cfg, input_size=16, target_size=32)
     assert float(pre._read(WindowSpec(0, 10, 10, 32, 32))["mask"].float().mean()) == 1.0  # redrawn
 
@@ -313,8 +323,8 @@ def test_header_cache_is_built_once_and_shared(tmp_path, monkeypatch):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert len(log.read_text().splitlines()) == 3  # three "ranks", three files: each header read once
     assert (tmp_path / "d" / geo_index.CACHE_FILENAME).exists()
-    index = build_tile_index(tmp_path / "d")
-    assert len(log.read_text().splitlines()) == 3 and index["gsd"].iloc[0] == pytest.approx(1.0, rel=0.01)
+    index = build_tile_index(tmp_path / "d", glob="*")  # a catch-all glob does not pick up the cache files
+    assert len(index) == 3 and len(log.read_text().splitlines()) == 3 and index["gsd"].iloc[0] == pytest.approx(1.0, rel=0.01)
     write_geotiff(tmp_path / "d" / "t1.tif", _ramp(2, 8, 8), Affine(1, 0, 10, 0, -1, 8), "EPSG:32633")
     os.utime(tmp_path / "d" / "t1.tif", ns=(1, 1))
     with pytest.raises(DataError, match="t1.tif: has 2 band"):  # changed file: re-read, not served stale
@@ -328,9 +338,15 @@ def test_worker_data_error_is_one_line(tmp_path):
     path.write_bytes(data[: int(len(data) * 0.6)])
     ds = GeoTiffDataset(tmp_path, window_size=16, verify=False, index_cache=False)
     loader = DataLoader(ds, batch_size=1, sampler=[WindowSpec(0, 48, 0, 16, 16)], num_workers=1)
-    with pytest.raises(DataError) as err:
-        next(iter(loader))
-    text = str(err.value)
+    batches = iter(loader)
+    try:
+        next(batches)
+        text = None
+    except DataError as exc:
+        text = str(exc)
+    finally:  # stop the worker now: collecting the iterator later costs a 5 s worker join
+        getattr(batches, "_shutdown_workers", lambda: None)()
+    assert text is not None
     assert "\n" not in text and "t.tif: failed to read window" in text and "DataLoader worker process 0" in text
 
 
@@ -471,3 +487,21 @@ def test_rotated_raster_reads_its_own_pixels(tmp_path):
     assert torch.equal(s["image"], torch.from_numpy(arr[:, 3:11, 5:13].astype(np.float32)))
     assert s["gsd_xy"] == pytest.approx((2 / 0.9996, 2 / 0.9996), rel=1e-4)
     assert Affine(*s["transform"]) == t @ Affine.translation(5, 3)
+
+
+def test_target_gsd_cells_per_crs(tmp_path):
+    from dataloaders.geo_index import grid_cell
+
+    x, y = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True).transform(10.0, 60.0)
+    cx, cy = grid_cell("EPSG:3857", 10.0, x, y)
+    assert cx == pytest.approx(20.0, rel=0.01) and cy == pytest.approx(20.0, rel=0.01)  # ground metres: 1/cos 60
+    assert grid_cell("EPSG:32633", 10.0, 500000, 5e6) == (10.0, 10.0)  # grid metres: UTM bands stay on 10 m
+    assert grid_cell("EPSG:2227", 10.0, 6e6, 2e6)[0] == pytest.approx(10 / 0.3048006096, rel=1e-9)  # US feet
+    dx, dy = grid_cell("EPSG:4326", 10.0, 10.0, 60.0)
+    assert WGS84.inv(10.0, 60.0, 10.0 + dx, 60.0)[2] == pytest.approx(10.0, rel=1e-3)
+    assert WGS84.inv(10.0, 60.0, 10.0, 60.0 + dy)[2] == pytest.approx(10.0, rel=1e-3)
+    # a UTM raster read in Web Mercator at target_gsd 10 gets 10 m ground pixels
+    write_geotiff(tmp_path / "u.tif", _ramp(1, 64, 64), Affine(10, 0, 500000, 0, -10, 6650000), "EPSG:32633")
+    ds = GeoTiffDataset(tmp_path, window_size=16, crs="EPSG:3857", target_gsd=10.0, index_cache=False)
+    h, w = ds.tile_shapes[0]
+    assert ds[WindowSpec(0, h // 2 - 8, w // 2 - 8, 16, 16)]["gsd"] == pytest.approx(10.0, rel=0.01)
