@@ -262,6 +262,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- model
     model = build_model(args, len(classes), len(d["mean"]), pretrained).to(device)
+    if resumed is not None and resumed.get("classes") not in (None, classes):
+        raise harness.UserError(f"--resume {resume} was trained on classes {resumed['classes']}, but --config "
+                                f"{args.config} gives {classes}")
     best_miou = load_resumed_weights(model, resumed, resume) if resumed is not None else 0.0
     if args.distributed and args.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

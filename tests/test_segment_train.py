@@ -91,6 +91,8 @@ def test_launcher_writes_georeferenced_predictions_and_resumes(scenes, tmp_path)
     # autoresume: nothing left to train; --eval evaluates the saved model
     again = run_main(scenes, out, "--eval")
     assert again["eval"]["scales"]["1"]["miou"] == pytest.approx(res["eval"]["scales"]["1"]["miou"])
+    with pytest.raises(SystemExit, match=r"trained on classes \['background', 'building'\]"):
+        run_main(scenes, out, "data.classes=[roof]", "data.class_column=null", "--eval")
 
 
 def test_bad_input_is_one_line(scenes, tmp_path):
