@@ -39,7 +39,6 @@ a window shown to the model at half its pixel count gets twice the res.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
