@@ -56,8 +56,9 @@ def train_one_epoch(
 
     Batches are ``(imgs [N, C, H, H], input_res [N], targets [N, C, 2H, 2H], target_res [N])``.
     ``on_step_end(step)`` runs after every optimizer step (mid-epoch checkpoints); ``on_visualize(step, outputs)``
-    every ``args.print_freq`` steps on rank 0; ``on_finite_loss()`` once the step's loss (mean over ranks) is known to
-    be finite, before the update (the weights that produced it are good: ``CheckpointKeeper.verify``).
+    every ``args.print_freq`` steps on rank 0; ``on_finite_loss()`` once the losses (mean over ranks) since the last
+    check are known to be finite -- checks run at print steps, before every ``--save_every_steps`` save and at the
+    end of the epoch, so the latest saved state produced a finite loss (``CheckpointKeeper.verify``).
     Returns the epoch's averaged metrics. Raises ``NonFiniteLossError`` naming the epoch and step if the loss is not
     finite on any rank (all ranks raise together).
     """
@@ -70,6 +71,44 @@ def train_one_epoch(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
     tick = time.time()
+    save_every = int(getattr(args, "save_every_steps", 0) or 0)
+    # The step never waits for the device: losses and gradient norms stay device tensors until a flush (print
+    # steps, checkpoint steps, the last step), where one copy brings them all to the host for the finiteness check,
+    # the progress meters and TensorBoard (same points and values as per-step logging, written later).
+    pending: list[tuple[int, bool, torch.Tensor, Optional[torch.Tensor], float, float, float]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack([p[2].float().reshape(()) for p in pending]
+                             + [p[3].detach().float().reshape(()).to(p[2].device) for p in pending
+                                if p[3] is not None]).cpu().tolist()  # the one host sync
+        losses, norms = values[:len(pending)], iter(values[len(pending):])
+        for (step_, update_, _, norm_t, lr_, images_per_s_, res_mean_), loss_value in zip(pending, losses):
+            loss_all = dist_util.all_reduce_mean(loss_value)  # every rank sees the same verdict
+            if not math.isfinite(loss_all):
+                pending.clear()
+                raise NonFiniteLossError(
+                    f"loss is {loss_value if not math.isfinite(loss_value) else loss_all} at epoch {epoch}, step "
+                    f"{step_} (global step {epoch * steps_per_epoch + step_}); training stopped.")
+            norm_value = next(norms) if norm_t is not None else None
+            logger.update(loss=loss_value, lr=lr_, input_res=res_mean_)
+            if norm_value is not None:
+                logger.update(grad_norm=norm_value)
+            if update_ and log_writer is not None:
+                x = int((epoch + (step_ + 1) / steps_per_epoch) * 1000)  # the original's 1000 * fractional epoch
+                log_writer.add_scalar("train_loss", loss_all, x)
+                log_writer.add_scalar("lr", lr_, x)
+                log_writer.add_scalar("grad_norm", norm_value, x)
+                log_writer.add_scalar("images_per_s", images_per_s_, x)
+                log_writer.add_scalar("input_res_mean", res_mean_, x)
+        pending.clear()
+        # every loss since the last checkpoint save is finite (flushes precede saves): that state is good
+        if on_finite_loss is not None:
+            on_finite_loss()
+        if log_writer is not None and device.type == "cuda":
+            log_writer.add_scalar("memory_gb", torch.cuda.max_memory_allocated() / 2**30,
+                                  int((epoch + (step + 1) / steps_per_epoch) * 1000))
 
     for local_step, batch in enumerate(logger.log_every(data_loader, args.print_freq, header,
                                                         batch_size=args.batch_size)):
@@ -91,14 +130,6 @@ def train_one_epoch(
                 out = model(imgs, targets, mask_ratio=args.mask_ratio, input_res=input_res, target_res=target_res,
                             source_size=source_size, noise=noise, loss_only=not visualize_now)
             loss, outputs = (out[0], out) if visualize_now else (out, None)
-            loss_value = loss.item()
-            loss_all = dist_util.all_reduce_mean(loss_value)  # every rank sees the same verdict
-            if not math.isfinite(loss_all):
-                raise NonFiniteLossError(
-                    f"loss is {loss_value if not math.isfinite(loss_value) else loss_all} at epoch {epoch}, step "
-                    f"{step} (global step {epoch * steps_per_epoch + step}); training stopped.")
-            if on_finite_loss is not None:
-                on_finite_loss()
             # --clip_grad 0 means off here (the original's flag), hence ``or None``
             grad_norm = amp.backward_step(loss / accum_iter, optimizer, params, update_grad=update,
                                           clip_grad=args.clip_grad or None)
@@ -109,25 +140,17 @@ def train_one_epoch(
         now = time.time()
         images_per_s = imgs.shape[0] * dist_util.get_world_size() / max(now - tick, 1e-9)
         tick = now
-        logger.update(loss=loss_value, lr=lr, input_res=res_mean)
-        if grad_norm is not None:
-            logger.update(grad_norm=float(grad_norm))
-
-        if update:
-            if log_writer is not None:
-                x = int((epoch + (step + 1) / steps_per_epoch) * 1000)  # the original's 1000 * fractional epoch
-                log_writer.add_scalar("train_loss", loss_all, x)
-                log_writer.add_scalar("lr", lr, x)
-                log_writer.add_scalar("grad_norm", float(grad_norm), x)
-                log_writer.add_scalar("images_per_s", images_per_s, x)
-                log_writer.add_scalar("input_res_mean", res_mean, x)
-                if device.type == "cuda":
-                    log_writer.add_scalar("memory_gb", torch.cuda.max_memory_allocated() / 2**30, x)
-            if on_step_end is not None:
-                on_step_end(step)
+        # a copy: under CUDA graphs (--compile_mode reduce-overhead) the next replay reuses the output's memory
+        pending.append((step, update, loss.detach().clone(), grad_norm, lr, images_per_s, res_mean))
+        saving = update and save_every > 0 and (step + 1) % save_every == 0
+        if step % args.print_freq == 0 or step + 1 == steps_per_epoch or saving:
+            flush()  # before any checkpoint is written: a non-finite loss must stop the run first
+        if update and on_step_end is not None:
+            on_step_end(step)
         if visualize_now:
             on_visualize(epoch * steps_per_epoch + step, (imgs, targets, outputs))
 
+    flush()
     logger.synchronize_between_processes()
     print("Averaged stats:", logger, flush=True)
     return logger.global_averages()

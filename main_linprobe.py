@@ -36,6 +36,7 @@ import models_vit
 from engine_finetune import evaluate, train_one_epoch
 from util import dist as dist_util
 from util import harness
+from util.accel import add_compile_args, maybe_compile
 from util.amp import AmpConfig
 from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
 from util.dist import ShardSampler
@@ -85,8 +86,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, default=None,
                    help="clip the global grad norm (default off, as the original)")
     g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU; bf16 works on CPU "
-                        "(default auto)")
+                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 (autocast + GradScaler) on "
+                        "CUDA; none on CPU; bf16 works on CPU (default auto)")
+    add_compile_args(g)
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute encoder blocks in backward (--finetune only; a frozen encoder stores nothing)")
 
@@ -514,6 +516,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g} (blr {args.blr:.3g})")
 
     model_without_ddp = model
+    model = maybe_compile(model, args)
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
 

@@ -18,6 +18,7 @@ import models_mae
 from engine_pretrain import train_one_epoch
 from util import dist as dist_util
 from util import harness
+from util.accel import add_compile_args, apply_model_options, maybe_compile
 from util.amp import amp_dtype
 from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
 from util.harness import warn_dead_flags
@@ -57,9 +58,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip_grad", type=float, default=None,
                    help="clip the global grad norm (default off, as the original)")
     g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = fp16 + GradScaler on CUDA (the original), none on CPU (default auto)")
-    g.add_argument("--grad_checkpointing", action="store_true", help="recompute blocks in backward (less memory)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (falls back to eager on error)")
+                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 + GradScaler on CUDA (the "
+                        "original's choice); none (fp32) on CPU (default auto)")
+    g.add_argument("--grad_checkpointing", nargs="?", const="all", default=None, choices=["all", "heads"],
+                   help="recompute activations in backward (less memory): all (the flag alone) = blocks, FPN and "
+                        "heads; heads = only the two reconstruction heads (default off)")
+    add_compile_args(g)
+    g.add_argument("--fast_decoder", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last decoder kernels (layers/fast_decoder.py, same results): auto = on CPU "
+                        "(default auto)")
 
     g = p.add_argument_group("model (unset flags keep the factory's values, or the checkpoint's when resuming)")
     g.add_argument("--model", default=None, type=str,
@@ -110,6 +117,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--base_resolution", default=2.5, type=float,
                    help="res = (crop - 1) / target * base_resolution (default 2.5)")
     harness.add_loader_args(g)
+    g.add_argument("--gpu_pipeline", action="store_true",
+                   help="JPEG decode (nvJPEG) and crops/resizes on the training device; CPU workers only read bytes "
+                        "and draw the random crops (same seeding and maths; decoder differences on CUDA)")
 
     g = p.add_argument_group("kNN evaluation")
     g.add_argument("--eval_only", action="store_true", help="run kNN on the (resumed) model and exit")
@@ -393,12 +403,12 @@ def main(args: argparse.Namespace) -> dict:
     knn_sets = build_knn_sets(args) if (args.eval_only or not args.skip_knn_eval) else None
 
     model = build_model(args, name, overrides, in_chans).to(device)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
+    apply_model_options(model, args, device)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
     if checkpoint is not None:
         load_model_weights(model, checkpoint["model"], resume)
         print(f"loaded model weights from {resume}")
+    eval_model = maybe_compile(model, args)  # kNN features (the same wrapper trains below)
 
     if args.eval_only:
         print(f"model {name}: {n_params:.1f} M parameters")
@@ -406,7 +416,7 @@ def main(args: argparse.Namespace) -> dict:
             print("WARNING: --allow_random_init: evaluating a randomly initialised model")
         if dist_util.is_main_process():
             harness.save_run_config(out_dir, args, cfg, evaluating=True)
-        result = run_knn(args, model, knn_sets, device, None, None)
+        result = run_knn(args, eval_model, knn_sets, device, None, None)
         dist_util.cleanup()
         return result
 
@@ -419,7 +429,12 @@ def main(args: argparse.Namespace) -> dict:
     if harness.nothing_left(args, resume, start_step):
         dist_util.cleanup()
         return {"history": []}
-    loader, sampler, steps_per_epoch = build_train_loader(args, cfg, device)
+    if args.gpu_pipeline:
+        from dataloaders.gpu_pipeline import build_gpu_pipeline_loader
+
+        loader, sampler, steps_per_epoch = build_gpu_pipeline_loader(args, cfg, device)
+    else:
+        loader, sampler, steps_per_epoch = build_train_loader(args, cfg, device)
     if steps_per_epoch == 0:
         raise harness.UserError(f"the dataset gives {len(sampler)} samples per process, fewer than --batch_size "
                                 f"{args.batch_size}: lower the batch size or add data")
@@ -427,15 +442,7 @@ def main(args: argparse.Namespace) -> dict:
           f"(blr {args.blr:.3g}); {steps_per_epoch} steps per epoch")
 
     model_without_ddp = model
-    if args.compile:
-        import torch._dynamo as dynamo
-
-        # compilation happens lazily at the first call: let failures there fall back to eager too
-        dynamo.config.suppress_errors = True
-        try:
-            model = torch.compile(model)
-        except Exception as err:  # noqa: BLE001 - any backend failure falls back to eager
-            print(f"WARNING: torch.compile failed ({type(err).__name__}: {err}); running eager")
+    model = eval_model
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True,
@@ -451,13 +458,20 @@ def main(args: argparse.Namespace) -> dict:
     mean, std = cfg["data"]["mean"], cfg["data"]["std"]
     vis_factor = float(cfg["data"].get("vis_factor", 1.0) or 1.0)
 
-    def visualize(global_step: int, batch_out) -> None:
-        from util.visualize import reconstruction_grid, save_reconstruction
+    from util.visualize import BackgroundFigures, reconstruction_grid, save_reconstruction
 
-        imgs, targets, outputs = batch_out
-        fig = reconstruction_grid(model_without_ddp, imgs, targets, outputs[1], outputs[2], mean, std, vis_factor)
+    figures = BackgroundFigures()
+
+    def draw(global_step: int, imgs, targets, preds, mask) -> None:
+        fig = reconstruction_grid(model_without_ddp, imgs, targets, preds, mask, mean, std, vis_factor)
         save_reconstruction(fig, out_dir / "vis" / f"step{global_step:08d}.png", log_writer, "reconstruction",
                             global_step)
+
+    def visualize(global_step: int, batch_out) -> None:
+        """Host copies of the first samples now; drawing and saving on the figure thread, off the step."""
+        imgs, targets, outputs = batch_out
+        host = [t[:4].detach().float().cpu() for t in (imgs, targets, *outputs[1], outputs[2])]
+        figures.submit(draw, global_step, host[0], host[1], host[2:5], host[5])
 
     def checkpoint_state(epoch_done: int) -> dict:
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done,
@@ -466,10 +480,10 @@ def main(args: argparse.Namespace) -> dict:
     history = []
     epoch_log = JsonlLogger(out_dir)
     results: dict[str, Any] = {}
-    with harness.training_run(log_writer, keeper):
+    with harness.training_run(log_writer, keeper), figures:
         for epoch in range(args.start_epoch, args.epochs + 1):
             if knn_sets is not None and start_step == 0 and (epoch % args.knn_eval_freq == 0 or epoch == args.epochs):
-                results[f"knn_epoch{epoch}"] = run_knn(args, model_without_ddp, knn_sets, device, epoch, log_writer)
+                results[f"knn_epoch{epoch}"] = run_knn(args, eval_model, knn_sets, device, epoch, log_writer)
             if epoch == args.epochs:
                 break
             sampler.set_epoch(epoch)

@@ -8,6 +8,9 @@ transformer blocks (cls dropped), then an FPN of transposed convolutions giving 
 two convolutional heads that upsample x8 to a high-frequency band (``32 * grid`` px) and a low-frequency band
 (``16 * grid`` px). For p = 16 that is a 2x super-resolved image and one at the input size.
 
+The FPN and heads below are the reference maths as ordinary NCHW modules. ``set_fast_decoder(True)`` runs the same
+parameters through a channels-last implementation made for CPUs (``layers/fast_decoder.py``; equal results).
+
 State-dict keys, shapes and order are the original's, so released checkpoints load with ``strict=True``.
 Shapes below use: N batch, C channels, p patch, G = H / p token grid side, L = G * G, D encoder width,
 Dd decoder width.
@@ -23,6 +26,8 @@ import torch.nn.functional as F
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from layers import fast_decoder
+from layers.common import Norm2d, maybe_checkpoint
 from util.pos_embed import gsd_sincos_pos_embed, sincos_pos_embed_table
 
 __all__ = [
@@ -36,6 +41,10 @@ __all__ = [
     "mae_vit_huge_patch14_dec512d8b",
     "MODELS",
     "unsafe_patch_embed",
+    "Norm2d",
+    "FPNHead",
+    "HFFB",
+    "FCNHead",
 ]
 
 ResLike = Optional[Union[torch.Tensor, Sequence[float], float]]
@@ -47,187 +56,6 @@ def unsafe_patch_embed(patch_size: int, in_chans: int, embed_dim: int) -> PatchE
     ``[N, C, H, W] -> [N, (H // p) * (W // p), D]`` (e.g. 56 px at p = 16 gives 3 x 3 tokens over the top-left 48 px).
     """
     return PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
-
-
-class Norm2d(nn.Module):
-    """LayerNorm over the channel dim of an NCHW map (keys ``<name>.ln.weight/bias``)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.ln = nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, C, H, W] -> [N, C, H, W]"""
-        return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-# The decoder's convolutional part runs channels-last ([N, H, W, C], the layout the transformer tokens already have):
-# a 1x1 conv is a matmul over the last dim, a transposed conv with kernel == stride is a matmul followed by a pixel
-# shuffle, and Norm2d needs no permutes. On CPU this is several times faster than the NCHW conv kernels (whose
-# transposed-conv backward dominates the original's step); parameters and results are the same.
-class _PairSum(torch.autograd.Function):
-    """``y[..., 0::2] + y[..., 1::2]``: [..., 2C] -> [..., C].
-
-    A strided add instead of a reduction kernel (2x faster forward); the backward writes the gradient to both
-    halves in one pass instead of autograd's zero-filled buffer per slice (30-55 % faster at the FCN heads' sizes).
-    """
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
-        return y[..., 0::2] + y[..., 1::2]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.unsqueeze(-1).expand(*grad.shape, 2).reshape(*grad.shape[:-1], 2 * grad.shape[-1])
-
-
-class _HalvesSum(torch.autograd.Function):
-    """``y[..., :C] + y[..., C:]``: [..., 2C] -> [..., C]; the backward is one concatenation of the gradient."""
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
-        half = y.shape[-1] // 2
-        return y[..., :half] + y[..., half:]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return torch.cat([grad, grad], dim=-1)
-
-
-class _ShuffleGelu(torch.autograd.Function):
-    """GELU of a transposed conv's matmul output, written straight into the pixel-shuffled layout.
-
-    y: [N, h, w, k, k, C] (rows of the matmul) -> GELU(y) as [N, h*k, w*k, C]. One pass instead of a shuffle copy
-    then a GELU (and likewise in backward); the values are GELU's own.
-    """
-
-    @staticmethod
-    def forward(ctx, y: torch.Tensor) -> torch.Tensor:
-        n, h, w, k, _, c = y.shape
-        out = y.new_empty(n, h * k, w * k, c)
-        torch.ops.aten.gelu.out(y.permute(0, 1, 3, 2, 4, 5), out=out.view(n, h, k, w, k, c))
-        ctx.save_for_backward(y)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (y,) = ctx.saved_tensors
-        n, h, w, k, _, c = y.shape
-        grad_y = torch.empty_like(y)
-        torch.ops.aten.gelu_backward.grad_input(grad.reshape(n, h, k, w, k, c).permute(0, 1, 3, 2, 4, 5), y,
-                                                grad_input=grad_y)
-        return grad_y
-
-
-def _conv_transpose_nhwc(layer: nn.ConvTranspose2d, x: torch.Tensor, gelu: bool = False,
-                         out_order: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A kernel == stride transposed conv (optionally followed by exact GELU) on x: [N, h, w, C_in] ->
-    [N, k*h, k*w, C_out]: a matmul to the k*k sub-pixels of every input pixel, then a pixel shuffle.
-    ``out_order`` permutes the output channels (free: it reorders the weight's rows)."""
-    k = layer.kernel_size[0]
-    if layer.stride != (k, k) or layer.padding != (0, 0) or layer.groups != 1 or layer.output_padding != (0, 0):
-        raise ValueError(f"channels-last path expects kernel == stride transposed convs, got {layer}")
-    c_in, c_out = layer.weight.shape[:2]
-    weight = layer.weight.permute(2, 3, 1, 0)  # [k, k, out, in]: rows ordered (i, j, out)
-    bias = layer.bias
-    if out_order is not None:
-        weight = weight[:, :, out_order]
-        bias = bias[out_order] if bias is not None else None
-    weight = weight.reshape(k * k * c_out, c_in)
-    bias = bias.repeat(k * k) if bias is not None else None
-    n, h, w, _ = x.shape
-    y = F.linear(x, weight, bias).view(n, h, w, k, k, c_out)
-    if gelu:
-        return _ShuffleGelu.apply(y)
-    return y.permute(0, 1, 3, 2, 4, 5).reshape(n, h * k, w * k, c_out)
-
-
-def _pairs_first_order(channels: int, device: torch.device) -> torch.Tensor:
-    """Channel order that puts the first member of every (2g, 2g+1) pair first: [0, 2, 4, ..., 1, 3, 5, ...]."""
-    return torch.arange(channels, device=device).view(-1, 2).t().reshape(-1)
-
-
-def _grouped_conv_as_depthwise(layer: nn.Conv2d, x: torch.Tensor,
-                               pairs_first: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """A grouped conv whose groups each make one output (``out_channels == groups``) on x: [N, H, W, C_in].
-
-    Computed as a depthwise conv and a sum of each group's channels (the depthwise backward is ~3x faster than the
-    grouped kernel's on CPU). ``pairs_first``: the channel order of x when it is ``_pairs_first_order`` (the two
-    inputs of every group in separate halves), so that the pair sum adds two contiguous halves.
-    """
-    groups, c_in = layer.groups, layer.in_channels
-    per_group = c_in // groups
-    depthwise = layer.weight.reshape(c_in, 1, *layer.kernel_size)
-    if pairs_first is not None:
-        depthwise = depthwise[pairs_first]
-    y = F.conv2d(x.permute(0, 3, 1, 2), depthwise, None, layer.stride, layer.padding, layer.dilation, c_in)
-    y = y.permute(0, 2, 3, 1)
-    if pairs_first is not None:
-        y = _HalvesSum.apply(y)
-    elif per_group == 2:
-        y = _PairSum.apply(y)
-    else:
-        y = y.reshape(*y.shape[:3], groups, per_group).sum(-1)
-    return y + layer.bias if layer.bias is not None else y
-
-
-def _is_pair_conv(layer: Optional[nn.Module]) -> bool:
-    return (isinstance(layer, nn.Conv2d) and layer.groups > 1 and layer.out_channels == layer.groups
-            and layer.in_channels == 2 * layer.groups)
-
-
-def _is_exact_gelu(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.GELU) and layer.approximate == "none"
-
-
-def apply_nhwc(layer: nn.Module, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
-    """Apply one decoder layer to a channels-last map x: [N, H, W, C].
-
-    ``lean`` (set under gradient checkpointing) keeps the grouped convs on the native kernel, which is slower but
-    does not materialise the depthwise intermediate (2x the output) — the difference between a 34 % and a 42 % cut
-    in activation memory at ViT-B 224 -> 448 batch 4.
-    """
-    if isinstance(layer, nn.ConvTranspose2d):
-        return _conv_transpose_nhwc(layer, x)
-    if isinstance(layer, nn.Conv2d):
-        if layer.kernel_size == (1, 1) and layer.groups == 1:
-            return F.linear(x, layer.weight.flatten(1), layer.bias)
-        groups, c_in = layer.groups, layer.in_channels
-        if groups > 1 and layer.out_channels == groups and not lean:
-            return _grouped_conv_as_depthwise(layer, x)
-        return layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    if isinstance(layer, Norm2d):
-        return layer.ln(x)
-    return layer(x)
-
-
-def run_nhwc(layers: nn.Sequential, x: torch.Tensor, lean: bool = False) -> torch.Tensor:
-    """Apply ``layers`` to x: [N, H, W, C] channels-last; a transposed conv followed by GELU runs fused."""
-    i = 0
-    while i < len(layers):
-        layer = layers[i]
-        if isinstance(layer, nn.ConvTranspose2d) and i + 1 < len(layers) and _is_exact_gelu(layers[i + 1]):
-            after = layers[i + 2] if i + 2 < len(layers) else None
-            if not lean and _is_pair_conv(after):
-                # the transposed conv emits its channels pairs-first, so the grouped conv's pair sum adds halves
-                order = _pairs_first_order(after.in_channels, x.device)
-                x = _conv_transpose_nhwc(layer, x, gelu=True, out_order=order)
-                x = _grouped_conv_as_depthwise(after, x, pairs_first=order)
-                i += 3
-            else:
-                x = _conv_transpose_nhwc(layer, x, gelu=True)
-                i += 2
-            continue
-        x = apply_nhwc(layer, x, lean)
-        i += 1
-    return x
-
-
-def maybe_checkpoint(enabled: bool, fn, *args):
-    """``fn(*args)``, recomputed in backward instead of stored when ``enabled`` and gradients are being recorded."""
-    if enabled and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
 
 
 def _upsample2x(dim: int) -> nn.ConvTranspose2d:
@@ -249,11 +77,12 @@ class FPNHead(nn.Module):
         else:
             self.fpn1 = nn.Sequential(_upsample2x(dim), Norm2d(dim), nn.GELU(), _upsample2x(dim))
         self.fpn2 = nn.Sequential(_upsample2x(dim))
+        self.grad_checkpointing = False  # read by the model (and the fast path), which checkpoints the whole FPN
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [N, G, G, Dd] (channels last) -> ([N, 4G, 4G, Dd], [N, 2G, 2G, Dd])"""
-        coarse = run_nhwc(self.fpn2, x)
-        fine = run_nhwc(self.fpn1, coarse if self.progressive else x)
+        """x: [N, Dd, G, G] -> (fine [N, Dd, 4G, 4G], coarse [N, Dd, 2G, 2G])"""
+        coarse = self.fpn2(x)
+        fine = self.fpn1(coarse if self.progressive else x)
         return fine, coarse
 
 
@@ -273,11 +102,10 @@ class HFFB(nn.Module):
             nn.Conv2d(half, dim, kernel_size=1),
         )
         self.residual = nn.Conv2d(dim, dim, kernel_size=1)
-        self.lean = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, h, w, dim] (channels last) -> [N, h, w, dim]"""
-        return run_nhwc(self.convs, x, self.lean) + apply_nhwc(self.residual, x)
+        """x: [N, dim, h, w] -> [N, dim, h, w]"""
+        return self.convs(x) + self.residual(x)
 
 
 class FCNHead(nn.Module):
@@ -287,6 +115,9 @@ class FCNHead(nn.Module):
     3x3 grouped conv (dim/2 -> dim/4, groups dim/4) -> GELU -> 1x1 (dim/4 -> dim/2) -> GELU -> ConvT k2 s2
     (dim/2 -> out_chans).
     """
+
+    # checkpoint segments of ``pred`` under gradient checkpointing: [Norm2d .. grouped conv, GELU] [1x1, GELU, ConvT]
+    PRED_STAGES = ((0, 5), (5, 8))
 
     def __init__(self, in_dim: int, dim: int, num_layers: int, out_chans: int):
         super().__init__()
@@ -303,21 +134,22 @@ class FCNHead(nn.Module):
             nn.GELU(),
             nn.ConvTranspose2d(half, out_chans, kernel_size=2, stride=2),
         )
-
         self.grad_checkpointing = False
 
-    # checkpoint segments of pred (measured best at ViT-B 224 -> 448): [Norm2d .. grouped conv, GELU] [1x1, GELU, ConvT]
-    _PRED_STAGES = ((0, 5), (5, 8))
+    def _pred_range(self, x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        for i in range(start, end):
+            x = self.pred[i](x)
+        return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, h, w, in_dim] (channels last) -> image [N, out_chans, 8h, 8w] (NCHW)"""
+        """x: [N, in_dim, h, w] -> image [N, out_chans, 8h, 8w]"""
         ckpt = self.grad_checkpointing
-        x = apply_nhwc(self.proj, x)
+        x = self.proj(x)
         for block in self.conv_blocks:
             x = maybe_checkpoint(ckpt, block, x)
-        for start, end in self._PRED_STAGES:
-            x = maybe_checkpoint(ckpt, run_nhwc, self.pred[start:end], x, ckpt)
-        return x.permute(0, 3, 1, 2)
+        for start, end in self.PRED_STAGES:
+            x = maybe_checkpoint(ckpt, self._pred_range, x, start, end)
+        return x
 
 
 def _as_res(res: ResLike, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -440,6 +272,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_norm = norm_layer(decoder_embed_dim)
 
         self.grad_checkpointing = False
+        self.fast_decoder = False  # reference NCHW decoder; see set_fast_decoder
         self.initialize_weights()
 
     # ------------------------------------------------------------------------------------------------ init
@@ -470,14 +303,25 @@ class MaskedAutoencoderViT(nn.Module):
         """Names excluded from weight decay by timm-style optimizers (none: the original decays every >=2-D tensor)."""
         return set()
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute encoder/decoder blocks, the FPN and the reconstruction heads in backward (less memory)."""
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool = True, scope: str = "all") -> None:
+        """Recompute activations in backward instead of storing them (less memory, more time).
+
+        scope ``"all"``: encoder and decoder blocks, the FPN and the reconstruction heads; ``"heads"``: only the two
+        reconstruction heads (the full-resolution maps, most of the activation memory, at a small time cost).
+        """
+        if scope not in ("all", "heads"):
+            raise ValueError(f"grad checkpointing scope must be 'all' or 'heads', got {scope!r}")
+        everything = enable and scope == "all"
+        self.grad_checkpointing = everything
+        self.fpn.grad_checkpointing = everything
         for module in self.modules():
             if isinstance(module, FCNHead):
                 module.grad_checkpointing = enable
-            elif isinstance(module, HFFB):
-                module.lean = enable
+
+    def set_fast_decoder(self, enable: bool = True) -> None:
+        """Run the FPN and heads through ``layers.fast_decoder`` (channels-last kernels for CPU; same parameters and
+        results) instead of the reference NCHW modules."""
+        self.fast_decoder = bool(enable)
 
     # -------------------------------------------------------------------------------------------- helpers
     def _pred_patch(self, side: int, grid: int) -> int:
@@ -568,8 +412,11 @@ class MaskedAutoencoderViT(nn.Module):
         x = x[:, 1:]  # the decoder works on patch tokens only (cls dropped)
         x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))  # [N, L, Dd]
         grid = int(round(length**0.5))
-        tokens_map = x.reshape(n, grid, grid, -1)  # the tokens already are a channels-last map
-        fine, coarse = maybe_checkpoint(self.grad_checkpointing, self.fpn, tokens_map)
+        tokens_map = x.reshape(n, grid, grid, -1)  # [N, G, G, Dd]: the tokens already are a channels-last map
+        if self.fast_decoder:
+            return fast_decoder.decode(self, tokens_map)
+        feats = tokens_map.permute(0, 3, 1, 2)  # [N, Dd, G, G]
+        fine, coarse = maybe_checkpoint(self.fpn.grad_checkpointing, self.fpn, feats)
         if self.independent_fcn_head:
             return self.fcn_high(fine), self.fcn_low(coarse)
         return self.fcn(fine), self.fcn(coarse)

@@ -8,13 +8,16 @@ missing and unexpected keys are exactly the expected ones instead of silently lo
 """
 from __future__ import annotations
 
+import math
 import os
 from functools import partial
-from typing import Any, Mapping, NamedTuple, Optional, Union
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.models import vision_transformer as timm_vit
+from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from models_mae import _as_res, unsafe_patch_embed
@@ -72,21 +75,92 @@ class VisionTransformer(timm_vit.VisionTransformer):
         self.global_pool_enabled = global_pool
         self.patch_embed = unsafe_patch_embed(patch_size, in_chans, self.embed_dim)
 
-    def _pos_embed(self, x: torch.Tensor, input_res: Optional[torch.Tensor] = None, grid: int = 0) -> torch.Tensor:
-        """x: [N, L, D] patch tokens -> [N, 1 + L, D] with cls prepended and the GSD embedding added."""
-        n = x.shape[0]
+    def _pos_embed(self, x: torch.Tensor, input_res: Optional[torch.Tensor] = None,
+                   grid: Optional[int] = None) -> torch.Tensor:
+        """x: [N, L, D] patch tokens -> [N, 1 + L, D] with cls prepended and the GSD embedding of ``input_res`` added.
+
+        ``grid`` (tokens per side) defaults to ``sqrt(L)``: timm's own entry points (``get_intermediate_layers``,
+        ``forward_features`` of the base class) call ``self._pos_embed(x)`` with the tokens alone, and must still get
+        the full table (res 1), not the cls row broadcast over every token.
+        """
+        n, length = x.shape[0], x.shape[1]
+        if grid is None or grid <= 0:
+            grid = math.isqrt(length)
+        if grid * grid != length:
+            raise ValueError(f"expected a square patch grid, got {length} tokens (grid {grid})")
         pos = gsd_sincos_pos_embed(x.shape[-1], grid, _as_res(input_res, n, x)).to(x.dtype)
         x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1) + pos
         return self.pos_drop(x)
 
-    def forward_features(self, x: torch.Tensor, input_res: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: [N, C, H, H], input_res: [N] (None means ones) -> tokens [N, 1 + L, D] after the final norm."""
+    def _embed(self, x: torch.Tensor, input_res: Optional[torch.Tensor]) -> torch.Tensor:
+        """x: [N, C, S, S] image -> [N, 1 + L, D] tokens entering the first block."""
         if x.dim() != 4 or x.shape[-1] != x.shape[-2]:
             raise ValueError(f"expected a square batch [N, C, S, S], got shape {tuple(x.shape)}")
         grid = x.shape[-1] // self.patch_embed.patch_size[0]
-        x = self.patch_embed(x)
-        x = self._pos_embed(x, input_res, grid)
-        x = self.norm_pre(self.patch_drop(x))
+        x = self._pos_embed(self.patch_embed(x), input_res, grid)
+        return self.norm_pre(self.patch_drop(x))
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, Sequence[int]]] = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+        *,
+        input_res: Optional[torch.Tensor] = None,
+    ):
+        """timm's feature API with the per-sample GSD embedding: the outputs of the blocks ``indices``.
+
+        Same contract as ``timm.models.vision_transformer.VisionTransformer.forward_intermediates`` (``indices``:
+        last n blocks for an int, all for None, else the listed ones, negative from the end; ``output_fmt``
+        ``NCHW`` gives maps ``[N, D, G, G]``, ``NLC`` tokens ``[N, G*G, D]``; the cls token is split off, returned
+        with ``return_prefix_tokens``), plus ``input_res`` ``[N]`` (None means ones) for the positional embedding.
+        Returns ``intermediates`` (``intermediates_only``), ``(final normed tokens [N, 1 + L, D], intermediates)``
+        or a dict (``output_dict``) as timm does.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        n, side = x.shape[0], x.shape[-1]
+        x = self._embed(x, input_res)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        outs: list[torch.Tensor] = []
+        for i, blk in enumerate(blocks):
+            if attn_mask is not None or is_causal:
+                x = blk(x, attn_mask=attn_mask, is_causal=is_causal)
+            elif self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+            if i in take:
+                outs.append(self.norm(x) if norm else x)
+        prefix = [y[:, :self.num_prefix_tokens] for y in outs]
+        outs = [y[:, self.num_prefix_tokens:] for y in outs]
+        if output_fmt == "NCHW":
+            grid = side // self.patch_embed.patch_size[0]
+            outs = [y.reshape(n, grid, grid, -1).permute(0, 3, 1, 2).contiguous() for y in outs]
+        if output_dict:
+            result: dict[str, Any] = {"image_intermediates": outs}
+            if return_prefix_tokens:
+                result["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                result["image_features"] = self.norm(x)
+            return result
+        if return_prefix_tokens:
+            outs = list(zip(outs, prefix))
+        if intermediates_only:
+            return outs
+        return self.norm(x), outs
+
+    def forward_features(self, x: torch.Tensor, input_res: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: [N, C, H, H], input_res: [N] (None means ones) -> tokens [N, 1 + L, D] after the final norm."""
+        x = self._embed(x, input_res)
         if self.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.blocks, x)
         else:

@@ -26,8 +26,11 @@ setup(
         "main_linprobe",
         "engine_pretrain",
         "engine_finetune",
+        "models_seg",
+        "main_segment",
+        "engine_segment",
     ],
-    packages=find_packages(include=["util", "util.*", "dataloaders", "dataloaders.*"]),
+    packages=find_packages(include=["util", "util.*", "dataloaders", "dataloaders.*", "layers", "layers.*"]),
     package_data={"": ["*.yaml"]},
     install_requires=[
         "torch>=2.3",

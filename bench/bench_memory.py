@@ -30,7 +30,7 @@ def run(config: str = "vit_base", batch: int = 4, grad_checkpointing: bool = Fal
     side = input_size or cfg["img_size"]
     grid = side // cfg["patch_size"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_model(config, seed=seed).to(device)
+    model = build_model(config, seed=seed, device=device.type).to(device)
     model.set_grad_checkpointing(grad_checkpointing)
     model.train()
     opt = _optimizer(model)

@@ -47,18 +47,23 @@ def apply_allocator(allocator: str) -> bool:
     return keep_freed_memory() if allocator == "reuse" else False
 
 
-def build_model(config: str, baseline: bool = False, seed: int = 0):
-    """A freshly initialised model of ``CONFIGS[config]`` (``BaselineMAE`` when ``baseline``)."""
+def build_model(config: str, baseline: bool = False, seed: int = 0, device: str = "cpu",
+                fast_decoder: str = "auto"):
+    """A freshly initialised model of ``CONFIGS[config]`` (``BaselineMAE`` when ``baseline``); ours gets the decoder
+    the launchers choose for ``device`` (``--fast_decoder auto``: the channels-last path on CPU)."""
     import torch
 
     import models_mae
+    from util.accel import use_fast_decoder
 
     torch.manual_seed(seed)
     if baseline:
         from baseline import BaselineMAE
 
         return BaselineMAE(**CONFIGS[config])
-    return models_mae.MaskedAutoencoderViT(**CONFIGS[config])
+    model = models_mae.MaskedAutoencoderViT(**CONFIGS[config])
+    model.set_fast_decoder(use_fast_decoder(fast_decoder, device))
+    return model
 
 
 def summarize(samples: List[float]) -> dict:

@@ -2,6 +2,7 @@
 """Benchmark suite entry point: step time, memory, data pipeline, kNN and kNN-feature throughput.
 
     python bench/run.py --suite smoke|quick|full [--out bench/results] [--only step_tiny,knn]
+    python bench/run.py --suite gpu [--quick]     (pretraining step on the accelerator; --quick: tiny, CPU-safe)
 
 Each benchmark runs in its own fresh Python process (memory readings are per-process high-water marks); the
 results are written to ``<out>/<suite>-<timestamp>.json`` and ``.md`` and the JSON is printed. See bench/README.md
@@ -96,8 +97,23 @@ SUITES = {
                                                    batch={"56": 64, "112": 32, "224": 8}, iters=3,
                                                    precisions=["fp32"], allocator="reuse"), None),
     ],
+    # On the accelerator (bench_gpu.py): ViT-B and ViT-L 224 -> 448 at batch 32 and 64, bf16, ours eager and
+    # compiled against the baseline; fp16 + GradScaler at batch 32; gradient-checkpointing scopes at batch 32.
+    "gpu": [("machine", "bench_utils:machine_info", {}, None)] + [
+        (f"gpu_{cfg}_b{b}_bf16", "bench_gpu", dict(config=cfg, batch=b, precision="bf16"), None)
+        for cfg in ("vit_base", "vit_large") for b in (32, 64)
+    ] + [
+        ("gpu_vit_large_b32_fp16", "bench_gpu", dict(config="vit_large", batch=32, precision="fp16",
+                                                     variants=["baseline", "eager"]), None),
+        ("gpu_vit_large_b32_bf16_ckpt", "bench_gpu", dict(config="vit_large", batch=32, precision="bf16",
+                                                          variants=["eager", "eager_ckpt_heads", "eager_ckpt_all"]),
+         None),
+        ("gpu_loader", "bench_gpu_data", dict(files=256, batch=64, workers=8), None),
+        ("gpu_vit_large_b64_bf16_modes", "bench_gpu", dict(config="vit_large", batch=64, precision="bf16",
+                                                           variants=["compile"], compile_mode="max-autotune"), None),
+    ],
 }
-TIMEOUT_S = {"smoke": 240, "quick": 400, "full": 1200}
+TIMEOUT_S = {"smoke": 240, "quick": 400, "full": 1200, "gpu": 1500}
 
 
 # ----------------------------------------------------------------------------------------------- child side
@@ -267,6 +283,47 @@ def evaluate_targets(b: dict, suite: str) -> list:
                     how = (f"as launched (--cpu_allocator reuse); code only {code:.2f}" if launched and code
                            else "code only (glibc defaults)")
                     add(f"ViT-L features fp32 @{side} px (img/s)", v, f">= {orig} (original)", v >= orig, True, how)
+    rows += gpu_targets(b)
+    return rows
+
+
+def gpu_targets(b: dict) -> list:
+    """Issue-14 targets of the gpu suite (indicative, ``exact_config`` False, when run with --quick or on CPU)."""
+    rows = []
+
+    def add(what, value, goal, met, exact, note=""):
+        rows.append({"target": what, "measured": value, "goal": goal,
+                     "met": None if met is None else bool(met), "exact_config": exact, "note": note})
+
+    big = b.get("gpu_vit_large_b64_bf16", {})
+    if big.get("ok"):
+        exact = big["device_type"] == "cuda" and not big["quick"]
+        v = big["variants"]
+        best = max((e["images_per_s"], n) for n, e in v.items() if n != "baseline")
+        if "baseline" in v:
+            r = best[0] / v["baseline"]["images_per_s"]
+            add("ViT-L b64 bf16 step, ours best / baseline (img/s)", r, ">= 2.0", r >= 2.0, exact,
+                f"{best[0]:.0f} ({best[1]}) vs {v['baseline']['images_per_s']:.0f} img/s")
+        mfu = max((e["mfu_datasheet"] or 0.0) for n, e in v.items() if n != "baseline") or None
+        add("ViT-L b64 bf16 MFU (datasheet peak)", mfu, ">= 0.35", None if mfu is None else mfu >= 0.35, exact)
+        if "speedup_compile_vs_eager" in big:
+            r = big["speedup_compile_vs_eager"]
+            add("ViT-L b64 bf16 compiled / eager (img/s)", r, ">= 1.0", r >= 1.0, exact)
+    ck = b.get("gpu_vit_large_b32_bf16_ckpt", {})
+    if ck.get("ok"):
+        exact = ck["device_type"] == "cuda" and not ck["quick"]
+        v = ck["variants"]
+        key = "peak_memory_gib" if "peak_memory_gib" in v.get("eager", {}) else None
+        for scope in ("heads", "all"):
+            e = v.get(f"eager_ckpt_{scope}")
+            if e is None or "eager" not in v:
+                continue
+            cost = e["s_per_step"] / v["eager"]["s_per_step"] - 1
+            saved = 1 - e[key] / v["eager"][key] if key else None
+            met = cost <= 0.35 and saved is not None and saved >= 0.25
+            add(f"--grad_checkpointing {scope}: time cost / memory saved (ViT-L b32 bf16)", cost,
+                "<= 0.35 time for >= 0.25 memory", met if key else None, exact,
+                f"memory saved {saved:.0%}" if saved is not None else "peak memory: CUDA only")
     return rows
 
 
@@ -398,6 +455,37 @@ def to_markdown(report: dict) -> str:
             out.append(f"| {s} | {row} |" + (f" {_f(orig)} |" if f["config"] == "vit_large" else ""))
         out.append("")
 
+    gpus = [(n, v) for n, v in b.items() if n.startswith("gpu_") and v.get("ok") and "variants" in v]
+    if gpus:
+        out += ["## Pretraining step on the accelerator (fwd + bwd + AdamW), median of per-step times", "",
+                "| job | device | config | batch | precision | variant | img/s | s/step | TFLOP/s | MFU datasheet | "
+                "MFU vs GEMM | peak mem (GiB) | first step s | vs baseline |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for n, v in gpus:
+            base = v["variants"].get("baseline", {}).get("images_per_s")
+            for name, e in v["variants"].items():
+                mem = e.get("peak_memory_gib", e.get("peak_rss_gib_process"))
+                label = name + (f" ({v['compile_mode']}, {v['compile_backend']})" if name.startswith("compile")
+                                else "")
+                out.append(f"| {n} | {v['device']} | {v['config']} {v['input_size']}->{v['target_size']} | "
+                           f"{v['batch']} | {v['precision']} | {label} | {e['images_per_s']:.1f} | "
+                           f"{e['s_per_step']:.4f} | {e['tflops']:.3g} | {_f(e['mfu_datasheet'], '{:.1%}')} | "
+                           f"{e['mfu_measured_gemm']:.1%} | {_f(mem, '{:.2f}')} | {e['first_step_s']:.1f} | "
+                           f"{_f(e['images_per_s'] / base if base else None, '{:.2f}x')} |")
+        v0 = gpus[0][1]
+        out += ["", f"FLOPs: {v0['flop_count']}; {v0['flops_per_image'] / 1e9:.3g} GFLOP per image for "
+                f"{v0['config']}. GEMM peak measured in each job ({v0['gemm_tflops']:.3g} TFLOP/s in the first)."
+                + (" **--quick: tiny config, CPU-safe plumbing check; the numbers mean nothing.**"
+                   if v0["quick"] else ""), ""]
+
+    gl = b.get("gpu_loader", {})
+    if gl.get("ok"):
+        p = gl["pipelines"]
+        out += [f"## Loader feeding the accelerator ({gl['files']} JPEGs {gl['sizes']} px, batch {gl['batch']}, "
+                f"{gl['workers']} workers, {gl['input_size']} px input, device {gl['device']})", "",
+                "| pipeline | img/s |", "|---|---|"] + [f"| {k} | {v['images_per_s']:.1f} |" for k, v in p.items()]
+        out += ["", "Compare with the model's img/s above: the slower of the two bounds end-to-end training.", ""]
+
     errors = [(n, v) for n, v in b.items() if not v.get("ok")]
     if errors:
         out += ["## Errors", ""] + [f"- `{n}`: {v.get('error')}" for n, v in errors] + [""]
@@ -414,6 +502,8 @@ def main(argv=None) -> int:
                     help="torch threads in the benchmark processes (default: torch's default, one per core)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each benchmark wait up to S seconds until other processes use < 25%% of the CPUs")
+    ap.add_argument("--quick", action="store_true",
+                    help="gpu suite: tiny model, batch 2, aot_eager compile, jobs run concurrently (a CPU smoke test)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -427,6 +517,23 @@ def main(argv=None) -> int:
         if unknown:
             ap.error(f"unknown job(s) {sorted(unknown)} for suite {args.suite}; have {[n for n, *_ in jobs]}")
         jobs = [j for j in jobs if j[0] in wanted]
+    if args.quick:
+        if args.suite != "gpu":
+            ap.error("--quick applies to --suite gpu")
+        # one process; only the first job compiles (each compile of a new model retraces), no mode comparison
+        quick_jobs, compiled = [], False
+        for n, m, kw, g in jobs:
+            if m == "bench_gpu_data":
+                kw = {**kw, "quick": True}
+            if m == "bench_gpu":
+                variants = [v for v in kw.get("variants", ("baseline", "eager", "compile"))
+                            if compiled is False or not v.startswith("compile")]
+                compiled = compiled or any(v.startswith("compile") for v in variants)
+                if not variants:
+                    continue
+                kw = {**kw, "quick": True, "variants": variants}
+            quick_jobs.append((n, m, kw, "quick"))
+        jobs = quick_jobs
     groups: dict = {}
     for i, (name, module, kwargs, group) in enumerate(jobs):
         groups.setdefault(group if group is not None else f"#{i}", []).append((name, module, kwargs))
@@ -439,7 +546,7 @@ def main(argv=None) -> int:
         load_start = []
     timeout = TIMEOUT_S[args.suite]
     results: dict = {}
-    if args.suite == "smoke":  # concurrent: only checks that everything runs
+    if args.suite == "smoke" or args.quick:  # concurrent: only checks that everything runs
         with ThreadPoolExecutor(len(groups)) as pool:
             for r in pool.map(lambda g: _run_group(g, timeout, threads=args.threads or 1), groups.values()):
                 results.update(r)
@@ -450,6 +557,7 @@ def main(argv=None) -> int:
     benchmarks = {name: results[name] for name, *_ in jobs if name in results}
     report = {
         "suite": args.suite,
+        "quick": args.quick,
         "timestamp": start.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {k: v for k, v in machine.items() if k not in ("params", "wall_s")} if machine.get("ok") else
         machine,
@@ -463,7 +571,7 @@ def main(argv=None) -> int:
     report["targets"] = evaluate_targets(benchmarks, args.suite)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{args.suite}-{start.strftime('%Y%m%d-%H%M%S')}"
+    stem = out_dir / f"{args.suite}{'-quick' if args.quick else ''}-{start.strftime('%Y%m%d-%H%M%S')}"
     text = json.dumps(report, indent=1)
     stem.with_suffix(".json").write_text(text + "\n")
     stem.with_suffix(".md").write_text(to_markdown(report) + "\n")

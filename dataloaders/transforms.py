@@ -257,15 +257,29 @@ class PretrainTransform:
         self.random_crop = bool(random_crop)
         self.hflip_p = float(hflip_p)
 
+    def draw(self, height: int, width: int, generator: Optional[torch.Generator] = None) -> Tuple[int, ...]:
+        """The random choices for an image of ``height`` x ``width`` px, in the order ``__call__`` draws them:
+        ``(crop_top, crop_left, flip, top, left, side)`` -- the zero-padded ``crop_size`` window (0, 0 when
+        ``random_crop`` is off), the flip (0/1) and the square crop inside the (flipped) window. Needs only the
+        image size, so a loader can draw them without decoding (``dataloaders/gpu_pipeline.py``)."""
+        crop_top = crop_left = 0
+        if self.random_crop:
+            crop_top, crop_left = random_crop_params(height, width, self.crop_size, generator)
+            height = width = self.crop_size
+        flip = int(float(torch.rand(1, generator=generator).item()) < self.hflip_p)
+        top, left, side = sample_square_crop(height, width, self.scale, generator)
+        return crop_top, crop_left, flip, top, left, side
+
     def __call__(self, img: ImageLike, generator: Optional[torch.Generator] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = to_tensor_image(img)
+        crop_top, crop_left, flip, top, left, side = self.draw(x.shape[1], x.shape[2], generator)
         if self.random_crop:
-            top, left = random_crop_params(x.shape[1], x.shape[2], self.crop_size, generator)
-            x = crop_with_zero_pad(x, top, left, self.crop_size)
-        crop = flip_and_square_crop(x, self.hflip_p, self.scale, self.mean, self.std, generator)
-        return resized_crop_with_res(crop, 0, 0, crop.shape[-1], self.target_size, self.input_size,
-                                     self.base_resolution)
+            x = crop_with_zero_pad(x, crop_top, crop_left, self.crop_size)
+        if flip:
+            x = x.flip(-1)
+        crop = to_float_normalized(x[:, top:top + side, left:left + side], self.mean, self.std)
+        return resized_crop_with_res(crop, 0, 0, side, self.target_size, self.input_size, self.base_resolution)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(input_size={self.input_size}, target_size={self.target_size}, "

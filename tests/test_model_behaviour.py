@@ -258,57 +258,6 @@ def test_one_res_for_the_batch_equals_a_constant_vector(tiny_mae):
         model(imgs, targets, input_res=torch.ones(2), noise=noise)
 
 
-def _nchw(layers, x):
-    for layer in layers:
-        x = layer(x)
-    return x
-
-
-@pytest.mark.parametrize("overrides", [{}, {"progressive": True}, {"independent_fcn_head": False},
-                                       {"fcn_dim": 32, "in_chans": 6}, {"patch_size": 8}])
-@pytest.mark.parametrize("lean", [False, True])
-def test_channels_last_decoder_matches_the_nchw_modules(tiny_mae, overrides, lean):
-    """The fast channels-last FPN/heads compute what the registered NCHW modules compute."""
-    model = tiny_mae(**overrides)
-    model.set_grad_checkpointing(lean)
-    x = torch.randn(2, 16, 4, 4)
-    fpn = model.fpn
-    fine_ref = _nchw(fpn.fpn1, _nchw(fpn.fpn2, x) if fpn.progressive else x)
-    fine, coarse = fpn(x.permute(0, 2, 3, 1))
-    torch.testing.assert_close(fine.permute(0, 3, 1, 2), fine_ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(coarse.permute(0, 3, 1, 2), _nchw(fpn.fpn2, x), atol=1e-5, rtol=1e-5)
-    head = model.fcn_high if model.independent_fcn_head else model.fcn
-    ref = head.proj(fine_ref)
-    for block in head.conv_blocks:
-        ref = _nchw(block.convs, ref) + block.residual(ref)
-    ref = _nchw(head.pred, ref)
-    torch.testing.assert_close(head(fine), ref, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("lean", [False, True])
-def test_channels_last_head_gradients_match_the_nchw_modules(tiny_mae, lean):
-    """The fused shuffle+GELU and pair-sum ops have their own backward: gradients equal the NCHW modules'."""
-    model = tiny_mae()
-    model.set_grad_checkpointing(lean)
-    head = model.fcn_high
-    x = torch.randn(2, 8, 8, 16)
-    weight = torch.randn(2, 3, 64, 64)
-
-    x_fast = x.clone().requires_grad_(True)
-    (head(x_fast) * weight).sum().backward()
-    fast = {n: p.grad.clone() for n, p in head.named_parameters()}
-    head.zero_grad(set_to_none=True)
-
-    x_ref = x.permute(0, 3, 1, 2).clone().requires_grad_(True)
-    ref = head.proj(x_ref)
-    for block in head.conv_blocks:
-        ref = _nchw(block.convs, ref) + block.residual(ref)
-    (_nchw(head.pred, ref) * weight).sum().backward()
-    torch.testing.assert_close(x_fast.grad.permute(0, 3, 1, 2), x_ref.grad, atol=1e-5, rtol=1e-4)
-    for name, p in head.named_parameters():
-        torch.testing.assert_close(fast[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
 def test_loss_only_returns_the_same_loss(tiny_mae):
     model = tiny_mae()
     imgs, targets, noise = batch()

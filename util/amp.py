@@ -19,10 +19,26 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stops without writing a checkpoint."""
 
 
+def _cuda_supports_bf16(device: torch.device) -> bool:
+    """Native bf16 on this CUDA device (compute capability 8.0+: Ampere, Hopper, ...), emulation not counted."""
+    if not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def amp_dtype(mode: str, device: torch.device | str = "cpu") -> Optional[torch.dtype]:
-    """Autocast dtype of an ``--amp`` mode (None = fp32); ``auto`` is fp16 on CUDA and none elsewhere."""
+    """Autocast dtype of an ``--amp`` mode (None = fp32).
+
+    ``auto``: bf16 on a CUDA GPU with native bf16 (no loss scaling, no overflow), fp16 (+ GradScaler) on older
+    GPUs (the original's choice everywhere), and fp32 on CPU (ask for ``bf16`` explicitly there).
+    """
     if mode == "auto":
-        mode = "fp16" if torch.device(device).type == "cuda" else "none"
+        device = torch.device(device)
+        if device.type == "cuda":
+            mode = "bf16" if _cuda_supports_bf16(device) else "fp16"
+        else:
+            mode = "none"
     if mode not in _DTYPES:
         raise ValueError(f"--amp must be one of auto, none, fp16, bf16; got {mode!r}")
     return _DTYPES[mode]
@@ -49,8 +65,8 @@ def grad_norm(parameters: Iterable[torch.nn.Parameter]) -> torch.Tensor:
 class AmpConfig:
     """Mixed-precision settings resolved from ``--amp {auto,none,fp16,bf16}``.
 
-    ``auto`` is fp16 on CUDA (the original's autocast + GradScaler) and none on CPU. bf16 needs no scaler and works
-    on CPU too. ``scaler`` is a ``torch.amp.GradScaler``, enabled only for fp16 (a disabled one is a pass-through).
+    ``auto`` is bf16 on GPUs with native bf16, fp16 (the original's autocast + GradScaler) on older GPUs and none on
+    CPU. bf16 needs no scaler and works on CPU too. ``scaler`` is a ``torch.amp.GradScaler``, enabled only for fp16 (a disabled one is a pass-through).
     """
 
     def __init__(self, mode: str, device: torch.device | str) -> None:

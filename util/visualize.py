@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["reconstruction_grid", "save_reconstruction"]
+__all__ = ["reconstruction_grid", "save_reconstruction", "BackgroundFigures"]
 
 
 def _to_display(img: torch.Tensor, mean: Sequence[float], std: Sequence[float], vis_factor: float) -> np.ndarray:
@@ -44,10 +45,7 @@ def reconstruction_grid(
 ):
     """A matplotlib figure: per sample the masked input, the target, the high band, the low band and the combined
     prediction. ``preds`` are the model's patchified ``[pred_high, pred_low, pred_all]``; ``mask`` is [N, L]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: figures can be drawn off the main thread
 
     n = min(max_samples, imgs.shape[0])
     imgs, targets, mask = imgs[:n].float().cpu(), targets[:n].float().cpu(), mask[:n].float().cpu()
@@ -68,7 +66,8 @@ def reconstruction_grid(
                ("pred high (band)", [_band_display(x) for x in pred_high]),
                ("pred low", [_to_display(x, mean, std, vis_factor) for x in pred_low]),
                ("pred combined", [_to_display(x, mean, std, vis_factor) for x in pred_all])]
-    fig, axes = plt.subplots(n, len(columns), figsize=(2.2 * len(columns), 2.2 * n), squeeze=False)
+    fig = Figure(figsize=(2.2 * len(columns), 2.2 * n))
+    axes = fig.subplots(n, len(columns), squeeze=False)
     for col, (title, images) in enumerate(columns):
         for row in range(n):
             ax = axes[row][col]
@@ -91,5 +90,36 @@ def save_reconstruction(fig, path: str | os.PathLike, writer=None, tag: str = "r
     fig.savefig(path, dpi=80)
     if writer is not None:
         writer.add_figure(tag, fig, global_step=step, close=False)
-    plt.close(fig)
+    plt.close(fig)  # a no-op for figures made without pyplot
     return path
+
+
+class BackgroundFigures:
+    """Run figure jobs on one background thread, so that the training step does not wait for matplotlib.
+
+    ``submit(fn, *args)`` queues a job (waiting first for the previous one: at most one figure in flight, none
+    dropped); an exception of a job is raised by the next ``submit`` or by ``close``. Use as a context manager, inside
+    the block that closes the TensorBoard writer. Jobs should get host copies of the tensors they draw.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="figures")
+        self._last: Optional[Future] = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        if self._last is not None:
+            self._last.result()
+        self._last = self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        try:
+            if self._last is not None:
+                self._last.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "BackgroundFigures":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

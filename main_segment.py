@@ -1,0 +1,355 @@
+"""Semantic segmentation with a Scale-MAE encoder + UPerNet (the paper's SpaceNet v1 building protocol).
+
+SpaceNet-style data (GeoTIFF tiles + GeoJSON building footprints), one GPU:
+    python main_segment.py --config config/seg_spacenet.yaml --data_root /data/spacenet1 \
+        --checkpoint_path scalemae-vitlarge-800.pth --model vit_large_patch16 --input_size 224 --epochs 50
+8 GPUs:            torchrun --nproc_per_node=8 main_segment.py ... (SyncBatchNorm in the heads)
+Evaluate only:     python main_segment.py --eval --resume output_dir/checkpoint-latest.pth --config ... \
+                       --eval_scales 0.5 0.75 1.0 --save_predictions --polygonize --overlays
+CPU demo:          make demo-seg
+
+Model: ``models_seg.build_segmentation_model(--model)``: the encoder's block outputs ``--out_indices`` (default:
+ViT-L 7 11 15 23, ViT-B 3 5 7 11) with the per-sample GSD embedding -> 1/4..1/32 pyramid -> UPerNet (+ auxiliary
+FCN head on 1/16 with ``--aux_weight``). Loss: cross-entropy ignoring ``data.ignore_index`` (+ ``--dice_weight`` x
+Dice). AdamW with layer-wise lr decay (``--layer_decay``) on the encoder; neck and heads at the full rate.
+
+Resolution: a training window of ``data.size`` px shown at ``--input_size`` px gets ``res = --base_resolution *
+size / input_size`` (times ``gsd / data.reference_gsd`` when set); evaluation at scale ``f`` resizes windows to
+``f * size`` px and multiplies res by ``1 / f`` accordingly (the kNN table's GSD sweep, here on dense labels).
+``--crop_scale MIN MAX`` trains on random square crops of that fraction of the window, resized to ``--input_size``,
+with the res of the crop (Scale-MAE's multiscale idea as a segmentation augmentation).
+
+Outputs in ``--output_dir``: checkpoints, ``log.txt``, ``config.yaml``, ``seg-epochNNNN.{md,json,png}`` (per-scale
+IoU table), ``predictions/`` (``--save_predictions``: GeoTIFFs with the source transform/CRS, ``--polygonize``:
+GeoPackages, ``--overlays``: PNGs); TensorBoard in ``--log_dir``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+import models_seg
+import models_vit
+from engine_segment import evaluate, scale_key, train_one_epoch
+from util import dist as dist_util
+from util import harness
+from util.amp import AmpConfig
+from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
+from util.lr_decay import param_groups_lrd, param_groups_weight_decay
+from util.lr_sched import effective_lr
+from util.metrics import JsonlLogger
+
+WRITER = "main_segment"
+DEFAULT_MODEL = "vit_large_patch16"
+DEFAULT_CONFIG = "seg_spacenet.yaml"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Scale-MAE semantic segmentation (UPerNet)", add_help=True)
+
+    g = p.add_argument_group("schedule")
+    g.add_argument("--batch_size", default=8, type=int,
+                   help="per-process batch (>= 2: BatchNorm in the heads); effective = batch * accum * world")
+    g.add_argument("--epochs", default=50, type=int)
+    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
+    g.add_argument("--lr", type=float, default=None, help="absolute lr; default blr * effective batch / 256")
+    g.add_argument("--blr", type=float, default=1.6e-3, help="base lr (1.6e-3 = 1e-4 at batch 16)")
+    g.add_argument("--min_lr", type=float, default=0.0)
+    g.add_argument("--warmup_epochs", type=float, default=1.0)
+    g.add_argument("--weight_decay", type=float, default=0.05)
+    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay of the encoder (1 = off)")
+    g.add_argument("--clip_grad", type=float, default=None)
+    g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
+                   help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU")
+    g.add_argument("--grad_checkpointing", action="store_true", help="recompute encoder blocks in backward")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None,
+                   help=f"encoder: {', '.join(models_vit.MODELS)} (MAE names map to their encoder); default: the "
+                        f"checkpoint's architecture, else {DEFAULT_MODEL}")
+    g.add_argument("--checkpoint_path", default=None,
+                   help="pretrained Scale-MAE weights (pretraining checkpoint, the release, or an exported encoder)")
+    g.add_argument("--allow_random_init", action="store_true",
+                   help="train without --checkpoint_path (randomly initialised encoder)")
+    g.add_argument("--input_size", default=224, type=int, help="model input side (px), a multiple of the patch")
+    g.add_argument("--out_indices", nargs=4, type=int, default=None, metavar="BLOCK",
+                   help="encoder blocks feeding the pyramid (default: ViT-L 7 11 15 23, ViT-B 3 5 7 11)")
+    g.add_argument("--head_channels", default=512, type=int, help="UPerNet width")
+    g.add_argument("--aux_channels", default=256, type=int, help="auxiliary FCN head width (0: no auxiliary head)")
+    g.add_argument("--aux_weight", default=0.4, type=float, help="auxiliary loss weight")
+    g.add_argument("--dice_weight", default=0.0, type=float, help="Dice loss weight added to the cross-entropy")
+    g.add_argument("--sync_bn", action="store_true", default=True,
+                   help="SyncBatchNorm in the neck and heads under DDP on CUDA (default on)")
+    g.add_argument("--no_sync_bn", action="store_false", dest="sync_bn")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--config", default=None, help=f"segmentation data config (YAML; default config/{DEFAULT_CONFIG})")
+    g.add_argument("--data_root", default=None, help="folder that relative paths in --config resolve against")
+    g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE")
+    g.add_argument("--base_resolution", default=1.0, type=float,
+                   help="res of a window shown at its native pixel count (see the module docstring)")
+    g.add_argument("--crop_scale", nargs=2, type=float, default=[1.0, 1.0], metavar=("MIN", "MAX"),
+                   help="scale augmentation: train on a random square crop of MIN..MAX of the window side, resized "
+                        "to --input_size (res follows the crop); default 1 1 = off")
+    harness.add_loader_args(g)
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval_scales", nargs="+", type=float, default=[1.0],
+                   help="evaluate with windows resized to these fractions of their side, e.g. 0.5 0.75 1.0")
+    g.add_argument("--eval_freq", default=1, type=int, help="evaluate every n epochs (and after the last)")
+    g.add_argument("--eval_batch_size", default=None, type=int, help="default: --batch_size")
+    g.add_argument("--object_f1", action="store_true", help="SpaceNet-style object F1 at IoU 0.5 (class 1)")
+    g.add_argument("--save_predictions", action="store_true",
+                   help="write the final evaluation's predictions (first --eval_scales entry) as GeoTIFFs")
+    g.add_argument("--polygonize", action="store_true", help="also write the predictions as GeoPackage polygons")
+    g.add_argument("--simplify", default=0.0, type=float, help="polygon simplification tolerance (CRS units)")
+    g.add_argument("--overlays", action="store_true", help="also write overlay PNGs (prediction + label outline)")
+    g.add_argument("--eval", action="store_true", help="evaluate (--resume or --checkpoint_path) and exit")
+
+    g = harness.add_run_args(p, output_dir_default="./output_dir/segment",
+                             output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
+                             resume_help="segmentation checkpoint of this script to resume from")
+    g.add_argument("--checkpoint_interval", default=10, type=int)
+    g.add_argument("--print_freq", default=20, type=int)
+    harness.add_distributed_args(p)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def validate_args(args: argparse.Namespace) -> None:
+    """Start-up checks of the flags (nothing is read or written yet); each failure is one line."""
+    harness.require(args.batch_size >= 2,
+                    f"--batch_size {args.batch_size}: needs >= 2 per process (BatchNorm in the heads)")
+    harness.check_positive(args, "epochs", "accum_iter", "eval_freq", "input_size", "head_channels",
+                           "checkpoint_interval", "print_freq", "blr", "lr", "layer_decay", "base_resolution",
+                           "eval_scales", "eval_batch_size", "aux_weight", "dice_weight", "aux_channels",
+                           "warmup_epochs", "simplify", "weight_decay", "min_lr", "clip_grad", "num_workers",
+                           allow_zero=("aux_weight", "dice_weight", "aux_channels", "warmup_epochs", "simplify",
+                                       "weight_decay", "min_lr", "clip_grad", "num_workers"))
+    harness.require(args.layer_decay <= 1, f"--layer_decay {args.layer_decay}: must be in (0, 1]")
+    harness.require(all(s <= 4 for s in args.eval_scales), f"--eval_scales {args.eval_scales}: must be in (0, 4]")
+    harness.require(0 < args.crop_scale[0] <= args.crop_scale[1] <= 1,
+                    f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: need 0 < MIN <= MAX <= 1")
+    if args.model is not None:
+        resolve_model_name(args.model, quiet=True)
+
+
+def resolve_model_name(name: str, quiet: bool = False) -> str:
+    """A ``models_vit`` encoder name (``mae_vit_large_patch16[_dec512d8b]`` maps to ``vit_large_patch16``)."""
+    from main_linprobe import resolve_model_name as resolve
+
+    return resolve(name, quiet=quiet)
+
+
+# ------------------------------------------------------------------------------------------------------ model
+def build_model(args: argparse.Namespace, num_classes: int, in_chans: int,
+                pretrained: Optional[Mapping[str, torch.Tensor]]) -> models_seg.SegmentationModel:
+    """The segmentation model, with the pretrained encoder weights ``pretrained`` (None: random or resumed)."""
+    try:
+        model = models_seg.build_segmentation_model(
+            args.model, num_classes, img_size=args.input_size, in_chans=in_chans, out_indices=args.out_indices,
+            channels=args.head_channels, aux_channels=args.aux_channels or None)
+    except ValueError as err:
+        raise harness.UserError(f"cannot build the segmentation model: {err}") from None
+    harness.require(args.input_size % model.patch_size == 0 and args.input_size >= 2 * model.patch_size,
+                    f"--input_size {args.input_size}: must be a multiple of the patch size {model.patch_size} "
+                    f"and at least {2 * model.patch_size}")
+    if pretrained is not None:
+        try:
+            report = models_seg.load_pretrained_encoder(model, pretrained)
+        except ValueError as err:
+            raise harness.UserError(f"--checkpoint_path {args.checkpoint_path}: {err}") from None
+        heads = [k for k in report.missing_keys if k.startswith(models_seg.HEAD_PREFIXES)]
+        other = [k for k in report.missing_keys if k not in heads]
+        print(f"loaded encoder from {args.checkpoint_path}: {len(heads)} neck/head tensors newly initialised"
+              f"{f', also missing {other}' if other else ''}; {len(report.unexpected_keys)} pretraining-only "
+              f"tensors unused")
+    if args.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)
+    return model
+
+
+def build_param_groups(model: models_seg.SegmentationModel, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Encoder: layer-wise decay groups (``util.lr_decay.param_groups_lrd``, names prefixed ``backbone.``);
+    neck and heads: one decay / no-decay pair at lr scale 1."""
+    groups = param_groups_lrd(model.backbone, args.weight_decay, no_weight_decay_list=("pos_embed", "cls_token"),
+                              layer_decay=args.layer_decay)
+    for g in groups:
+        g["name"] = f"backbone_{g['name']}"
+        g["param_names"] = [f"backbone.{n}" for n in g["param_names"]]
+    heads = nn.ModuleDict({n: m for n, m in model.named_children() if n != "backbone"})
+    for g in param_groups_weight_decay(heads, args.weight_decay):
+        g["name"] = f"heads_{g['name']}"
+        groups.append(g)
+    return [g for g in groups if g["params"]]
+
+
+def load_resumed_weights(model: nn.Module, ckpt: Mapping, resume: str) -> float:
+    """Weights (strict) of this script's checkpoint; returns the best mIoU so far."""
+    state = strip_module_prefix(ckpt["model"])
+    problem = describe_state_dict_mismatch(model.state_dict(), state)
+    if problem:
+        raise harness.UserError(f"--resume {resume} does not match the model (check --model, --out_indices, "
+                                f"--head_channels, --aux_channels and the classes): {problem}")
+    model.load_state_dict(state, strict=True)
+    print(f"resumed model weights from {resume}")
+    return float(ckpt.get("best_miou", 0.0) or 0.0)
+
+
+def make_writer(args: argparse.Namespace, out_dir: Path, val_ds, classes, ignore_index: int):
+    """The prediction writer of the final evaluation (None unless an output is asked for)."""
+    if not (args.save_predictions or args.polygonize or args.overlays):
+        return None
+    from util.seg_outputs import PredictionWriter
+
+    src = val_ds.source
+    return PredictionWriter(out_dir / "predictions", classes, src.paths, src.transforms, src.crs,
+                            polygonize=args.polygonize, simplify=args.simplify, overlays=args.overlays,
+                            ignore_index=ignore_index)
+
+
+# ------------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or ``--eval``); returns ``{"eval": last evaluation result, "best_miou", "history"}``."""
+    from dataloaders.segmentation import TileShardSampler, build_seg_datasets, load_seg_config, seg_collate
+    from main_linprobe import architecture_of, read_pretrained
+    from util.seg_metrics import format_seg_table, save_seg_report
+
+    validate_args(args)
+    harness.resolve_data_config(args, DEFAULT_CONFIG)
+    device = harness.setup(args)
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    out_dir = harness.prepare_output(args)
+
+    # --- what to start from
+    resume = harness.find_resume(args, out_dir, WRITER)
+    resumed = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
+    if resumed is not None:
+        writer = harness.checkpoint_writer(resumed)
+        harness.require("model" in resumed, f"--resume {resume} has no 'model' entry (keys: {sorted(resumed)})")
+        harness.require(writer in (None, WRITER), f"--resume {resume} was written by {writer}.py; pretrained "
+                                                  f"weights go to --checkpoint_path")
+    pretrained, pretrained_args = (None, {})
+    if args.checkpoint_path and resumed is None:
+        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
+    harness.require(resumed is not None or pretrained is not None or args.allow_random_init,
+                    "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
+                    "--allow_random_init trains a randomly initialised encoder)")
+    if args.model is not None:
+        args.model = resolve_model_name(args.model)
+    elif resumed is not None and isinstance((resumed.get("args") or {}).get("model"), str):
+        args.model = resolve_model_name(resumed["args"]["model"], quiet=True)
+    elif pretrained is not None:
+        args.model = architecture_of(pretrained, pretrained_args, args.checkpoint_path)
+        print(f"--model not given: {args.model}, from {args.checkpoint_path}")
+    else:
+        args.model = DEFAULT_MODEL
+
+    # --- data
+    cfg = load_seg_config(args.config, data_root=args.data_root, overrides=args.data_override)
+    train_ds, val_ds, classes = build_seg_datasets(cfg, args.input_size, args.base_resolution, args.seed,
+                                                   tuple(args.crop_scale))
+    d = cfg["data"]
+    args.ignore_index = d["ignore_index"]
+    print(f"classes {classes}; train {len(train_ds.source.paths)} raster(s), {d['length']} windows of {d['size']} px "
+          f"per epoch shown at {args.input_size} px; validation {len(val_ds.source.paths)} raster(s), "
+          f"{len(val_ds.windows)} windows")
+
+    # --- model
+    model = build_model(args, len(classes), len(d["mean"]), pretrained).to(device)
+    if resumed is not None and resumed.get("classes") not in (None, classes):
+        raise harness.UserError(f"--resume {resume} was trained on classes {resumed['classes']}, but --config "
+                                f"{args.config} gives {classes}")
+    best_miou = load_resumed_weights(model, resumed, resume) if resumed is not None else 0.0
+    if args.distributed and args.sync_bn and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model_without_ddp = model
+    pin = args.pin_mem and device.type == "cuda"
+    val_loader = DataLoader(val_ds, sampler=TileShardSampler(val_ds.windows, world, rank),
+                            batch_size=args.eval_batch_size or args.batch_size, num_workers=args.num_workers,
+                            pin_memory=pin, collate_fn=seg_collate)
+    amp_dtype = AmpConfig(args.amp, device).dtype
+    object_class = 1 if args.object_f1 else None
+
+    def run_eval(tag: str, final: bool) -> dict[str, Any]:
+        writer = make_writer(args, out_dir, val_ds, classes, args.ignore_index) if final else None
+        result = evaluate(model, val_loader, device, args.eval_scales, classes, args.ignore_index, amp_dtype,
+                          object_class, writer, model_without_ddp.patch_size, args.print_freq)
+        if dist_util.is_main_process():
+            print(format_seg_table(result))
+            save_seg_report(result, out_dir, tag)
+            if writer is not None:
+                print(f"predictions written to {writer.out_dir} ({len(writer.written)} files on rank 0)")
+        return result
+
+    if args.eval:
+        harness.save_run_config(out_dir, args, cfg, evaluating=True, classes=classes)
+        result = run_eval("seg-eval", final=True)
+        dist_util.cleanup()
+        return {"eval": result, "best_miou": best_miou, "history": []}
+
+    # --- optimizer, resumed training state
+    if args.lr is None:
+        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model {args.model} + UPerNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+          f"({n_train / 1e6:.2f} M trainable), blocks {list(model_without_ddp.out_indices)}; effective batch "
+          f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g}; layer decay {args.layer_decay}")
+    optimizer, amp = harness.build_optimizer(build_param_groups(model, args), args, device, keep_names=True)
+    harness.restore_training_state(resumed, optimizer, amp, args, source=str(resume))
+    if harness.nothing_left(args, resume):
+        result = run_eval(f"seg-epoch{args.start_epoch:04d}", final=True)
+        dist_util.cleanup()
+        return {"eval": result, "best_miou": best_miou, "history": []}
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+
+    sampler = train_ds.make_sampler(world, rank, args.seed)
+    train_loader = DataLoader(train_ds, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                              pin_memory=pin, drop_last=True, collate_fn=seg_collate)
+    harness.require(len(train_loader) > 0, f"data.length {d['length']} gives {len(sampler)} windows per process, "
+                                           f"fewer than --batch_size {args.batch_size}")
+
+    # --- the run starts: from here on the output folder describes it
+    harness.save_run_config(out_dir, args, cfg, classes=classes)
+    log_writer = harness.open_log_writer(args.log_dir) if dist_util.is_main_process() else None
+    keeper = harness.CheckpointKeeper(out_dir, WRITER)
+    jsonl = JsonlLogger(out_dir)
+    history: list[dict[str, Any]] = []
+    result: dict[str, Any] = {}
+    print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
+    with harness.training_run(log_writer, keeper):
+        for epoch in range(args.start_epoch, args.epochs):
+            sampler.set_epoch(epoch)
+            train_ds.epoch = epoch
+            train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, amp, args, log_writer,
+                                          on_finite_loss=keeper.verify)
+            log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+            last = epoch + 1 == args.epochs
+            if last or (epoch + 1) % args.eval_freq == 0:
+                result = run_eval(f"seg-epoch{epoch + 1:04d}", final=last)
+                first = result["scales"][scale_key(args.eval_scales[0])]
+                best_miou = max(best_miou, first["miou"])
+                log_stats.update({"test_miou": first["miou"], "test_pixel_acc": first["pixel_acc"],
+                                  "test_mean_miou": result["mean"]["miou"], "best_miou": best_miou})
+                if log_writer is not None:
+                    for key, r in result["scales"].items():
+                        log_writer.add_scalar(f"perf/miou_scale{key}", r["miou"], epoch)
+                    log_writer.flush()
+            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+                     "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args),
+                     "best_miou": best_miou, "classes": classes}
+            keeper.save(state, f"the end of epoch {epoch}", epoch=epoch, args=args)
+            history.append(log_stats)
+            jsonl.log(log_stats)
+    dist_util.cleanup()
+    return {"eval": result, "best_miou": best_miou, "history": history}
+
+
+if __name__ == "__main__":
+    harness.run(main, get_args_parser())

@@ -1,0 +1,230 @@
+"""Segmentation data: polygons (EPSG:4326) rasterised on UTM windows, ignore pixels, holes and multipolygons,
+mask pairs, configs, the synthetic building scenes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dataloaders.config import ConfigError
+from dataloaders.errors import DataError, MissingDataError
+from dataloaders.segmentation import (GeoVectorSource, MaskPairSource, SegmentationDataset, TileShardSampler,
+                                      VectorLabels, grid_windows, load_seg_config, seg_collate)
+
+UTM = "EPSG:32633"
+X0, Y0 = 500000.0, 5000000.0  # top-left corner of the 10 x 10 px, 1 m raster
+
+
+def px_box(c0, r0, c1, r1):
+    """A rectangle given in (fractional) pixel offsets of the test raster, in UTM metres."""
+    from shapely.geometry import box
+
+    return box(X0 + c0, Y0 - r1, X0 + c1, Y0 - r0)
+
+
+def labels_4326(geoms, tmp_path, name="labels.geojson", **columns):
+    import geopandas as gpd
+
+    gdf = gpd.GeoDataFrame(columns, geometry=list(geoms), crs=UTM).to_crs("EPSG:4326")
+    path = tmp_path / name
+    path.write_text(gdf.to_json())
+    return path
+
+
+def utm_raster(tmp_path, nodata_row=None):
+    from affine import Affine
+
+    from dataloaders.geotiff import GeoTiffDataset
+    from dataloaders.synthetic import write_geotiff
+
+    data = np.full((1, 10, 10), 100, dtype=np.uint8)
+    if nodata_row is not None:
+        data[:, nodata_row] = 0
+    path = write_geotiff(tmp_path / "r.tif", data, Affine(1.0, 0, X0, 0, -1.0, Y0), UTM, nodata=0, dtype="uint8")
+    return GeoTiffDataset(path, window_size=1)
+
+
+def burn(tmp_path, geoms, all_touched=False, window=(0, 0, 10, 10), columns=None, **labels_kw):
+    labels = VectorLabels(labels_4326(geoms, tmp_path, **(columns or {})), **labels_kw)
+    src = GeoVectorSource(utm_raster(tmp_path), labels, all_touched)
+    return src.read(0, *window)[2]
+
+
+def test_rectangle_in_4326_over_utm_raster(tmp_path):
+    # x 2.25..5.25 px, y 3.25..7.25 px: centres of cols 2-4 and rows 3-6 inside -> 3 x 4 = 12 px;
+    # touched: cols 2-5, rows 3-7 -> 4 x 5 = 20 px
+    rect = px_box(2.25, 3.25, 5.25, 7.25)
+    centre = burn(tmp_path, [rect])
+    assert centre.sum() == 12 and centre[3:7, 2:5].all()
+    touched = burn(tmp_path, [rect], all_touched=True)
+    assert touched.sum() == 20 and touched[3:8, 2:6].all()
+    # a window of the same raster: the window transform puts the same pixels in place
+    part = burn(tmp_path, [rect], window=(2, 1, 6, 6))
+    assert np.array_equal(part, centre[2:8, 1:7])
+
+
+def test_holes_and_multipolygons(tmp_path):
+    from shapely.geometry import MultiPolygon, Polygon
+
+    outer = px_box(0.25, 0.25, 8.25, 8.25)
+    hole = px_box(3.25, 3.25, 5.25, 5.25)
+    donut = Polygon(outer.exterior.coords, [hole.exterior.coords])
+    mask = burn(tmp_path, [donut])
+    assert mask.sum() == 64 - 4 and mask[3:5, 3:5].sum() == 0
+    multi = MultiPolygon([px_box(0.25, 0.25, 2.25, 2.25), px_box(6.25, 6.25, 9.25, 9.25)])
+    mask = burn(tmp_path, [multi])
+    assert mask.sum() == 4 + 9 and mask[:2, :2].all() and mask[6:9, 6:9].all()
+
+
+def test_class_column_and_overlap_order(tmp_path):
+    a, b = px_box(0.25, 0.25, 4.25, 4.25), px_box(2.25, 2.25, 6.25, 6.25)
+    mask = burn(tmp_path, [a, b], classes=["house", "shed"], class_column="kind",
+                columns={"kind": ["house", "shed"]})
+    assert (mask == 1).sum() == 16 - 4 and (mask == 2).sum() == 16  # the later polygon wins the overlap
+    with pytest.raises(DataError, match="not in data.classes"):
+        VectorLabels(labels_4326([a], tmp_path, kind=["garage"]), classes=["house"], class_column="kind")
+    with pytest.raises(DataError, match="no column 'typ'"):
+        VectorLabels(labels_4326([a], tmp_path, kind=["house"]), classes=["house"], class_column="typ")
+    with pytest.raises(MissingDataError):
+        VectorLabels(tmp_path / "nope.gpkg")
+
+
+def test_nodata_pixels_are_ignored(tmp_path):
+    rect = px_box(2.25, 3.25, 5.25, 7.25)
+    geo = utm_raster(tmp_path, nodata_row=4)
+    src = GeoVectorSource(geo, VectorLabels(labels_4326([rect], tmp_path)))
+    ds = SegmentationDataset(src, mean=[100 / 255], std=[0.1], size=10, ignore_index=255)
+    sample = ds[0]
+    mask = sample["mask"]
+    assert (mask == 255).sum() == 10 and (mask[4] == 255).all()
+    assert (mask == 1).sum() == 12 - 3
+    assert sample["image"][0, 4].abs().sum() == 0  # invalid pixels are set to the mean (0 after normalising)
+    assert sample["crs"] == UTM and sample["transform"] == (1.0, 0.0, X0, 0.0, -1.0, Y0)
+
+
+def test_grid_windows_cover_tiles_and_shard_by_tile():
+    wins = grid_windows([(10, 25), (5, 5)], 8)
+    first = [w for w in wins if w.tile == 0]
+    assert {(w.row, w.col) for w in first} == {(r, c) for r in (0, 2) for c in (0, 8, 16, 17)}
+    assert [(w.row, w.col) for w in wins if w.tile == 1] == [(0, 0)]
+    s0, s1 = TileShardSampler(wins, 2, 0), TileShardSampler(wins, 2, 1)
+    assert sorted(list(s0) + list(s1)) == list(range(len(wins)))
+    assert {wins[i].tile for i in s1} == {1}
+
+
+def test_mask_pairs_and_padding(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    img = np.zeros((6, 6, 3), dtype=np.uint8)
+    img[1:3, 1:4] = 200
+    mask = np.zeros((6, 6), dtype=np.uint8)
+    mask[1:3, 1:4] = 255
+    mask[5, 5] = 7  # not a listed value -> ignored
+    Image.fromarray(img).save(tmp_path / "img" / "a.png")
+    Image.fromarray(mask).save(tmp_path / "msk" / "a.png")
+    src = MaskPairSource(tmp_path / "img", tmp_path / "msk", num_classes=2, scale=255.0, mask_values=[0, 255])
+    ds = SegmentationDataset(src, mean=[0.5] * 3, std=[0.5] * 3, size=8)
+    sample = seg_collate([ds[0]])
+    m = sample["mask"][0]
+    assert m.shape == (8, 8) and (m == 1).sum() == 6 and m[5, 5] == 255
+    assert (m[6:] == 255).all() and (m[:, 6:] == 255).all()  # padding is ignored
+    assert sample["image"].shape == (1, 3, 8, 8) and sample["res"].tolist() == [1.0]
+    Image.fromarray(mask).save(tmp_path / "msk" / "b_other.png")
+    Image.fromarray(img).save(tmp_path / "img" / "b.png")
+    with pytest.raises(DataError, match="no mask for image"):
+        MaskPairSource(tmp_path / "img", tmp_path / "msk", num_classes=2)
+
+
+def test_seg_config_validation(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("data:\n  type: geotiff\n  img_dir: t\n  val_img_dir: v\n  labels: b.geojson\n"
+                   "  mean: [0.5]\n  std: [0.2]\n")
+    d = load_seg_config(cfg)["data"]
+    assert d["val_labels"] == d["labels"] == str(tmp_path / "b.geojson")
+    assert d["classes"] == ["building"] and d["ignore_index"] == 255 and d["all_touched"] is False
+    assert load_seg_config(cfg, overrides=["data.all_touched=true"])["data"]["all_touched"] is True
+    with pytest.raises(ConfigError, match="override 'data.colour=1': unknown key"):
+        load_seg_config(cfg, overrides=["data.colour=1"])
+    cfg.write_text(cfg.read_text() + "  colour: red\n")
+    with pytest.raises(ConfigError, match="data.colour: unknown key"):
+        load_seg_config(cfg)
+    cfg.write_text("data:\n  type: masks\n  img_dir: t\n  val_img_dir: v\n  mean: [0.5]\n  std: [0.2]\n")
+    with pytest.raises(ConfigError, match="data.mask_dir: required"):
+        load_seg_config(cfg)
+    with pytest.raises(ConfigError, match="data.all_touched: not valid for type 'masks'"):
+        load_seg_config(cfg, overrides=["data.all_touched=true"])
+
+
+def test_synthetic_scenes_labels_match_the_drawn_roofs(tmp_path):
+    from dataloaders.seg_synthetic import make_building_scenes
+    from dataloaders.segmentation import build_seg_datasets
+
+    out = make_building_scenes(tmp_path, n_train=2, n_val=1, size=64)
+    cfg = load_seg_config(out["config"])
+    train, val, classes = build_seg_datasets(cfg, input_size=64)
+    assert classes == ["background", "building"]
+    # the label rasterised from the EPSG:4326 polygons equals the drawn mask (boxes on pixel edges: allow
+    # a few edge pixels that the round trip through degrees can move)
+    for i in range(len(val)):
+        s = val[i]
+        truth = torch.from_numpy(out["masks"][s["path"]].astype(np.int64))
+        assert (s["mask"] != truth).sum() <= 0.01 * truth.numel()
+    sampler = train.make_sampler(seed=0)
+    batch = seg_collate([train[w] for w in list(sampler)[:4]])
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["mask"].dtype == torch.int64
+    assert set(batch["mask"].unique().tolist()) <= {0, 1, 255}
+    # res = base_resolution * window / input * ground gsd / reference_gsd (0.5 m pixels, reference 0.5 m)
+    assert torch.allclose(batch["res"], torch.ones(4), atol=2e-3)
+    half = build_seg_datasets(load_seg_config(out["config"], overrides=["data.reference_gsd=0.25"]), input_size=32)[0]
+    assert half[list(sampler)[0]]["res"] == pytest.approx(2 * 2.0, rel=2e-3)  # 64 px shown at 32 px, 2x gsd
+
+
+def test_label_folder_spacenet_style(tmp_path):
+    """One GeoJSON per tile (some empty, as SpaceNet ships them), read as one label set."""
+    import geopandas as gpd
+
+    folder = tmp_path / "geojson"
+    folder.mkdir()
+    labels_4326([px_box(2.25, 3.25, 5.25, 7.25)], tmp_path, name="geojson/a.geojson")
+    labels_4326([px_box(6.25, 6.25, 9.25, 9.25)], tmp_path, name="geojson/b.geojson")
+    (folder / "empty.geojson").write_text(gpd.GeoDataFrame(geometry=[], crs="EPSG:4326").to_json())
+    labels = VectorLabels(folder)
+    assert len(labels) == 2
+    src = GeoVectorSource(utm_raster(tmp_path), labels)
+    assert src.read(0, 0, 0, 10, 10)[2].sum() == 12 + 9
+
+
+@pytest.mark.parametrize("name", ["seg_spacenet.yaml", "seg_masks.yaml"])
+def test_shipped_seg_configs_validate(name, tmp_path):
+    from pathlib import Path
+
+    cfg = load_seg_config(Path(__file__).resolve().parent.parent / "config" / name, data_root=tmp_path)
+    assert cfg["data"]["img_dir"] == str(tmp_path / "train" / "images")
+
+
+def test_crop_scale_augmentation_scales_res_and_keeps_labels_aligned(tmp_path):
+    """A bright square and its label, cropped and resized together; res follows the crop side."""
+    from affine import Affine
+
+    from dataloaders.geotiff import GeoTiffDataset
+    from dataloaders.synthetic import write_geotiff
+
+    data = np.full((1, 32, 32), 10, dtype=np.uint8)
+    data[:, 8:24, 8:24] = 250
+    path = write_geotiff(tmp_path / "sq.tif", data, Affine(1.0, 0, X0, 0, -1.0, Y0), UTM, dtype="uint8")
+    labels = VectorLabels(labels_4326([px_box(8, 8, 24, 24)], tmp_path))
+    src = GeoVectorSource(GeoTiffDataset(path, window_size=1), labels)
+    ds = SegmentationDataset(src, mean=[0.5], std=[0.5], size=32, input_size=16, train=True, length=8,
+                             crop_scale=(0.5, 0.5))
+    from dataloaders.geo_sampler import WindowSpec
+
+    sample = ds[WindowSpec(0, 0, 0, 32, 32)]
+    assert sample["image"].shape == (1, 16, 16) and sample["res"] == pytest.approx(1.0)  # 16 px crop at 16 px
+    bright = sample["image"][0] > (130 - 0.5) / 0.5  # roof 250, ground 10 (no scale), mid-grey threshold
+    assert torch.equal(bright, sample["mask"] == 1)
+    full = SegmentationDataset(src, mean=[0.5], std=[0.5], size=32, input_size=16, train=True, length=8)
+    assert full[WindowSpec(0, 0, 0, 32, 32)]["res"] == pytest.approx(2.0)  # the whole 32 px window at 16 px
+    with pytest.raises(ValueError, match="crop_scale"):
+        SegmentationDataset(src, mean=[0.5], std=[0.5], size=32, crop_scale=(0.5, 1.5))
