@@ -166,7 +166,9 @@ def test_readme_flag_reference_lists_every_flag():
 
     readme = (REPO / "README.md").read_text()
     reference = readme[readme.index("## Flag reference"):]
-    for module in (main_pretrain, main_linprobe):
+    import main_segment
+
+    for module in (main_pretrain, main_linprobe, main_segment):
         parser = module.get_args_parser()
         for action in parser._actions:
             for flag in action.option_strings:

@@ -31,10 +31,12 @@ def flag_table(parser: argparse.ArgumentParser) -> str:
 
 
 def main() -> None:
-    import main_linprobe
-    import main_pretrain
+    import importlib
 
-    for title, module in (("main_pretrain.py", main_pretrain), ("main_linprobe.py", main_linprobe)):
+    for title in ("main_pretrain.py", "main_linprobe.py", "main_segment.py"):
+        if not (_REPO / title).is_file():
+            continue
+        module = importlib.import_module(title[:-3])
         print(f"#### `{title}`\n")
         print(flag_table(module.get_args_parser()))
         print()
