@@ -290,7 +290,8 @@ def _unexpected_globals(path: Path, message: str) -> list[str]:
         if name not in names:
             names.append(name)
     if not names:  # fall back on torch's own wording, whatever it is
-        names = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", message)))
+        # only a real ``module.name``: torch also names the bytes of a damaged stream (a text file: "orrupt.")
+        names = list(dict.fromkeys(re.findall(r"GLOBAL ([A-Za-z_][\w.]*\.[A-Za-z_]\w*)\b", message)))
     return names
 
 
@@ -315,12 +316,13 @@ def load_checkpoint(path_or_url: str | os.PathLike, map_location: Any = "cpu", p
         text = str(e)
         if isinstance(e, pickle.UnpicklingError) and ("GLOBAL" in text or "Weights only load failed" in text):
             offending = _unexpected_globals(path, text)
-            what = ", ".join(offending) if offending else "objects that are not tensors or plain data"
-            raise CheckpointError(
-                f"refusing to load checkpoint {path}: its pickle calls {what}, which is not tensor data and could run "
-                f"code on this machine (nothing of it was executed). Use weights from a trusted source, or re-save "
-                f"them as plain state dicts or .safetensors."
-            ) from None
+            if offending:  # else no real global anywhere: a damaged stream or not a pickle at all
+                raise CheckpointError(
+                    f"refusing to load checkpoint {path}: its pickle calls {', '.join(offending)}, which is not "
+                    f"tensor data and could run code on this machine (nothing of it was executed). Use weights from a "
+                    f"trusted source, or re-save them as plain state dicts or .safetensors."
+                ) from None
+            text = "not a PyTorch pickle"
         first = text.strip().splitlines()[0] if text.strip() else ""
         raise CheckpointError(
             f"could not read checkpoint {path} ({path.stat().st_size} bytes): the file is truncated, corrupt or not "
