@@ -191,8 +191,12 @@ def build_param_groups(model: models_seg.SegmentationModel, args: argparse.Names
 
 def load_resumed_weights(model: nn.Module, ckpt: Mapping, resume: str) -> float:
     """Weights (strict) of this script's checkpoint; returns the best mIoU so far."""
-    state = strip_module_prefix(ckpt["model"])
-    problem = describe_state_dict_mismatch(model.state_dict(), state)
+    state = dict(strip_module_prefix(ckpt["model"]))
+    own = model.state_dict()
+    key = "backbone.pos_embed"
+    if key in state and key in own and state[key].shape != own[key].shape:
+        state[key] = own[key]  # never used in forward (the GSD table is recomputed): evaluate at any --input_size
+    problem = describe_state_dict_mismatch(own, state)
     if problem:
         raise harness.UserError(f"--resume {resume} does not match the model (check --model, --out_indices, "
                                 f"--head_channels, --aux_channels and the classes): {problem}")

@@ -118,3 +118,19 @@ def test_pretrained_values_land_in_the_backbone():
     torch.testing.assert_close(model.backbone.blocks[3].mlp.fc2.weight, mae.blocks[3].mlp.fc2.weight)
     with pytest.raises(ValueError, match="--resume"):
         models_seg.load_pretrained_encoder(model, {"model": model.state_dict()})
+
+
+def test_segment_resume_at_another_input_size():
+    """A run trained at 64 px evaluates/resumes at 224 px: the stored pos_embed (never used in forward) differs in
+    size and is not a mismatch; every other tensor is loaded exactly."""
+    import main_segment
+
+    small = models_seg.build_segmentation_model("vit_tiny_patch16", 2, img_size=64, channels=16, aux_channels=8)
+    large = models_seg.build_segmentation_model("vit_tiny_patch16", 2, img_size=224, channels=16, aux_channels=8)
+    main_segment.load_resumed_weights(large, {"model": small.state_dict(), "best_miou": 0.5}, "ckpt.pth")
+    own, src = large.state_dict(), small.state_dict()
+    assert own["backbone.pos_embed"].shape != src["backbone.pos_embed"].shape
+    assert all(torch.equal(own[k], src[k]) for k in own if k != "backbone.pos_embed")
+    other = models_seg.build_segmentation_model("vit_tiny_patch16", 2, img_size=64, channels=32, aux_channels=8)
+    with pytest.raises(SystemExit, match="does not match the model"):
+        main_segment.load_resumed_weights(other, {"model": small.state_dict()}, "ckpt.pth")
