@@ -22,7 +22,6 @@ random resized crop (area fraction in [scale_min, scale_max]); validation uses o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 from pathlib import Path
@@ -44,6 +43,7 @@ from util.harness import warn_dead_flags
 from util.lr_decay import apply_linear_layer_scale, param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
+from util.pretrained import architecture_of, read_pretrained, resolve_model_name
 
 # Flags kept so that original command lines still parse; they change nothing (as in the original).
 DEAD_FLAGS = {
@@ -168,22 +168,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
-def resolve_model_name(name: str, quiet: bool = False) -> str:
-    """A ``models_vit`` factory name; MAE names (``mae_vit_large_patch16[_dec512d8b]``) map to their encoder."""
-    if name in models_vit.MODELS:
-        return name
-    if name.startswith("mae_"):
-        encoder = name[len("mae_"):]
-        if encoder.endswith("_dec512d8b"):
-            encoder = encoder[: -len("_dec512d8b")]
-        if encoder in models_vit.MODELS:
-            if not quiet:
-                print(f"NOTE: --model {name} is a pretraining model; using its encoder {encoder}")
-            return encoder
-    raise harness.UserError(f"--model {name!r} is not an encoder; choose from {sorted(models_vit.MODELS)} "
-                     f"(or an MAE name such as mae_vit_large_patch16)")
-
-
 def eval_resolution(args: argparse.Namespace) -> float:
     """The validation res (the original's formula)."""
     if args.eval_gsd:
@@ -285,49 +269,6 @@ class ValCollate:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-ENCODER_SHAPES = {(16, 192, 4): "vit_tiny_patch16", (16, 768, 12): "vit_base_patch16",
-                  (16, 1024, 24): "vit_large_patch16", (14, 1280, 32): "vit_huge_patch14"}
-
-
-def read_pretrained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, saved args) from ``--checkpoint_path``: ``{'model': ...}`` checkpoints, bare state dicts,
-    ``.safetensors``."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        if not Path(path).is_file():
-            raise harness.UserError(f"--checkpoint_path {path}: file not found")
-        try:
-            return load_file(path), {}
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise harness.UserError(f"--checkpoint_path {path}: not a readable safetensors file ({err})") from None
-    ckpt = harness.read_checkpoint(path, "--checkpoint_path")
-    saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt.get(key), Mapping):
-            ckpt = ckpt[key]
-            break
-    return strip_module_prefix({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}), saved_args
-
-
-def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, source: str) -> str:
-    """The ``models_vit`` name of a checkpoint: its saved ``--model``, else its tensor shapes."""
-    saved = saved_args.get("model") if saved_args else None
-    if isinstance(saved, str):
-        with contextlib.suppress(SystemExit):
-            return resolve_model_name(saved, quiet=True)
-    weight = state.get("patch_embed.proj.weight")
-    if weight is None:
-        raise harness.UserError(f"{source}: no encoder tensors (patch_embed.proj.weight is missing); is it a "
-                                f"Scale-MAE checkpoint?")
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
-    key = (int(weight.shape[-1]), int(weight.shape[0]), depth)
-    if key not in ENCODER_SHAPES:
-        raise harness.UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
-                                f"model in {sorted(models_vit.MODELS)}; pass --model")
-    return ENCODER_SHAPES[key]
-
-
 def load_pretrained(model: models_vit.VisionTransformer, path: str,
                     state: Optional[Mapping[str, torch.Tensor]] = None) -> models_vit.LoadReport:
     """Load ``--checkpoint_path`` into the encoder, checking missing/unexpected keys exactly

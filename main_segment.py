@@ -43,6 +43,7 @@ from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_m
 from util.lr_decay import param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
+from util.pretrained import architecture_of, read_pretrained, resolve_model_name
 
 WRITER = "main_segment"
 DEFAULT_MODEL = "vit_large_patch16"
@@ -139,13 +140,6 @@ def validate_args(args: argparse.Namespace) -> None:
         resolve_model_name(args.model, quiet=True)
 
 
-def resolve_model_name(name: str, quiet: bool = False) -> str:
-    """A ``models_vit`` encoder name (``mae_vit_large_patch16[_dec512d8b]`` maps to ``vit_large_patch16``)."""
-    from main_linprobe import resolve_model_name as resolve
-
-    return resolve(name, quiet=quiet)
-
-
 # ------------------------------------------------------------------------------------------------------ model
 def build_model(args: argparse.Namespace, num_classes: int, in_chans: int,
                 pretrained: Optional[Mapping[str, torch.Tensor]]) -> models_seg.SegmentationModel:
@@ -217,7 +211,6 @@ def make_writer(args: argparse.Namespace, out_dir: Path, val_ds, classes, ignore
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or ``--eval``); returns ``{"eval": last evaluation result, "best_miou", "history"}``."""
     from dataloaders.segmentation import TileShardSampler, build_seg_datasets, load_seg_config, seg_collate
-    from main_linprobe import architecture_of, read_pretrained
     from util.seg_metrics import format_seg_table, save_seg_report
 
     validate_args(args)
