@@ -67,27 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Scale-MAE linear probing / finetuning", add_help=True)
 
     g = p.add_argument_group("schedule")
-    g.add_argument("--batch_size", default=64, type=int,
-                   help="per-process batch (times the config's oversample); effective = batch * accum * world "
-                        "(default 64)")
-    g.add_argument("--epochs", default=400, type=int, help="(default 400)")
-    g.add_argument("--accum_iter", default=1, type=int,
-                   help="gradient accumulation steps per optimizer step (default 1)")
-    g.add_argument("--weight_decay", type=float, default=0.05,
-                   help="AdamW weight decay of >= 2-D tensors (default 0.05)")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
-    g.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr * effective batch / 256 (default 1e-3)")
+    harness.add_schedule_args(g, batch_size=64, epochs=400, blr=1e-3, warmup_epochs=0,
+                              batch_note=" (times the config's oversample)")
     g.add_argument("--layer_decay", type=float, default=0.75,
                    help="layer-wise lr decay, --finetune only (default 0.75)")
     g.add_argument("--linear_layer_scale", type=float, default=1.0,
                    help="extra lr scale of the head-weight group, --finetune only (default 1.0)")
-    g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
-    g.add_argument("--warmup_epochs", type=float, default=0, help="linear warmup, per iteration (default 0)")
-    g.add_argument("--clip_grad", type=float, default=None,
-                   help="clip the global grad norm (default off, as the original)")
-    g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 (autocast + GradScaler) on "
-                        "CUDA; none on CPU; bf16 works on CPU (default auto)")
     add_compile_args(g)
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute encoder blocks in backward (--finetune only; a frozen encoder stores nothing)")

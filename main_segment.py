@@ -38,6 +38,7 @@ import models_vit
 from engine_segment import evaluate, scale_key, train_one_epoch
 from util import dist as dist_util
 from util import harness
+from util.accel import add_compile_args, maybe_compile
 from util.amp import AmpConfig
 from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
 from util.lr_decay import param_groups_lrd, param_groups_weight_decay
@@ -54,19 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Scale-MAE semantic segmentation (UPerNet)", add_help=True)
 
     g = p.add_argument_group("schedule")
-    g.add_argument("--batch_size", default=8, type=int,
-                   help="per-process batch (>= 2: BatchNorm in the heads); effective = batch * accum * world")
-    g.add_argument("--epochs", default=50, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; default blr * effective batch / 256")
-    g.add_argument("--blr", type=float, default=1.6e-3, help="base lr (1.6e-3 = 1e-4 at batch 16)")
-    g.add_argument("--min_lr", type=float, default=0.0)
-    g.add_argument("--warmup_epochs", type=float, default=1.0)
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay of the encoder (1 = off)")
-    g.add_argument("--clip_grad", type=float, default=None)
-    g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU")
+    harness.add_schedule_args(g, batch_size=8, epochs=50, blr=1.6e-3, warmup_epochs=1.0,
+                              batch_note=" (>= 2: BatchNorm in the heads)", blr_note=" (1e-4 at batch 16)")
+    g.add_argument("--layer_decay", type=float, default=0.65,
+                   help="layer-wise lr decay of the encoder, 1 = off (default 0.65)")
+    add_compile_args(g)
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute encoder blocks in backward")
 
     g = p.add_argument_group("model")
@@ -262,6 +255,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.distributed and args.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
+    model = maybe_compile(model, args)  # evaluation and training (under DDP below) share the wrapper
     pin = args.pin_mem and device.type == "cuda"
     val_loader = DataLoader(val_ds, sampler=TileShardSampler(val_ds.windows, world, rank),
                             batch_size=args.eval_batch_size or args.batch_size, num_workers=args.num_workers,
@@ -293,7 +287,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"model {args.model} + UPerNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({n_train / 1e6:.2f} M trainable), blocks {list(model_without_ddp.out_indices)}; effective batch "
           f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g}; layer decay {args.layer_decay}")
-    optimizer, amp = harness.build_optimizer(build_param_groups(model, args), args, device, keep_names=True)
+    optimizer, amp = harness.build_optimizer(build_param_groups(model_without_ddp, args), args, device,
+                                         keep_names=True)
     harness.restore_training_state(resumed, optimizer, amp, args, source=str(resume))
     if harness.nothing_left(args, resume):
         result = run_eval(f"seg-epoch{args.start_epoch:04d}", final=True)

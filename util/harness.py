@@ -49,13 +49,13 @@ import numpy as np
 import torch
 
 from util import dist as dist_util
-from util.amp import AmpConfig, NonFiniteLossError
+from util.amp import AmpConfig, NonFiniteLossError, add_amp_arg
 from util.checkpoint import CheckpointError, args_to_plain, load_checkpoint, save_checkpoint
 from util.cpu_memory import ALLOCATOR_CHOICES, keep_freed_memory
 
 __all__ = [
     "UserError", "DEBUG_ENV", "run", "report_error", "debug_enabled",
-    "add_run_args", "add_loader_args", "add_distributed_args", "warn_dead_flags", "explicit_flags",
+    "add_run_args", "add_schedule_args", "add_loader_args", "add_distributed_args", "warn_dead_flags", "explicit_flags",
     "require", "check_positive",
     "usable_cores", "local_processes", "default_num_workers", "seed_everything", "resolve_device", "setup",
     "limit_cpu_threads",
@@ -184,6 +184,37 @@ def add_run_args(parser: argparse.ArgumentParser, *, output_dir_default: str, ou
     g.add_argument("--debug", action="store_true",
                    help=f"show the traceback of errors (also: environment variable {DEBUG_ENV}=1)")
     return g
+
+
+def _num(value: float) -> str:
+    """A default as typed: 1.5e-4, 1e-3, 0.05, 20."""
+    if value and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}"
+
+
+def add_schedule_args(group: argparse._ArgumentGroup, *, batch_size: int, epochs: int, blr: float,
+                      warmup_epochs: float, warmup_type: type = float, batch_note: str = "",
+                      blr_note: str = "") -> None:
+    """The optimiser schedule every launcher has, with the launcher's defaults: ``--batch_size --epochs
+    --accum_iter --weight_decay --lr --blr --min_lr --warmup_epochs --clip_grad`` and ``--amp``."""
+    group.add_argument("--batch_size", default=batch_size, type=int,
+                       help=f"per-process batch{batch_note}; effective = batch * accum * world (default {batch_size})")
+    group.add_argument("--epochs", default=epochs, type=int, help=f"(default {epochs})")
+    group.add_argument("--accum_iter", default=1, type=int,
+                       help="gradient accumulation steps per optimizer step (default 1)")
+    group.add_argument("--weight_decay", type=float, default=0.05,
+                       help="AdamW weight decay of >= 2-D tensors (default 0.05)")
+    group.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    group.add_argument("--blr", type=float, default=blr,
+                       help=f"base lr: lr = blr * effective batch / 256{blr_note} (default {_num(blr)})")
+    group.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
+    group.add_argument("--warmup_epochs", type=warmup_type, default=warmup_epochs,
+                       help=f"linear warmup, per iteration (default {_num(warmup_epochs)})")
+    group.add_argument("--clip_grad", type=float, default=None,
+                       help="clip the global grad norm (default off, as the original)")
+    add_amp_arg(group)
 
 
 def add_loader_args(group: argparse._ArgumentGroup) -> None:
