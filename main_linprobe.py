@@ -43,7 +43,7 @@ from util.harness import warn_dead_flags
 from util.lr_decay import apply_linear_layer_scale, param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
-from util.pretrained import architecture_of, read_pretrained, resolve_model_name
+from util.pretrained import architecture_of, read_pretrained, read_start, resolve_model_name
 
 # Flags kept so that original command lines still parse; they change nothing (as in the original).
 DEAD_FLAGS = {
@@ -358,21 +358,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = harness.prepare_output(args)
 
     # --- what to start from
-    resume = harness.find_resume(args, out_dir, WRITER)
-    resumed = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
-    if resumed is not None:
-        writer = harness.checkpoint_writer(resumed)
-        if "model" not in resumed:
-            raise harness.UserError(f"resume checkpoint {resume} has no 'model' entry (keys: {sorted(resumed)})")
-        if writer not in (None, WRITER):
-            raise harness.UserError(f"--resume {resume} was written by {writer}.py; pretrained weights go to "
-                                    f"--checkpoint_path (--resume continues a run of this script)")
-    pretrained, pretrained_args = (None, {})
-    if args.checkpoint_path and resumed is None:
-        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
-    if resumed is None and pretrained is None and not args.allow_random_init:
-        raise harness.UserError("no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this "
-                                "script; --allow_random_init trains a randomly initialised encoder)")
+    resume, resumed, pretrained, pretrained_args = read_start(args, out_dir, WRITER)
     if args.model is not None:
         args.model = resolve_model_name(args.model)
     elif resumed is not None:

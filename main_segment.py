@@ -44,7 +44,7 @@ from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_m
 from util.lr_decay import param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
-from util.pretrained import architecture_of, read_pretrained, resolve_model_name
+from util.pretrained import architecture_of, read_start, resolve_model_name
 
 WRITER = "main_segment"
 DEFAULT_MODEL = "vit_large_patch16"
@@ -213,19 +213,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = harness.prepare_output(args)
 
     # --- what to start from
-    resume = harness.find_resume(args, out_dir, WRITER)
-    resumed = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
-    if resumed is not None:
-        writer = harness.checkpoint_writer(resumed)
-        harness.require("model" in resumed, f"--resume {resume} has no 'model' entry (keys: {sorted(resumed)})")
-        harness.require(writer in (None, WRITER), f"--resume {resume} was written by {writer}.py; pretrained "
-                                                  f"weights go to --checkpoint_path")
-    pretrained, pretrained_args = (None, {})
-    if args.checkpoint_path and resumed is None:
-        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
-    harness.require(resumed is not None or pretrained is not None or args.allow_random_init,
-                    "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
-                    "--allow_random_init trains a randomly initialised encoder)")
+    resume, resumed, pretrained, pretrained_args = read_start(args, out_dir, WRITER)
     if args.model is not None:
         args.model = resolve_model_name(args.model)
     elif resumed is not None and isinstance((resumed.get("args") or {}).get("model"), str):

@@ -11,13 +11,16 @@ state dict, or an exported encoder (``.pth`` / ``.safetensors``). What they shar
 * ``read_pretrained(path)``: (state dict, saved args) of ``--checkpoint_path``, errors as one line;
 * ``resolve_model_name(name)``: a ``models_vit`` encoder name (MAE names map to their encoder);
 * ``architecture_of(state, saved_args, source)``: the encoder's ``models_vit`` name, from its saved ``--model`` or
-  its tensor shapes.
+  its tensor shapes;
+* ``read_start(args, out_dir, writer)``: what a launcher that starts from pretrained weights starts from (its own
+  resumed checkpoint, else ``--checkpoint_path``), with the checks both such launchers make.
 
 (``main_pretrain.py`` rebuilds the whole MAE, decoder included, from ``models_mae.infer_architecture``.)
 """
 from __future__ import annotations
 
 import contextlib
+import argparse
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -27,7 +30,7 @@ from util import harness
 from util.checkpoint import strip_module_prefix
 
 __all__ = ["KNOWN_ARCHS", "ENCODER_SHAPES", "count_blocks", "state_dict_of", "extract_state_dict", "read_pretrained",
-           "resolve_model_name", "architecture_of"]
+           "resolve_model_name", "architecture_of", "read_start"]
 
 # (patch, embed_dim, depth) -> (num_heads, models_vit factory, timm model name).
 KNOWN_ARCHS: dict[tuple[int, int, int], tuple[int, Optional[str], Optional[str]]] = {
@@ -117,3 +120,27 @@ def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, sour
         raise harness.UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
                                 f"model in {sorted(models_vit.MODELS)}; pass --model")
     return ENCODER_SHAPES[key]
+
+
+def read_start(args: argparse.Namespace, out_dir: Path, writer: str
+               ) -> tuple[Optional[str], Optional[dict], Optional[dict[str, torch.Tensor]], dict]:
+    """``(resume, resumed checkpoint, pretrained state dict, its saved args)`` of a launcher that starts from
+    pretrained weights: ``--resume`` / autoresume of this launcher's own run (``writer``), else ``--checkpoint_path``
+    (not read when resuming). One-line errors: a resumed file without ``model`` or written by another launcher, and
+    no weights at all without ``--allow_random_init``."""
+    flag = "--resume" if args.resume else "autoresume"
+    resume = harness.find_resume(args, out_dir, writer)
+    resumed = harness.read_checkpoint(resume, flag) if resume else None
+    if resumed is not None:
+        written_by = harness.checkpoint_writer(resumed)
+        harness.require("model" in resumed, f"{flag} {resume} has no 'model' entry (keys: {sorted(resumed)})")
+        harness.require(written_by in (None, writer), f"{flag} {resume} was written by {written_by}.py; pretrained "
+                                                      f"weights go to --checkpoint_path (--resume continues a run "
+                                                      f"of this script)")
+    pretrained, pretrained_args = (None, {})
+    if args.checkpoint_path and resumed is None:
+        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
+    harness.require(resumed is not None or pretrained is not None or args.allow_random_init,
+                    "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
+                    "--allow_random_init trains a randomly initialised encoder)")
+    return resume, resumed, pretrained, pretrained_args
