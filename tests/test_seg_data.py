@@ -297,8 +297,8 @@ def test_labels_follow_a_crs_reprojection(tmp_path):
 
 
 def test_labels_follow_a_gsd_range_decimated_read(tmp_path):
-    """gsd_range [2g, 2g] on a 1 m (g metres on the ground) two-band scene (band_files): a 16 px window covers 32 m, read decimated; the burnt
-    square is the decimated bright square pixel for pixel and res doubles."""
+    """gsd_range [2g, 2g] on a 1 m (g metres on the ground) two-band scene (band_files): a 16 px
+    window covers 32 m, read decimated; the burnt square is the decimated bright square pixel for pixel and res doubles."""
     from dataloaders.geo_sampler import WindowSpec
     from dataloaders.segmentation import build_seg_datasets
 
