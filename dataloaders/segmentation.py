@@ -17,6 +17,9 @@ Config (``config/seg_*.yaml``), one top-level ``data`` mapping::
       ignore_index: 255          # label of nodata / unlabelled pixels (excluded from loss and metrics)
       mean: [...]; std: [...]    # per band, after dividing by scale
       scale: 1.0; bands: null; nodata: null; glob: null; reference_gsd: null
+      # geotiff: the GeoTIFF reader's keys, same meaning and checks as in dataloaders.config (README "Rasters"):
+      crs: null; target_gsd: null; resampling: null; downsampling: null; mosaic: false; gsd_range: null
+      nodata_mode: null; band_files: null; scene_glob: null; index_cache: null
       size: 224                  # window side read from the rasters (px)
       length: 1000               # training windows per epoch
 
@@ -27,6 +30,10 @@ and burnt per window with ``rasterio.features.rasterize`` on the window's own af
 (``tile transform * translation(col, row)``): a pixel is labelled when its centre lies inside a polygon
 (``all_touched``: when the polygon touches it). Where polygons overlap, the later feature in the file wins.
 Pixels the raster marks invalid (nodata / mask / NaN, see ``dataloaders.geotiff``) get ``ignore_index``.
+The window grid is the one the GeoTIFF reader returns: warped with ``crs``/``target_gsd``, coarser (covering more
+ground) with ``gsd_range``, crossing tile edges with ``mosaic`` (training windows; filled from every tile they
+touch), so labels and pixels always agree. Validation datasets read each tile on its own read grid (no
+``gsd_range``: the engine rescales validation windows itself and assembles whole tiles).
 
 Samples are dicts (torchgeo style, with metadata): ``image`` FloatTensor [C, S, S] (normalised; invalid pixels 0),
 ``mask`` LongTensor [S, S], ``res`` float, ``tile`` int, ``row``/``col``/``height``/``width`` (the window, height
