@@ -559,7 +559,8 @@ class CheckpointKeeper:
     ``checkpoint-latest.pth`` aside (``.checkpoint-latest.pth.verified.tmp``) and writes the new one. The engine
     calls ``verify()`` after every finite loss: the saved state produced it, so the aside copy is dropped.
     ``reject()`` (a non-finite loss) puts the aside copy back, removes epoch files written from the bad state and
-    returns a sentence saying what ``checkpoint-latest.pth`` now holds. On other ranks every call is a no-op.
+    returns a sentence saying what ``checkpoint-latest.pth`` now holds. On other ranks only the finiteness check
+    of ``save`` runs (a collective: every rank calls ``save``); every other call is a no-op there.
     """
 
     def __init__(self, out_dir: str | os.PathLike, writer: str) -> None:
@@ -576,10 +577,13 @@ class CheckpointKeeper:
              args: Optional[argparse.Namespace] = None) -> None:
         """Save ``state`` as latest (and as ``checkpoint-{epoch}.pth`` every ``args.checkpoint_interval`` epochs
         and at the last one)."""
+        bad_ranks = self._count_non_finite(state)
+        if bad_ranks:
+            world = dist_util.get_world_size()
+            where = f" on {bad_ranks} of {world} ranks" if 0 < bad_ranks < world else ""
+            raise NonFiniteLossError(f"the weights became non-finite at {label}{where}; not saved")
         if not self.enabled:
             return
-        if not state_is_finite(state.get("model", {})):
-            raise NonFiniteLossError(f"the weights became non-finite at {label}; not saved")
         state = {**state, "writer": self.writer, "state_label": label}
         if self.pending is None and self.latest.is_file():
             os.replace(self.latest, self.aside)
@@ -590,6 +594,20 @@ class CheckpointKeeper:
             path = self.out_dir / f"checkpoint-{epoch}.pth"
             save_checkpoint(state, path)
             self.pending_files.append(path)
+
+    @staticmethod
+    def _count_non_finite(state: dict) -> int:
+        """On how many ranks ``state['model']`` holds a non-finite value. Collective under a process group: every
+        rank learns the same count, so all ranks raise together (rank 0 prints the error once, the others exit as
+        quietly) instead of rank 0 stopping alone and leaving the others in their next collective."""
+        bad = 0 if state_is_finite(state.get("model", {})) else 1
+        if dist_util.get_world_size() > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([bad], dtype=torch.int32, device=dist_util.comm_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+            bad = int(flag.item())
+        return bad
 
     def verify(self) -> None:
         """A finite loss came from the latest saved state: it is good."""
