@@ -22,7 +22,6 @@ random resized crop (area fraction in [scale_min, scale_max]); validation uses o
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 from pathlib import Path
@@ -44,6 +43,7 @@ from util.harness import warn_dead_flags
 from util.lr_decay import apply_linear_layer_scale, param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
+from util.pretrained import architecture_of, read_pretrained, read_start, resolve_model_name
 
 # Flags kept so that original command lines still parse; they change nothing (as in the original).
 DEAD_FLAGS = {
@@ -67,27 +67,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Scale-MAE linear probing / finetuning", add_help=True)
 
     g = p.add_argument_group("schedule")
-    g.add_argument("--batch_size", default=64, type=int,
-                   help="per-process batch (times the config's oversample); effective = batch * accum * world "
-                        "(default 64)")
-    g.add_argument("--epochs", default=400, type=int, help="(default 400)")
-    g.add_argument("--accum_iter", default=1, type=int,
-                   help="gradient accumulation steps per optimizer step (default 1)")
-    g.add_argument("--weight_decay", type=float, default=0.05,
-                   help="AdamW weight decay of >= 2-D tensors (default 0.05)")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
-    g.add_argument("--blr", type=float, default=1e-3, help="base lr: lr = blr * effective batch / 256 (default 1e-3)")
+    harness.add_schedule_args(g, batch_size=64, epochs=400, blr=1e-3, warmup_epochs=0,
+                              batch_note=" (times the config's oversample)")
     g.add_argument("--layer_decay", type=float, default=0.75,
                    help="layer-wise lr decay, --finetune only (default 0.75)")
     g.add_argument("--linear_layer_scale", type=float, default=1.0,
                    help="extra lr scale of the head-weight group, --finetune only (default 1.0)")
-    g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
-    g.add_argument("--warmup_epochs", type=float, default=0, help="linear warmup, per iteration (default 0)")
-    g.add_argument("--clip_grad", type=float, default=None,
-                   help="clip the global grad norm (default off, as the original)")
-    g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 (autocast + GradScaler) on "
-                        "CUDA; none on CPU; bf16 works on CPU (default auto)")
     add_compile_args(g)
     g.add_argument("--grad_checkpointing", action="store_true",
                    help="recompute encoder blocks in backward (--finetune only; a frozen encoder stores nothing)")
@@ -168,22 +153,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------- setup helpers
-def resolve_model_name(name: str, quiet: bool = False) -> str:
-    """A ``models_vit`` factory name; MAE names (``mae_vit_large_patch16[_dec512d8b]``) map to their encoder."""
-    if name in models_vit.MODELS:
-        return name
-    if name.startswith("mae_"):
-        encoder = name[len("mae_"):]
-        if encoder.endswith("_dec512d8b"):
-            encoder = encoder[: -len("_dec512d8b")]
-        if encoder in models_vit.MODELS:
-            if not quiet:
-                print(f"NOTE: --model {name} is a pretraining model; using its encoder {encoder}")
-            return encoder
-    raise harness.UserError(f"--model {name!r} is not an encoder; choose from {sorted(models_vit.MODELS)} "
-                     f"(or an MAE name such as mae_vit_large_patch16)")
-
-
 def eval_resolution(args: argparse.Namespace) -> float:
     """The validation res (the original's formula)."""
     if args.eval_gsd:
@@ -285,49 +254,6 @@ class ValCollate:
 
 
 # ----------------------------------------------------------------------------------------------------- model
-ENCODER_SHAPES = {(16, 192, 4): "vit_tiny_patch16", (16, 768, 12): "vit_base_patch16",
-                  (16, 1024, 24): "vit_large_patch16", (14, 1280, 32): "vit_huge_patch14"}
-
-
-def read_pretrained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, saved args) from ``--checkpoint_path``: ``{'model': ...}`` checkpoints, bare state dicts,
-    ``.safetensors``."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        if not Path(path).is_file():
-            raise harness.UserError(f"--checkpoint_path {path}: file not found")
-        try:
-            return load_file(path), {}
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise harness.UserError(f"--checkpoint_path {path}: not a readable safetensors file ({err})") from None
-    ckpt = harness.read_checkpoint(path, "--checkpoint_path")
-    saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt.get(key), Mapping):
-            ckpt = ckpt[key]
-            break
-    return strip_module_prefix({k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}), saved_args
-
-
-def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, source: str) -> str:
-    """The ``models_vit`` name of a checkpoint: its saved ``--model``, else its tensor shapes."""
-    saved = saved_args.get("model") if saved_args else None
-    if isinstance(saved, str):
-        with contextlib.suppress(SystemExit):
-            return resolve_model_name(saved, quiet=True)
-    weight = state.get("patch_embed.proj.weight")
-    if weight is None:
-        raise harness.UserError(f"{source}: no encoder tensors (patch_embed.proj.weight is missing); is it a "
-                                f"Scale-MAE checkpoint?")
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
-    key = (int(weight.shape[-1]), int(weight.shape[0]), depth)
-    if key not in ENCODER_SHAPES:
-        raise harness.UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
-                                f"model in {sorted(models_vit.MODELS)}; pass --model")
-    return ENCODER_SHAPES[key]
-
-
 def load_pretrained(model: models_vit.VisionTransformer, path: str,
                     state: Optional[Mapping[str, torch.Tensor]] = None) -> models_vit.LoadReport:
     """Load ``--checkpoint_path`` into the encoder, checking missing/unexpected keys exactly
@@ -432,21 +358,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = harness.prepare_output(args)
 
     # --- what to start from
-    resume = harness.find_resume(args, out_dir, WRITER)
-    resumed = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
-    if resumed is not None:
-        writer = harness.checkpoint_writer(resumed)
-        if "model" not in resumed:
-            raise harness.UserError(f"resume checkpoint {resume} has no 'model' entry (keys: {sorted(resumed)})")
-        if writer not in (None, WRITER):
-            raise harness.UserError(f"--resume {resume} was written by {writer}.py; pretrained weights go to "
-                                    f"--checkpoint_path (--resume continues a run of this script)")
-    pretrained, pretrained_args = (None, {})
-    if args.checkpoint_path and resumed is None:
-        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
-    if resumed is None and pretrained is None and not args.allow_random_init:
-        raise harness.UserError("no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this "
-                                "script; --allow_random_init trains a randomly initialised encoder)")
+    resume, resumed, pretrained, pretrained_args = read_start(args, out_dir, WRITER)
     if args.model is not None:
         args.model = resolve_model_name(args.model)
     elif resumed is not None:

@@ -43,23 +43,7 @@ DEAD_FLAGS = {
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Scale-MAE pretraining", add_help=True)
     g = p.add_argument_group("schedule")
-    g.add_argument("--batch_size", default=32, type=int,
-                   help="per-process batch; effective = batch * accum * world (default 32)")
-    g.add_argument("--epochs", default=800, type=int, help="(default 800)")
-    g.add_argument("--accum_iter", default=1, type=int,
-                   help="gradient accumulation steps per optimizer step (default 1)")
-    g.add_argument("--weight_decay", type=float, default=0.05,
-                   help="AdamW weight decay of >= 2-D tensors (default 0.05)")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
-    g.add_argument("--blr", type=float, default=1.5e-4,
-                   help="base lr: lr = blr * effective batch / 256 (default 1.5e-4)")
-    g.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
-    g.add_argument("--warmup_epochs", type=int, default=20, help="linear warmup, per iteration (default 20)")
-    g.add_argument("--clip_grad", type=float, default=None,
-                   help="clip the global grad norm (default off, as the original)")
-    g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 + GradScaler on CUDA (the "
-                        "original's choice); none (fp32) on CPU (default auto)")
+    harness.add_schedule_args(g, batch_size=32, epochs=800, blr=1.5e-4, warmup_epochs=20, warmup_type=int)
     g.add_argument("--grad_checkpointing", nargs="?", const="all", default=None, choices=["all", "heads"],
                    help="recompute activations in backward (less memory): all (the flag alone) = blocks, FPN and "
                         "heads; heads = only the two reconstruction heads (default off)")

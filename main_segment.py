@@ -38,11 +38,13 @@ import models_vit
 from engine_segment import evaluate, scale_key, train_one_epoch
 from util import dist as dist_util
 from util import harness
+from util.accel import add_compile_args, maybe_compile
 from util.amp import AmpConfig
 from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
 from util.lr_decay import param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
+from util.pretrained import architecture_of, read_start, resolve_model_name
 
 WRITER = "main_segment"
 DEFAULT_MODEL = "vit_large_patch16"
@@ -53,19 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Scale-MAE semantic segmentation (UPerNet)", add_help=True)
 
     g = p.add_argument_group("schedule")
-    g.add_argument("--batch_size", default=8, type=int,
-                   help="per-process batch (>= 2: BatchNorm in the heads); effective = batch * accum * world")
-    g.add_argument("--epochs", default=50, type=int)
-    g.add_argument("--accum_iter", default=1, type=int, help="gradient accumulation steps per optimizer step")
-    g.add_argument("--lr", type=float, default=None, help="absolute lr; default blr * effective batch / 256")
-    g.add_argument("--blr", type=float, default=1.6e-3, help="base lr (1.6e-3 = 1e-4 at batch 16)")
-    g.add_argument("--min_lr", type=float, default=0.0)
-    g.add_argument("--warmup_epochs", type=float, default=1.0)
-    g.add_argument("--weight_decay", type=float, default=0.05)
-    g.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay of the encoder (1 = off)")
-    g.add_argument("--clip_grad", type=float, default=None)
-    g.add_argument("--amp", default="auto", choices=["auto", "none", "fp16", "bf16"],
-                   help="mixed precision: auto = fp16 (autocast + GradScaler) on CUDA, none on CPU")
+    harness.add_schedule_args(g, batch_size=8, epochs=50, blr=1.6e-3, warmup_epochs=1.0,
+                              batch_note=" (>= 2: BatchNorm in the heads)", blr_note=" (1e-4 at batch 16)")
+    g.add_argument("--layer_decay", type=float, default=0.65,
+                   help="layer-wise lr decay of the encoder, 1 = off (default 0.65)")
+    add_compile_args(g)
     g.add_argument("--grad_checkpointing", action="store_true", help="recompute encoder blocks in backward")
 
     g = p.add_argument_group("model")
@@ -137,13 +131,6 @@ def validate_args(args: argparse.Namespace) -> None:
                     f"--crop_scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}: need 0 < MIN <= MAX <= 1")
     if args.model is not None:
         resolve_model_name(args.model, quiet=True)
-
-
-def resolve_model_name(name: str, quiet: bool = False) -> str:
-    """A ``models_vit`` encoder name (``mae_vit_large_patch16[_dec512d8b]`` maps to ``vit_large_patch16``)."""
-    from main_linprobe import resolve_model_name as resolve
-
-    return resolve(name, quiet=quiet)
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -221,7 +208,6 @@ def make_writer(args: argparse.Namespace, out_dir: Path, val_ds, classes, ignore
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or ``--eval``); returns ``{"eval": last evaluation result, "best_miou", "history"}``."""
     from dataloaders.segmentation import TileShardSampler, build_seg_datasets, load_seg_config, seg_collate
-    from main_linprobe import architecture_of, read_pretrained
     from util.seg_metrics import format_seg_table, save_seg_report
 
     validate_args(args)
@@ -231,19 +217,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = harness.prepare_output(args)
 
     # --- what to start from
-    resume = harness.find_resume(args, out_dir, WRITER)
-    resumed = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
-    if resumed is not None:
-        writer = harness.checkpoint_writer(resumed)
-        harness.require("model" in resumed, f"--resume {resume} has no 'model' entry (keys: {sorted(resumed)})")
-        harness.require(writer in (None, WRITER), f"--resume {resume} was written by {writer}.py; pretrained "
-                                                  f"weights go to --checkpoint_path")
-    pretrained, pretrained_args = (None, {})
-    if args.checkpoint_path and resumed is None:
-        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
-    harness.require(resumed is not None or pretrained is not None or args.allow_random_init,
-                    "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
-                    "--allow_random_init trains a randomly initialised encoder)")
+    resume, resumed, pretrained, pretrained_args = read_start(args, out_dir, WRITER)
     if args.model is not None:
         args.model = resolve_model_name(args.model)
     elif resumed is not None and isinstance((resumed.get("args") or {}).get("model"), str):
@@ -273,6 +247,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.distributed and args.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
+    model = maybe_compile(model, args)  # evaluation and training (under DDP below) share the wrapper
     pin = args.pin_mem and device.type == "cuda"
     val_loader = DataLoader(val_ds, sampler=TileShardSampler(val_ds.windows, world, rank),
                             batch_size=args.eval_batch_size or args.batch_size, num_workers=args.num_workers,
@@ -304,7 +279,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"model {args.model} + UPerNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({n_train / 1e6:.2f} M trainable), blocks {list(model_without_ddp.out_indices)}; effective batch "
           f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g}; layer decay {args.layer_decay}")
-    optimizer, amp = harness.build_optimizer(build_param_groups(model, args), args, device, keep_names=True)
+    optimizer, amp = harness.build_optimizer(build_param_groups(model_without_ddp, args), args, device,
+                                         keep_names=True)
     harness.restore_training_state(resumed, optimizer, amp, args, source=str(resume))
     if harness.nothing_left(args, resume):
         result = run_eval(f"seg-epoch{args.start_epoch:04d}", final=True)

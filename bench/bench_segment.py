@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from argparse import Namespace
 
 import bench_utils  # noqa: F401  (puts the repo on sys.path)
-from bench_utils import machine_info, peak_rss, summarize
+from bench_utils import machine_info, peak_rss, summarize, time_calls
 
 
 def run(model: str = "vit_tiny_patch16", input_size: int = 224, batch_size: int = 2, warmup: int = 2,
@@ -55,14 +54,7 @@ def run(model: str = "vit_tiny_patch16", input_size: int = 224, batch_size: int 
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    stats = summarize(times)
+    stats = summarize(time_calls(step, warmup, iters))
     out = {
         "bench": "segment_step", "model": model, "input_size": input_size, "batch_size": batch_size,
         "device": device, "amp": ampc.mode, "head_channels": channels, "aux_channels": aux_channels,

@@ -17,6 +17,9 @@ Config (``config/seg_*.yaml``), one top-level ``data`` mapping::
       ignore_index: 255          # label of nodata / unlabelled pixels (excluded from loss and metrics)
       mean: [...]; std: [...]    # per band, after dividing by scale
       scale: 1.0; bands: null; nodata: null; glob: null; reference_gsd: null
+      # geotiff: the GeoTIFF reader's keys, same meaning and checks as in dataloaders.config (README "Rasters"):
+      crs: null; target_gsd: null; resampling: null; downsampling: null; mosaic: false; gsd_range: null
+      nodata_mode: null; band_files: null; scene_glob: null; index_cache: null
       size: 224                  # window side read from the rasters (px)
       length: 1000               # training windows per epoch
 
@@ -27,6 +30,10 @@ and burnt per window with ``rasterio.features.rasterize`` on the window's own af
 (``tile transform * translation(col, row)``): a pixel is labelled when its centre lies inside a polygon
 (``all_touched``: when the polygon touches it). Where polygons overlap, the later feature in the file wins.
 Pixels the raster marks invalid (nodata / mask / NaN, see ``dataloaders.geotiff``) get ``ignore_index``.
+The window grid is the one the GeoTIFF reader returns: warped with ``crs``/``target_gsd``, coarser (covering more
+ground) with ``gsd_range``, crossing tile edges with ``mosaic`` (training windows; filled from every tile they
+touch), so labels and pixels always agree. Validation datasets read each tile on its own read grid (no
+``gsd_range``: the engine rescales validation windows itself and assembles whole tiles).
 
 Samples are dicts (torchgeo style, with metadata): ``image`` FloatTensor [C, S, S] (normalised; invalid pixels 0),
 ``mask`` LongTensor [S, S], ``res`` float, ``tile`` int, ``row``/``col``/``height``/``width`` (the window, height
@@ -48,7 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from .config import ConfigError, _check_value, _Field, _resolve_path
+from .config import SCHEMA as GEO_SCHEMA
+from .config import ConfigError, _check_geo_consistency, _check_value, _Field, _resolve_path
 from .errors import DataError, MissingDataError
 from .geo_sampler import DistributedRandomWindowSampler, WindowSpec
 
@@ -79,12 +87,15 @@ SEG_SCHEMA: Dict[str, _Field] = {
     "std": _Field("floats", SEG_TYPES, "per-band std (after scale)"),
     "scale": _Field("float", SEG_TYPES, "raw values are divided by it (default 1)"),
     "bands": _Field("ints", SEG_TYPES, "1-based bands to read"),
-    "nodata": _Field("float", ("geotiff",), "nodata value overriding the rasters' own"),
     "glob": _Field("str", SEG_TYPES, "file pattern under img_dir / val_img_dir"),
     "reference_gsd": _Field("float", ("geotiff",), "metres; res is multiplied by gsd / reference_gsd"),
     "size": _Field("int", SEG_TYPES, "window side (px, default 224)"),
     "length": _Field("int", SEG_TYPES, "training windows per epoch (default 1000)"),
 }
+# The GeoTIFF reader's keys, with the kind, meaning and checks of the GeoTIFF configs (dataloaders.config: one home)
+SEG_GEO_KEYS = ("nodata", "nodata_mode", "band_files", "scene_glob", "crs", "target_gsd", "resampling",
+                "downsampling", "mosaic", "gsd_range", "index_cache")
+SEG_SCHEMA.update({k: _Field(GEO_SCHEMA[k].kind, ("geotiff",), GEO_SCHEMA[k].doc) for k in SEG_GEO_KEYS})
 SEG_DEFAULTS = {"classes": ["building"], "all_touched": False, "ignore_index": 255, "scale": 1.0, "size": 224,
                 "length": 1000}
 
@@ -152,7 +163,8 @@ def load_seg_config(path: PathLike, data_root: Optional[PathLike] = None,
         if dtype not in SEG_SCHEMA[key].types:
             raise ConfigError(f"{source}: data.{key}: not valid for type {dtype!r}")
         value = _check(source, key, value)
-        out[key] = _resolve_path(value, base) if SEG_SCHEMA[key].kind == "path" else value
+        is_path = SEG_SCHEMA[key].kind in ("path", "path_or_false") and value is not False
+        out[key] = _resolve_path(value, base) if is_path else value
     for key, value in SEG_DEFAULTS.items():
         if dtype in SEG_SCHEMA[key].types:
             out.setdefault(key, value)
@@ -163,6 +175,7 @@ def load_seg_config(path: PathLike, data_root: Optional[PathLike] = None,
             raise ConfigError(f"{source}: data.{key}: required for type {dtype!r}")
     if dtype == "geotiff":
         out.setdefault("val_labels", out["labels"])
+        _check_geo_consistency(source, out)  # band_files, resampling, gsd_range, nodata, crs: as GeoTIFF configs
     if len(out["mean"]) != len(out["std"]) or any(s <= 0 for s in out["std"]):
         raise ConfigError(f"{source}: data.std: expected {len(out['mean'])} positive values (as many as data.mean)")
     if "bands" in out and len(out["bands"]) != len(out["mean"]):
@@ -329,10 +342,13 @@ class GeoVectorSource:
         self.transforms = [tuple(t) for t in index["transform"]]
         self.crs = [str(c) for c in index["crs"]]
         self.num_bands = geo.num_bands
+        self.mosaic = bool(geo.mosaic)  # windows may cross tile edges (filled from every tile they touch)
 
     def read(self, tile: int, row: int, col: int, h: int, w: int):
         from affine import Affine
 
+        # the reader's grid: the tile's own, warped to data.crs / target_gsd, or decimated (gsd_range); the labels
+        # are burnt on exactly that grid, so they stay on their pixels whatever the read did
         sample = self.geo.read_window(WindowSpec(tile, row, col, h, w))
         label = self.labels.rasterize(Affine(*sample["transform"]), (h, w), sample["crs"], self.all_touched)
         meta = {"transform": tuple(sample["transform"])[:6], "crs": sample["crs"], "gsd": float(sample["gsd"])}
@@ -402,6 +418,7 @@ class MaskPairSource:
         self.bands = list(bands) if bands else None
         self.mask_values = list(mask_values) if mask_values else None
         self.ignore_index = int(ignore_index)
+        self.mosaic = False
         self.shapes, self.transforms, self.crs = [], [], []
         self._cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         counts = set()
@@ -529,7 +546,8 @@ class SegmentationDataset(Dataset):
     def make_sampler(self, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> DistributedRandomWindowSampler:
         """Training windows: the GeoTIFF window sampler (area-weighted tiles, epoch-seeded, distributed)."""
         return DistributedRandomWindowSampler(self.source.tile_index, self.size, self.length,
-                                              num_replicas=num_replicas, rank=rank, seed=seed)
+                                              num_replicas=num_replicas, rank=rank, seed=seed,
+                                              mosaic=self.source.mosaic)
 
     def res_of(self, gsd: Optional[float], input_px: int, window_px: Optional[int] = None) -> float:
         """Model res of ``window_px`` (default ``size``) window pixels with ground ``gsd`` (metres; None: unknown)
@@ -545,7 +563,10 @@ class SegmentationDataset(Dataset):
         spec = WindowSpec(*idx) if not isinstance(idx, (int, np.integer)) else self.windows[int(idx)]
         tile, row, col, size = int(spec.tile), int(spec.row), int(spec.col), int(spec.height)
         th, tw = self.source.shapes[tile]
-        h, w = min(size, th - row), min(size, tw - col)
+        if self.train and self.source.mosaic:  # the window may extend past its tile: read whole from all tiles
+            h = w = size
+        else:
+            h, w = min(size, th - row), min(size, tw - col)
         image, valid, label, meta = self.source.read(tile, row, col, h, w)
         image = np.where(valid[None], (image - self.mean) / self.std, 0.0).astype(np.float32)
         image = np.nan_to_num(image)
@@ -556,7 +577,7 @@ class SegmentationDataset(Dataset):
         img_t, lab_t = torch.from_numpy(image), torch.from_numpy(label)
         shown = size  # window pixels per side that the model sees as its input
         if self.train:
-            rng = np.random.default_rng([self.seed, tile, row, col, self.epoch])
+            rng = np.random.default_rng([self.seed, tile, row % 2**31, col % 2**31, self.epoch])  # mosaic: row/col < 0
             side = size
             if self.crop_scale != (1.0, 1.0):  # scale augmentation: a random square crop, res follows its side
                 side = max(1, min(size, int(round(size * rng.uniform(*self.crop_scale)))))
@@ -599,18 +620,20 @@ def build_seg_datasets(cfg: Mapping, input_size: int, base_resolution: float = 1
                        ) -> Tuple[SegmentationDataset, SegmentationDataset, List[str]]:
     """(train dataset, validation dataset, class names with "background" first) of a loaded config;
     ``crop_scale``: the training windows' random square crop, as a fraction of the window side."""
-    from .geotiff import GeoTiffDataset
+    from .geotiff import geotiff_dataset_from_config
 
     d = cfg["data"]
     classes = ["background"] + list(d["classes"])
     common = dict(mean=d["mean"], std=d["std"], size=d["size"], ignore_index=d["ignore_index"],
                   base_resolution=base_resolution, reference_gsd=d.get("reference_gsd"), seed=seed)
 
-    def source(img_dir, label_src):
+    def source(img_dir, label_src, train):
         if d["type"] == "geotiff":
-            geo = GeoTiffDataset(img_dir, window_size=1, bands=d.get("bands"), nodata=d.get("nodata"),
-                                 scale=d["scale"], glob=d.get("glob"),
-                                 expected_bands=None if d.get("bands") else len(d["mean"]))
+            # the GeoTIFF reader of the pretraining configs, with the same keys; evaluation reads every tile on its
+            # own grid (no gsd_range: the engine rescales validation windows itself and assembles whole tiles)
+            geo = geotiff_dataset_from_config({**d, "img_dir": img_dir, "length": None,
+                                               "gsd_range": d.get("gsd_range") if train else None},
+                                              window_size=1, seed=seed)
             return GeoVectorSource(geo, label_src, d["all_touched"])
         return MaskPairSource(img_dir, label_src, len(classes), d["scale"], d.get("bands"), d.get("glob"),
                               d.get("mask_values"), d["ignore_index"])
@@ -621,10 +644,11 @@ def build_seg_datasets(cfg: Mapping, input_size: int, base_resolution: float = 1
                       else VectorLabels(d["val_labels"], d["classes"], d.get("class_column")))
         if train_labels.dropped:
             print(f"{d['labels']}: ignoring {train_labels.dropped} non-polygon feature(s)")
-        train_src, val_src = source(d["img_dir"], train_labels), source(d["val_img_dir"], val_labels)
+        train_src, val_src = source(d["img_dir"], train_labels, True), source(d["val_img_dir"], val_labels, False)
     else:
-        train_src, val_src = source(d["img_dir"], d["mask_dir"]), source(d["val_img_dir"], d["val_mask_dir"])
-    if not any(h >= d["size"] and w >= d["size"] for h, w in train_src.shapes):
+        train_src = source(d["img_dir"], d["mask_dir"], True)
+        val_src = source(d["val_img_dir"], d["val_mask_dir"], False)
+    if not d.get("mosaic") and not any(h >= d["size"] and w >= d["size"] for h, w in train_src.shapes):
         raise DataError(f"{d['img_dir']}: no training raster/image holds a {d['size']} px window; lower data.size")
     train = SegmentationDataset(train_src, input_size=input_size, train=True, length=d["length"],
                                 crop_scale=crop_scale, **common)

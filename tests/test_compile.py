@@ -168,3 +168,21 @@ def test_linprobe_launcher_compiles(tmp_path, light_compile):
     assert light_compile == ["default"]
     assert result["history"] and "head.1.weight" in torch.load(out / "checkpoint-latest.pth",
                                                                   weights_only=True)["model"]
+
+
+def test_segment_launcher_compiles(tmp_path, light_compile, capsys):
+    import main_segment
+    from dataloaders.seg_synthetic import make_building_scenes
+
+    scenes = make_building_scenes(tmp_path / "scenes", n_train=1, n_val=1, size=64, count=3)
+    out = tmp_path / "seg"
+    argv = ["--config", str(scenes["config"]), "--model", "vit_tiny_patch16", "--allow_random_init", "--input_size",
+            "32", "--batch_size", "2", "--epochs", "1", "--head_channels", "8", "--aux_channels", "0", "--device",
+            "cpu", "--num_workers", "0", "--print_freq", "100", "--output_dir", str(out), "--log_dir", str(out),
+            "--data_override", "data.length=2", "data.size=32", "--compile"]
+    result = main_segment.main(main_segment.get_args_parser().parse_args(argv))
+    assert light_compile == ["default"]  # one wrapper serves training and evaluation
+    assert "WARNING: torch.compile" not in capsys.readouterr().out
+    assert result["history"] and result["eval"]["scales"]
+    state = torch.load(out / "checkpoint-latest.pth", weights_only=True)["model"]
+    assert "backbone.patch_embed.proj.weight" in state  # saved from the unwrapped model

@@ -341,3 +341,69 @@ def test_checkpoint_keeper_contract(tmp_path):
         keeper.save({"model": {"w": torch.tensor([float("nan")])}}, "state C")
     assert torch.load(latest, weights_only=True)["state_label"] == "state A"
     assert not list(tmp_path.glob(".checkpoint-*.tmp"))
+
+
+KEEPER_DDP_SCRIPT = '''
+import sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[2])
+from util import dist as dist_util, harness
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+dist_util.setup_for_distributed(rank == 0, rank)
+keeper = harness.CheckpointKeeper(sys.argv[1], "main_segment")
+model = torch.nn.Linear(2, 2)
+with harness.training_run(None, keeper):
+    keeper.save({"model": model.state_dict()}, "epoch 0")
+    dist.all_reduce(torch.ones(1))  # a training step: its loss is finite on every rank
+    keeper.verify()
+    if rank == 0:  # the rare case: only rank 0's copy of the weights went non-finite
+        with torch.no_grad():
+            model.weight[0, 0] = float("nan")
+    keeper.save({"model": model.state_dict()}, "epoch 1")
+    dist.all_reduce(torch.ones(1))  # the next collective, where a rank left behind would fail
+    keeper.verify()
+print("finished normally")
+'''
+
+
+def test_checkpoint_keeper_non_finite_on_rank0_only_stops_all_ranks_cleanly(tmp_path):
+    """Two gloo processes; rank 0 alone holds a NaN weight at a save: the finiteness decision is collective, so
+    both ranks stop at the save, the error is one line (rank 0), no rank shows a traceback, both exit non-zero
+    and checkpoint-latest.pth still holds the verified state. (Plain processes with the torchrun environment, so
+    each rank's output is seen on its own and no launcher traceback is mixed in.)"""
+    import socket
+
+    script = tmp_path / "keeper_ddp.py"
+    script.write_text(KEEPER_DDP_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "WORLD_SIZE": "2"}
+    env.pop(harness.DEBUG_ENV, None)
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), str(REPO)], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outputs = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        outputs.append((proc.returncode, stdout + stderr))
+    everything = "\n".join(f"--- rank {r} (exit {rc})\n{text}" for r, (rc, text) in enumerate(outputs))
+    assert all(rc != 0 for rc, _ in outputs), everything
+    errors = [line for _, text in outputs for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and outputs[0][1].strip() == errors[0], everything  # rank 0: that one line only
+    assert "non-finite at epoch 1 on 1 of 2 ranks" in errors[0] and "holds epoch 0" in errors[0], everything
+    assert outputs[1][1].strip() == "", everything  # rank 1 stops as quietly (no traceback, no gloo error)
+    saved = torch.load(out / "checkpoint-latest.pth", weights_only=True)
+    assert saved["state_label"] == "epoch 0" and harness.state_is_finite(saved["model"])
+    assert not list(out.glob(".checkpoint-*.tmp"))

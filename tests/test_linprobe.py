@@ -20,6 +20,7 @@ import torch.nn as nn
 import main_linprobe
 import models_mae
 from engine_finetune import evaluate
+from util.pretrained import resolve_model_name
 
 NUM_CLASSES = 4
 
@@ -89,11 +90,11 @@ def test_original_flags_and_defaults():
 
 
 def test_model_names():
-    assert main_linprobe.resolve_model_name("vit_large_patch16") == "vit_large_patch16"
-    assert main_linprobe.resolve_model_name("mae_vit_large_patch16") == "vit_large_patch16"
-    assert main_linprobe.resolve_model_name("mae_vit_base_patch16_dec512d8b") == "vit_base_patch16"
+    assert resolve_model_name("vit_large_patch16") == "vit_large_patch16"
+    assert resolve_model_name("mae_vit_large_patch16") == "vit_large_patch16"
+    assert resolve_model_name("mae_vit_base_patch16_dec512d8b") == "vit_base_patch16"
     with pytest.raises(SystemExit, match="not an encoder"):
-        main_linprobe.resolve_model_name("resnet50")
+        resolve_model_name("resnet50")
 
 
 def test_resolution_report(capsys):

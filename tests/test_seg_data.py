@@ -228,3 +228,128 @@ def test_crop_scale_augmentation_scales_res_and_keeps_labels_aligned(tmp_path):
     assert full[WindowSpec(0, 0, 0, 32, 32)]["res"] == pytest.approx(2.0)  # the whole 32 px window at 16 px
     with pytest.raises(ValueError, match="crop_scale"):
         SegmentationDataset(src, mean=[0.5], std=[0.5], size=32, crop_scale=(0.5, 1.5))
+
+
+# ------------------------------------------------------------------ the GeoTIFF reader's options in seg configs
+def seg_config(tmp_path, geoms, **keys):
+    """A geotiff segmentation config over ``tmp_path/tiles`` (train = val) with polygons given in UTM metres."""
+    import yaml
+
+    labels_4326(geoms, tmp_path)
+    data = {"type": "geotiff", "img_dir": "tiles", "val_img_dir": "tiles", "labels": "labels.geojson",
+            "mean": [0.0], "std": [1.0], "size": 16, "length": 4, **keys}
+    path = tmp_path / "seg.yaml"
+    path.write_text(yaml.safe_dump({"data": data}))
+    return load_seg_config(path)
+
+
+def square_tile(tmp_path, name, shape, square, value=250, x0=X0, bands=1):
+    """A 1 m UTM tile (top-left at ``x0``, Y0) of 10s with a bright ``square`` (r0, c0, r1, c1) of ``value``."""
+    from affine import Affine
+
+    from dataloaders.synthetic import write_geotiff
+
+    data = np.full((bands,) + tuple(shape), 10, dtype=np.uint8)
+    r0, c0, r1, c1 = square
+    data[:, r0:r1, c0:c1] = value
+    (tmp_path / "tiles").mkdir(exist_ok=True)
+    return write_geotiff(tmp_path / "tiles" / name, data, Affine(1.0, 0, x0, 0, -1.0, Y0), UTM, nodata=0,
+                         dtype="uint8")
+
+
+def test_seg_config_takes_the_geotiff_keys_with_their_checks(tmp_path):
+    cfg = seg_config(tmp_path, [], crs="EPSG:32632", target_gsd=2, resampling="nearest", mosaic=True,
+                     gsd_range=[1, 4], nodata=[0], nodata_mode="all", index_cache=False)["data"]
+    assert (cfg["crs"], cfg["target_gsd"], cfg["resampling"], cfg["mosaic"], cfg["gsd_range"], cfg["nodata"],
+            cfg["nodata_mode"], cfg["index_cache"]) == ("EPSG:32632", 2.0, "nearest", True, [1.0, 4.0], [0.0],
+                                                          "all", False)
+    for keys, message in (({"gsd_range": [4, 1]}, r"data.gsd_range: expected \[min, max\]"),
+                          ({"resampling": "sharpest"}, "data.resampling: expected one of"),
+                          ({"crs": "EPSG:999999"}, "data.crs: not a CRS"),
+                          ({"nodata": [0, 0]}, "data.nodata: expected one value or 1"),
+                          ({"band_files": ["*_B1.tif"], "glob": "*.tif"}, "data.glob: not valid together with "
+                                                                         "data.band_files"),
+                          ({"mosaic": "yes"}, "data.mosaic: expected true or false")):
+        with pytest.raises(ConfigError, match=message):
+            seg_config(tmp_path, [], **keys)
+    (tmp_path / "m.yaml").write_text("data:\n  type: masks\n  img_dir: t\n  mask_dir: m\n  val_img_dir: t\n"
+                                     "  val_mask_dir: m\n  mean: [0.5]\n  std: [0.2]\n  crs: EPSG:4326\n")
+    with pytest.raises(ConfigError, match="data.crs: not valid for type 'masks'"):
+        load_seg_config(tmp_path / "m.yaml")
+
+
+def test_labels_follow_a_crs_reprojection(tmp_path):
+    """A 1 m tile of UTM 33N read in UTM 32N (rotated ~3 degrees, 2 m cells): the burnt square sits on the warped
+    bright square, in the read CRS, and res follows the read GSD."""
+    from dataloaders.segmentation import build_seg_datasets
+
+    square_tile(tmp_path, "a.tif", (64, 64), (20, 20, 44, 44))
+    cfg = seg_config(tmp_path, [px_box(20, 20, 44, 44)], crs="EPSG:32632", target_gsd=2.0, resampling="nearest",
+                     size=32, reference_gsd=1.0)
+    train, val, _ = build_seg_datasets(cfg, input_size=32)
+    sample = val[0]
+    assert sample["crs"] == "EPSG:32632" and sample["transform"][0] == pytest.approx(2.0)
+    bright, label = sample["image"][0] > 130, sample["mask"] == 1
+    assert 100 <= int(label.sum()) <= 188  # 12 x 12 cells of 2 m, up to a rotated edge more or less
+    assert int((bright != label).sum()) <= 30  # only rotated edge pixels may differ
+    assert int((label & ~bright).sum()) <= 15 and int((bright & ~label).sum()) <= 15
+    assert sample["res"] == pytest.approx(2.0, rel=0.01)  # 2 m cells, reference_gsd 1 m
+
+
+def test_labels_follow_a_gsd_range_decimated_read(tmp_path):
+    """gsd_range [2g, 2g] on a 1 m (g metres on the ground) two-band scene (band_files): a 16 px
+    window covers 32 m, read decimated; the burnt square is the decimated bright square pixel for pixel and res doubles."""
+    from dataloaders.geo_sampler import WindowSpec
+    from dataloaders.segmentation import build_seg_datasets
+
+    for band in (1, 2):
+        square_tile(tmp_path, f"s_B{band}.tif", (64, 64), (16, 16, 32, 32), value=200 + band)
+    geoms = [px_box(16, 16, 32, 32)]
+    keys = dict(reference_gsd=1.0, band_files=["*_B1.tif", "*_B2.tif"], mean=[0.0, 0.0], std=[1.0, 1.0])
+    native = build_seg_datasets(seg_config(tmp_path, geoms, **keys), input_size=16)[0].source.geo._gsd[0]
+    assert native == pytest.approx(1.0 / 0.9996)  # ground metres of a 1 m cell on the central meridian
+    cfg = seg_config(tmp_path, geoms, gsd_range=[2 * native, 2 * native], **keys)  # read at 2 x the tile's GSD
+    train, val, _ = build_seg_datasets(cfg, input_size=16)
+    # centre (24, 24): the read covers rows/cols 8..40 (the expected mask is symmetric: random flips keep it)
+    sample = train[WindowSpec(0, 16, 16, 16, 16)]
+    assert sample["transform"][0] == pytest.approx(2.0) and sample["transform"][2] == pytest.approx(X0 + 8)
+    expected = torch.zeros(16, 16, dtype=torch.long)
+    expected[4:12, 4:12] = 1
+    assert torch.equal(sample["mask"], expected)
+    assert torch.equal(sample["image"][0] > 100, expected == 1) and torch.equal(sample["image"][1] > 100,
+                                                                                expected == 1)
+    assert sample["res"] == pytest.approx(2.0, rel=0.01)
+    # evaluation reads the tiles on their own 1 m grid (the engine rescales windows itself): window (16, 16) is the
+    # square exactly
+    plain = val[[tuple(w)[1:3] for w in val.windows].index((16, 16))]
+    assert plain["res"] == pytest.approx(1.0, rel=0.01) and plain["transform"][0] == 1.0
+    assert bool((plain["mask"] == 1).all()) and bool((plain["image"] > 100).all())
+
+
+def test_mosaic_window_gets_labels_from_both_tiles(tmp_path):
+    """Two 16 px tiles side by side; a mosaic window straddling them reads both and burns both tiles' polygons."""
+    from dataloaders.geo_sampler import WindowSpec
+    from dataloaders.segmentation import build_seg_datasets, seg_collate
+
+    square_tile(tmp_path, "a.tif", (16, 16), (4, 10, 8, 14), value=100)
+    square_tile(tmp_path, "b.tif", (16, 16), (4, 2, 8, 6), value=200, x0=X0 + 16)
+    cfg = seg_config(tmp_path, [px_box(10, 4, 14, 8), px_box(18, 4, 22, 8)], mosaic=True, size=16)
+    train, _, _ = build_seg_datasets(cfg, input_size=16)
+    tile_a = [str(p) for p in train.source.paths].index(str(tmp_path / "tiles" / "a.tif"))
+    # columns 8..24: half in a, half in b; rows 2..18 (the source read: no training flips)
+    image, valid, label, meta = train.source.read(tile_a, 2, 8, 16, 16)
+    mask = torch.from_numpy(np.where(valid, label, 255).astype(np.int64))
+    image = torch.from_numpy(image[0])
+    expected = torch.zeros(16, 16, dtype=torch.long)
+    expected[2:6, 2:6] = 1   # a's square (cols 10..14)
+    expected[2:6, 10:14] = 1  # b's square (global cols 18..22)
+    expected[14:] = 255  # rows 16..18 lie below both tiles: outside the collection -> ignored
+    assert torch.equal(mask, expected)
+    assert (image[2:6, 2:6] == 100).all() and (image[2:6, 10:14] == 200).all()
+    sample = train[WindowSpec(tile_a, 2, 8, 16, 16)]  # the dataset keeps the whole window (flipped at random)
+    assert sample["height"] == sample["width"] == 16 and int((sample["mask"] == 1).sum()) == 32
+    assert int((sample["mask"] == 255).sum()) == 32
+    # the sampler of a mosaic config draws windows that may cross tile edges; they come back whole
+    windows = list(train.make_sampler(seed=0))
+    batch = seg_collate([train[w] for w in windows])
+    assert batch["mask"].shape == (4, 16, 16)

@@ -48,6 +48,7 @@ if str(_REPO_ROOT) not in sys.path:  # run as a script without `pip install -e .
 import torch  # noqa: E402
 
 from util.pos_embed import gsd_sincos_pos_embed  # noqa: E402
+from util.pretrained import KNOWN_ARCHS, count_blocks, extract_state_dict  # noqa: E402
 
 PathLike = Union[str, os.PathLike]
 
@@ -76,16 +77,6 @@ RES_SEMANTICS = (
     "sample from input_res; this file stores the fixed table for pos_embed_res, which timm adds as a learned-style "
     "pos_embed, so timm features equal models_vit features with input_res=pos_embed_res at img_size."
 )
-
-# (patch, embed_dim, depth) -> (num_heads, models_vit factory, timm model name). Heads cannot be read from shapes.
-KNOWN_ARCHS: dict[tuple[int, int, int], tuple[int, Optional[str], Optional[str]]] = {
-    (16, 192, 4): (3, "vit_tiny_patch16", None),  # our demo/test encoder (not a timm model name)
-    (16, 192, 12): (3, None, "vit_tiny_patch16_224"),
-    (16, 384, 12): (6, None, "vit_small_patch16_224"),
-    (16, 768, 12): (12, "vit_base_patch16", "vit_base_patch16_224"),
-    (16, 1024, 24): (16, "vit_large_patch16", "vit_large_patch16_224"),
-    (14, 1280, 32): (16, "vit_huge_patch14", "vit_huge_patch14_224"),
-}
 
 # Checkpoint tensors with no counterpart in the encoder (pretraining decoder and unused tables).
 _MAE_ONLY_PREFIXES = ("mask_token", "mask_token_decoder", "decoder_pos_embed", "decoder_embed.", "decoder_blocks.",
@@ -117,26 +108,6 @@ class EncoderArch:
 # --------------------------------------------------------------------------------------------------------------
 # State dicts
 # --------------------------------------------------------------------------------------------------------------
-def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The model state dict inside a checkpoint: ``ckpt['model']``, ``ckpt['state_dict']`` or the dict itself;
-    a DDP ``module.`` prefix is removed."""
-    for key in ("model", "state_dict"):
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            checkpoint = checkpoint[key]
-            break
-    sd = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
-    if not sd:
-        raise ValueError("checkpoint holds no tensors (expected a state dict or {'model': state_dict})")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
-
-
-def _count_blocks(sd: Mapping[str, torch.Tensor]) -> int:
-    ids = {k.split(".")[1] for k in sd if k.startswith("blocks.")}
-    return len({i for i in ids if i.isdigit()})
-
-
 def infer_encoder_arch(sd: Mapping[str, torch.Tensor], num_heads: Optional[int] = None,
                        img_size: Optional[int] = None) -> EncoderArch:
     """Encoder architecture from tensor shapes (patch size, width, depth, channels, MLP ratio, pooling).
@@ -151,7 +122,7 @@ def infer_encoder_arch(sd: Mapping[str, torch.Tensor], num_heads: Optional[int] 
     if w.dim() != 4 or w.shape[-1] != w.shape[-2]:
         raise ValueError(f"patch_embed.proj.weight has shape {tuple(w.shape)}; expected (D, C, p, p)")
     embed_dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[-1])
-    depth = _count_blocks(sd)
+    depth = count_blocks(sd)
     if depth == 0:
         raise ValueError("not a ViT encoder state dict: no 'blocks.*' tensors")
     fc1 = sd.get("blocks.0.mlp.fc1.weight")

@@ -10,9 +10,11 @@ from typing import ContextManager, Iterable, Optional
 
 import torch
 
-__all__ = ["NonFiniteLossError", "AmpConfig", "amp_dtype", "autocast_context", "grad_norm"]
+__all__ = ["NonFiniteLossError", "AMP_MODES", "add_amp_arg", "AmpConfig", "amp_dtype", "autocast_context",
+           "grad_norm"]
 
 _DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+AMP_MODES = ("auto", "none", "fp16", "bf16")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,6 +44,13 @@ def amp_dtype(mode: str, device: torch.device | str = "cpu") -> Optional[torch.d
     if mode not in _DTYPES:
         raise ValueError(f"--amp must be one of auto, none, fp16, bf16; got {mode!r}")
     return _DTYPES[mode]
+
+
+def add_amp_arg(group) -> None:
+    """``--amp`` (shared by the launchers; resolved by ``AmpConfig`` / ``amp_dtype``)."""
+    group.add_argument("--amp", default="auto", choices=list(AMP_MODES),
+                       help="mixed precision: auto = bf16 on GPUs that support it, else fp16 + GradScaler on CUDA "
+                            "(the original's choice); none (fp32) on CPU; bf16 works on CPU too (default auto)")
 
 
 def autocast_context(device: torch.device | str, dtype: Optional[torch.dtype]) -> ContextManager:

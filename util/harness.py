@@ -49,13 +49,13 @@ import numpy as np
 import torch
 
 from util import dist as dist_util
-from util.amp import AmpConfig, NonFiniteLossError
+from util.amp import AmpConfig, NonFiniteLossError, add_amp_arg
 from util.checkpoint import CheckpointError, args_to_plain, load_checkpoint, save_checkpoint
 from util.cpu_memory import ALLOCATOR_CHOICES, keep_freed_memory
 
 __all__ = [
     "UserError", "DEBUG_ENV", "run", "report_error", "debug_enabled",
-    "add_run_args", "add_loader_args", "add_distributed_args", "warn_dead_flags", "explicit_flags",
+    "add_run_args", "add_schedule_args", "add_loader_args", "add_distributed_args", "warn_dead_flags", "explicit_flags",
     "require", "check_positive",
     "usable_cores", "local_processes", "default_num_workers", "seed_everything", "resolve_device", "setup",
     "limit_cpu_threads",
@@ -184,6 +184,37 @@ def add_run_args(parser: argparse.ArgumentParser, *, output_dir_default: str, ou
     g.add_argument("--debug", action="store_true",
                    help=f"show the traceback of errors (also: environment variable {DEBUG_ENV}=1)")
     return g
+
+
+def _num(value: float) -> str:
+    """A default as typed: 1.5e-4, 1e-3, 0.05, 20."""
+    if value and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}"
+
+
+def add_schedule_args(group: argparse._ArgumentGroup, *, batch_size: int, epochs: int, blr: float,
+                      warmup_epochs: float, warmup_type: type = float, batch_note: str = "",
+                      blr_note: str = "") -> None:
+    """The optimiser schedule every launcher has, with the launcher's defaults: ``--batch_size --epochs
+    --accum_iter --weight_decay --lr --blr --min_lr --warmup_epochs --clip_grad`` and ``--amp``."""
+    group.add_argument("--batch_size", default=batch_size, type=int,
+                       help=f"per-process batch{batch_note}; effective = batch * accum * world (default {batch_size})")
+    group.add_argument("--epochs", default=epochs, type=int, help=f"(default {epochs})")
+    group.add_argument("--accum_iter", default=1, type=int,
+                       help="gradient accumulation steps per optimizer step (default 1)")
+    group.add_argument("--weight_decay", type=float, default=0.05,
+                       help="AdamW weight decay of >= 2-D tensors (default 0.05)")
+    group.add_argument("--lr", type=float, default=None, help="absolute lr (default: blr * effective batch / 256)")
+    group.add_argument("--blr", type=float, default=blr,
+                       help=f"base lr: lr = blr * effective batch / 256{blr_note} (default {_num(blr)})")
+    group.add_argument("--min_lr", type=float, default=0.0, help="floor of the cosine schedule (default 0)")
+    group.add_argument("--warmup_epochs", type=warmup_type, default=warmup_epochs,
+                       help=f"linear warmup, per iteration (default {_num(warmup_epochs)})")
+    group.add_argument("--clip_grad", type=float, default=None,
+                       help="clip the global grad norm (default off, as the original)")
+    add_amp_arg(group)
 
 
 def add_loader_args(group: argparse._ArgumentGroup) -> None:
@@ -528,7 +559,8 @@ class CheckpointKeeper:
     ``checkpoint-latest.pth`` aside (``.checkpoint-latest.pth.verified.tmp``) and writes the new one. The engine
     calls ``verify()`` after every finite loss: the saved state produced it, so the aside copy is dropped.
     ``reject()`` (a non-finite loss) puts the aside copy back, removes epoch files written from the bad state and
-    returns a sentence saying what ``checkpoint-latest.pth`` now holds. On other ranks every call is a no-op.
+    returns a sentence saying what ``checkpoint-latest.pth`` now holds. On other ranks only the finiteness check
+    of ``save`` runs (a collective: every rank calls ``save``); every other call is a no-op there.
     """
 
     def __init__(self, out_dir: str | os.PathLike, writer: str) -> None:
@@ -545,10 +577,13 @@ class CheckpointKeeper:
              args: Optional[argparse.Namespace] = None) -> None:
         """Save ``state`` as latest (and as ``checkpoint-{epoch}.pth`` every ``args.checkpoint_interval`` epochs
         and at the last one)."""
+        bad_ranks = self._count_non_finite(state)
+        if bad_ranks:
+            world = dist_util.get_world_size()
+            where = f" on {bad_ranks} of {world} ranks" if 0 < bad_ranks < world else ""
+            raise NonFiniteLossError(f"the weights became non-finite at {label}{where}; not saved")
         if not self.enabled:
             return
-        if not state_is_finite(state.get("model", {})):
-            raise NonFiniteLossError(f"the weights became non-finite at {label}; not saved")
         state = {**state, "writer": self.writer, "state_label": label}
         if self.pending is None and self.latest.is_file():
             os.replace(self.latest, self.aside)
@@ -559,6 +594,20 @@ class CheckpointKeeper:
             path = self.out_dir / f"checkpoint-{epoch}.pth"
             save_checkpoint(state, path)
             self.pending_files.append(path)
+
+    @staticmethod
+    def _count_non_finite(state: dict) -> int:
+        """On how many ranks ``state['model']`` holds a non-finite value. Collective under a process group: every
+        rank learns the same count, so all ranks raise together (rank 0 prints the error once, the others exit as
+        quietly) instead of rank 0 stopping alone and leaving the others in their next collective."""
+        bad = 0 if state_is_finite(state.get("model", {})) else 1
+        if dist_util.get_world_size() > 1:
+            import torch.distributed as dist
+
+            flag = torch.tensor([bad], dtype=torch.int32, device=dist_util.comm_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+            bad = int(flag.item())
+        return bad
 
     def verify(self) -> None:
         """A finite loss came from the latest saved state: it is good."""

@@ -8,7 +8,6 @@ width comes from the model, and the search runs in chunks (``util/knn.py``).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -20,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from util import dist as dist_util
 from util.dist import ShardSampler  # re-exported: callers import it from here
 from util.knn import knn_predict_multi_k, topk_accuracy
+from util.metrics import save_report
 
 __all__ = ["ShardSampler", "collate_images", "eval_res", "extract_features", "evaluate_knn", "format_table",
            "save_knn_report"]
@@ -137,30 +137,17 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def save_knn_report(result: dict[str, Any], output_dir: str | os.PathLike, tag: str = "knn") -> dict[str, Path]:
-    """Write ``{tag}.json``, ``{tag}.md`` and an accuracy-vs-scale plot ``{tag}.png`` to ``output_dir``."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{tag}.json", "md": out / f"{tag}.md", "png": out / f"{tag}.png"}
-    paths["json"].write_text(json.dumps(result, indent=2, default=str))
-    paths["md"].write_text(format_table(result) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot_knn(result: dict[str, Any], ax) -> None:
+    """Top-1 accuracy against the evaluation side, one line per k."""
     scales = list(result["scales"])
-    fig, ax = plt.subplots(figsize=(5, 3.5))
     for k in result["k_values"]:
         ax.plot(scales, [result["scales"][s]["k"][k]["top1"] for s in scales], marker="o", label=f"top-1, k={k}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(scales, [str(s) for s in scales])
     ax.set_xlabel("evaluation image side (px)")
     ax.set_ylabel("kNN accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths["png"], dpi=100)
-    plt.close(fig)
-    return paths
+
+
+def save_knn_report(result: dict[str, Any], output_dir: str | os.PathLike, tag: str = "knn") -> dict[str, Path]:
+    """Write ``{tag}.json``, ``{tag}.md`` and an accuracy-vs-scale plot ``{tag}.png`` to ``output_dir``."""
+    return save_report(result, output_dir, tag, format_table, _plot_knn)

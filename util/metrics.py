@@ -9,14 +9,14 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
 from util import dist as dist_util
 
-__all__ = ["SmoothedValue", "MetricLogger", "JsonlLogger"]
+__all__ = ["SmoothedValue", "MetricLogger", "JsonlLogger", "save_report"]
 
 
 def _to_float(value: Any) -> float:
@@ -179,3 +179,29 @@ class JsonlLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
+
+
+def save_report(result: Mapping[str, Any], output_dir: str | os.PathLike, tag: str,
+                table_fn: Callable[[Mapping[str, Any]], str], plot_fn: Callable[[Mapping[str, Any], Any], None]
+                ) -> dict[str, Path]:
+    """Write an evaluation result three ways: ``{tag}.json`` (the result), ``{tag}.md`` (``table_fn(result)``) and
+    ``{tag}.png`` (``plot_fn(result, ax)`` draws on a 5 x 3.5 in matplotlib axis; Agg backend). Returns the paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{tag}.json", "md": out / f"{tag}.md", "png": out / f"{tag}.png"}
+    paths["json"].write_text(json.dumps(result, indent=2, default=str))
+    paths["md"].write_text(table_fn(result) + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    plot_fn(result, ax)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(paths["png"], dpi=100)
+    plt.close(fig)
+    return paths

@@ -12,7 +12,6 @@ tiles; ground-truth objects are the connected regions of the rasterised labels (
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -20,6 +19,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from util.metrics import save_report
 
 __all__ = ["confusion_matrix", "metrics_from_confusion", "object_matches", "SegMetricAccumulator",
            "format_seg_table", "save_seg_report"]
@@ -166,31 +167,18 @@ def format_seg_table(result: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def save_seg_report(result: dict[str, Any], output_dir: str | os.PathLike, tag: str = "seg") -> dict[str, Path]:
-    """Write ``{tag}.json``, ``{tag}.md`` and an mIoU/IoU-vs-scale plot ``{tag}.png``; returns the paths."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{tag}.json", "md": out / f"{tag}.md", "png": out / f"{tag}.png"}
-    paths["json"].write_text(json.dumps(result, indent=2, default=str))
-    paths["md"].write_text(format_seg_table(result) + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot_seg(result: dict[str, Any], ax) -> None:
+    """mIoU and the IoU of each foreground class against the evaluation scale."""
     scales = list(result["scales"])
     xs = [float(s) for s in scales]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(xs, [result["scales"][s]["miou"] for s in scales], marker="o", label="mIoU")
     for c in result["classes"][1:]:
         ax.plot(xs, [result["scales"][s]["iou"][c] for s in scales], marker=".", linestyle="--", label=f"IoU {c}")
     ax.set_xticks(xs, scales)
     ax.set_xlabel("evaluation scale (fraction of the native pixel count per side)")
     ax.set_ylabel("%")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(paths["png"], dpi=100)
-    plt.close(fig)
-    return paths
+
+
+def save_seg_report(result: dict[str, Any], output_dir: str | os.PathLike, tag: str = "seg") -> dict[str, Path]:
+    """Write ``{tag}.json``, ``{tag}.md`` and an mIoU/IoU-vs-scale plot ``{tag}.png``; returns the paths."""
+    return save_report(result, output_dir, tag, format_seg_table, _plot_seg)

@@ -1,0 +1,146 @@
+"""Pretrained encoder weights: reading them and telling their architecture (one home for every consumer).
+
+``main_linprobe.py``, ``main_segment.py`` and ``tools/export_encoder.py`` start from the same files: a pretraining
+checkpoint (ours or the original release, ``{'model': state_dict, 'args': ...}``), a bare or ``{'state_dict': ...}``
+state dict, or an exported encoder (``.pth`` / ``.safetensors``). What they share lives here:
+
+* ``KNOWN_ARCHS`` / ``ENCODER_SHAPES``: (patch, width, depth) -> heads and model names (heads cannot be read from
+  shapes);
+* ``state_dict_of(checkpoint)``: the tensors of a checkpoint mapping (``model`` / ``state_dict`` entry, DDP prefix
+  removed); ``extract_state_dict`` is the same but refuses an empty result;
+* ``read_pretrained(path)``: (state dict, saved args) of ``--checkpoint_path``, errors as one line;
+* ``resolve_model_name(name)``: a ``models_vit`` encoder name (MAE names map to their encoder);
+* ``architecture_of(state, saved_args, source)``: the encoder's ``models_vit`` name, from its saved ``--model`` or
+  its tensor shapes;
+* ``read_start(args, out_dir, writer)``: what a launcher that starts from pretrained weights starts from (its own
+  resumed checkpoint, else ``--checkpoint_path``), with the checks both such launchers make.
+
+(``main_pretrain.py`` rebuilds the whole MAE, decoder included, from ``models_mae.infer_architecture``.)
+"""
+from __future__ import annotations
+
+import contextlib
+import argparse
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+
+from util import harness
+from util.checkpoint import strip_module_prefix
+
+__all__ = ["KNOWN_ARCHS", "ENCODER_SHAPES", "count_blocks", "state_dict_of", "extract_state_dict", "read_pretrained",
+           "resolve_model_name", "architecture_of", "read_start"]
+
+# (patch, embed_dim, depth) -> (num_heads, models_vit factory, timm model name).
+KNOWN_ARCHS: dict[tuple[int, int, int], tuple[int, Optional[str], Optional[str]]] = {
+    (16, 192, 4): (3, "vit_tiny_patch16", None),  # our demo/test encoder (not a timm model name)
+    (16, 192, 12): (3, None, "vit_tiny_patch16_224"),
+    (16, 384, 12): (6, None, "vit_small_patch16_224"),
+    (16, 768, 12): (12, "vit_base_patch16", "vit_base_patch16_224"),
+    (16, 1024, 24): (16, "vit_large_patch16", "vit_large_patch16_224"),
+    (14, 1280, 32): (16, "vit_huge_patch14", "vit_huge_patch14_224"),
+}
+# (patch, embed_dim, depth) -> models_vit factory, for the shapes models_vit builds.
+ENCODER_SHAPES: dict[tuple[int, int, int], str] = {k: v[1] for k, v in KNOWN_ARCHS.items() if v[1] is not None}
+
+
+def count_blocks(state: Mapping[str, torch.Tensor]) -> int:
+    """Number of encoder blocks (distinct ``blocks.<i>.`` indices) in a state dict."""
+    return len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
+
+
+def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of ``checkpoint['model']``, ``checkpoint['state_dict']`` or the mapping itself, without the DDP
+    ``module.`` prefix (may be empty)."""
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    return dict(strip_module_prefix({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}))
+
+
+def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """``state_dict_of(checkpoint)``; ``ValueError`` when it holds no tensors."""
+    sd = state_dict_of(checkpoint)
+    if not sd:
+        raise ValueError("checkpoint holds no tensors (expected a state dict or {'model': state_dict})")
+    return sd
+
+
+def read_pretrained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, saved args) from ``--checkpoint_path``: ``{'model': ...}`` checkpoints, bare state dicts,
+    ``.safetensors``."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise harness.UserError(f"--checkpoint_path {path}: file not found")
+        try:
+            return load_file(path), {}
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise harness.UserError(f"--checkpoint_path {path}: not a readable safetensors file ({err})") from None
+    ckpt = harness.read_checkpoint(path, "--checkpoint_path")
+    saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
+    return state_dict_of(ckpt), saved_args
+
+
+def resolve_model_name(name: str, quiet: bool = False) -> str:
+    """A ``models_vit`` factory name; MAE names (``mae_vit_large_patch16[_dec512d8b]``) map to their encoder."""
+    import models_vit
+
+    if name in models_vit.MODELS:
+        return name
+    if name.startswith("mae_"):
+        encoder = name[len("mae_"):]
+        if encoder.endswith("_dec512d8b"):
+            encoder = encoder[: -len("_dec512d8b")]
+        if encoder in models_vit.MODELS:
+            if not quiet:
+                print(f"NOTE: --model {name} is a pretraining model; using its encoder {encoder}")
+            return encoder
+    raise harness.UserError(f"--model {name!r} is not an encoder; choose from {sorted(models_vit.MODELS)} "
+                            f"(or an MAE name such as mae_vit_large_patch16)")
+
+
+def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, source: str) -> str:
+    """The ``models_vit`` name of a checkpoint: its saved ``--model``, else its tensor shapes."""
+    import models_vit
+
+    saved = saved_args.get("model") if saved_args else None
+    if isinstance(saved, str):
+        with contextlib.suppress(SystemExit):
+            return resolve_model_name(saved, quiet=True)
+    weight = state.get("patch_embed.proj.weight")
+    if weight is None:
+        raise harness.UserError(f"{source}: no encoder tensors (patch_embed.proj.weight is missing); is it a "
+                                f"Scale-MAE checkpoint?")
+    key = (int(weight.shape[-1]), int(weight.shape[0]), count_blocks(state))
+    if key not in ENCODER_SHAPES:
+        raise harness.UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
+                                f"model in {sorted(models_vit.MODELS)}; pass --model")
+    return ENCODER_SHAPES[key]
+
+
+def read_start(args: argparse.Namespace, out_dir: Path, writer: str
+               ) -> tuple[Optional[str], Optional[dict], Optional[dict[str, torch.Tensor]], dict]:
+    """``(resume, resumed checkpoint, pretrained state dict, its saved args)`` of a launcher that starts from
+    pretrained weights: ``--resume`` / autoresume of this launcher's own run (``writer``), else ``--checkpoint_path``
+    (not read when resuming). One-line errors: a resumed file without ``model`` or written by another launcher, and
+    no weights at all without ``--allow_random_init``."""
+    flag = "--resume" if args.resume else "autoresume"
+    resume = harness.find_resume(args, out_dir, writer)
+    resumed = harness.read_checkpoint(resume, flag) if resume else None
+    if resumed is not None:
+        written_by = harness.checkpoint_writer(resumed)
+        harness.require("model" in resumed, f"{flag} {resume} has no 'model' entry (keys: {sorted(resumed)})")
+        harness.require(written_by in (None, writer), f"{flag} {resume} was written by {written_by}.py; pretrained "
+                                                      f"weights go to --checkpoint_path (--resume continues a run "
+                                                      f"of this script)")
+    pretrained, pretrained_args = (None, {})
+    if args.checkpoint_path and resumed is None:
+        pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
+    harness.require(resumed is not None or pretrained is not None or args.allow_random_init,
+                    "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
+                    "--allow_random_init trains a randomly initialised encoder)")
+    return resume, resumed, pretrained, pretrained_args
