@@ -70,13 +70,16 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="pretrained Scale-MAE weights (pretraining checkpoint, the release, or an exported encoder)")
     g.add_argument("--allow_random_init", action="store_true",
                    help="train without --checkpoint_path (randomly initialised encoder)")
-    g.add_argument("--input_size", default=224, type=int, help="model input side (px), a multiple of the patch")
+    g.add_argument("--input_size", default=224, type=int,
+                   help="model input side (px), a multiple of the patch (default 224)")
     g.add_argument("--out_indices", nargs=4, type=int, default=None, metavar="BLOCK",
                    help="encoder blocks feeding the pyramid (default: ViT-L 7 11 15 23, ViT-B 3 5 7 11)")
-    g.add_argument("--head_channels", default=512, type=int, help="UPerNet width")
-    g.add_argument("--aux_channels", default=256, type=int, help="auxiliary FCN head width (0: no auxiliary head)")
-    g.add_argument("--aux_weight", default=0.4, type=float, help="auxiliary loss weight")
-    g.add_argument("--dice_weight", default=0.0, type=float, help="Dice loss weight added to the cross-entropy")
+    g.add_argument("--head_channels", default=512, type=int, help="UPerNet width (default 512)")
+    g.add_argument("--aux_channels", default=256, type=int,
+                   help="auxiliary FCN head width, 0 = no auxiliary head (default 256)")
+    g.add_argument("--aux_weight", default=0.4, type=float, help="auxiliary loss weight (default 0.4)")
+    g.add_argument("--dice_weight", default=0.0, type=float,
+                   help="Dice loss weight added to the cross-entropy (default 0: off)")
     g.add_argument("--sync_bn", action="store_true", default=True,
                    help="SyncBatchNorm in the neck and heads under DDP on CUDA (default on)")
     g.add_argument("--no_sync_bn", action="store_false", dest="sync_bn")
@@ -86,7 +89,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--data_root", default=None, help="folder that relative paths in --config resolve against")
     g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE")
     g.add_argument("--base_resolution", default=1.0, type=float,
-                   help="res of a window shown at its native pixel count (see the module docstring)")
+                   help="res of a window shown at its native pixel count, see the module docstring (default 1.0)")
     g.add_argument("--crop_scale", nargs=2, type=float, default=[1.0, 1.0], metavar=("MIN", "MAX"),
                    help="scale augmentation: train on a random square crop of MIN..MAX of the window side, resized "
                         "to --input_size (res follows the crop); default 1 1 = off")
@@ -94,8 +97,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_scales", nargs="+", type=float, default=[1.0],
-                   help="evaluate with windows resized to these fractions of their side, e.g. 0.5 0.75 1.0")
-    g.add_argument("--eval_freq", default=1, type=int, help="evaluate every n epochs (and after the last)")
+                   help="evaluate with windows resized to these fractions of their side, e.g. 0.5 0.75 1.0 "
+                        "(default 1.0)")
+    g.add_argument("--eval_freq", default=1, type=int, help="evaluate every n epochs, and after the last (default 1)")
     g.add_argument("--eval_batch_size", default=None, type=int, help="default: --batch_size")
     g.add_argument("--object_f1", action="store_true", help="SpaceNet-style object F1 at IoU 0.5 (class 1)")
     g.add_argument("--save_predictions", action="store_true",
@@ -108,8 +112,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = harness.add_run_args(p, output_dir_default="./output_dir/segment",
                              output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
                              resume_help="segmentation checkpoint of this script to resume from")
-    g.add_argument("--checkpoint_interval", default=10, type=int)
-    g.add_argument("--print_freq", default=20, type=int)
+    g.add_argument("--checkpoint_interval", default=10, type=int,
+                   help="keep checkpoint-{epoch}.pth every n epochs and the last; checkpoint-latest.pth always "
+                        "(default 10)")
+    g.add_argument("--print_freq", default=20, type=int, help="progress line every n steps (default 20)")
     harness.add_distributed_args(p)
     return p
 
