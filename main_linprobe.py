@@ -281,9 +281,6 @@ def build_model(args: argparse.Namespace, num_classes: int, resuming: bool = Fal
                                                            global_pool=args.global_pool)
     if args.checkpoint_path and not resuming:
         load_pretrained(model, args.checkpoint_path, pretrained)
-    elif args.checkpoint_path:
-        print(f"resuming: the weights come from the resumed checkpoint (--checkpoint_path {args.checkpoint_path} "
-              f"was used when this run started)")
     elif not resuming:
         print("WARNING: no --checkpoint_path: the encoder is randomly initialised")
     if not args.eval:

@@ -227,7 +227,8 @@ def test_eval_only_and_resume(data, tmp_path, capsys):
     assert [h["epoch"] for h in first["history"]] == [0] and latest(out)["epoch"] == 0
 
     second = main_linprobe.main(cli(data, out, "--epochs", "2", "--checkpoint_path", str(data["mae_ckpt"])))
-    assert "autoresume" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "autoresume" in printed and "is ignored" not in printed  # same --checkpoint_path as at the start
     assert [h["epoch"] for h in second["history"]] == [1]
     ckpt = latest(out)
     assert ckpt["epoch"] == 1 and ckpt["best_acc1"] == max(first["best_acc1"], second["history"][0]["test_acc1"])
@@ -241,6 +242,13 @@ def test_eval_only_and_resume(data, tmp_path, capsys):
     assert stats["acc5"] == 100.0  # 4 classes: top-5 clips to top-4
     assert (out / "checkpoint-latest.pth").stat().st_mtime_ns == stamp  # nothing trained or saved
     assert len((out / "log.txt").read_text().splitlines()) == 2
+
+    # autoresuming with another (here: missing) --checkpoint_path says that file is not used
+    nope = tmp_path / "nope.pth"
+    main_linprobe.main(cli(data, out, "--eval", "--checkpoint_path", str(nope)))
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING: autoresume")]
+    assert len(warning) == 1 and f"--checkpoint_path {nope} (that file does not exist) is ignored" in warning[0]
+    assert f"started from {data['mae_ckpt']}" in warning[0]
 
     # an explicit --resume of a pretraining checkpoint is refused with a pointer to --checkpoint_path
     with pytest.raises(SystemExit, match="--checkpoint_path"):

@@ -19,8 +19,9 @@ state dict, or an exported encoder (``.pth`` / ``.safetensors``). What they shar
 """
 from __future__ import annotations
 
-import contextlib
 import argparse
+import contextlib
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -137,6 +138,14 @@ def read_start(args: argparse.Namespace, out_dir: Path, writer: str
         harness.require(written_by in (None, writer), f"{flag} {resume} was written by {written_by}.py; pretrained "
                                                       f"weights go to --checkpoint_path (--resume continues a run "
                                                       f"of this script)")
+    if resumed is not None and args.checkpoint_path:
+        saved = resumed.get("args") if isinstance(resumed.get("args"), Mapping) else {}
+        started_from = saved.get("checkpoint_path")
+        if started_from != args.checkpoint_path:
+            missing = "" if os.path.exists(args.checkpoint_path) else " (that file does not exist)"
+            print(f"WARNING: {flag} {resume}: its weights are used; --checkpoint_path {args.checkpoint_path}{missing} "
+                         f"is ignored (this run started from {started_from or 'no --checkpoint_path'}; use another "
+                         f"--output_dir to start a new run from it)")
     pretrained, pretrained_args = (None, {})
     if args.checkpoint_path and resumed is None:
         pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
