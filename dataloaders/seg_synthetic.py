@@ -2,7 +2,7 @@
 
 :func:`make_building_scenes` writes, under ``root``:
 
-* ``train/tile_XXX.tif`` and ``val/tile_XXX.tif``: 3-band uint8 GeoTIFFs in a UTM CRS (EPSG:32633 by default, 0.5 m
+* ``train/tile_<NNN>.tif`` and ``val/tile_<NNN>.tif``: 3-band uint8 GeoTIFFs in a UTM CRS (EPSG:32633 by default, 0.5 m
   pixels), textured ground with bright rectangular "roofs" (each roof has its own tint), the first training tile with
   a nodata triangle in its top-left corner (value 0 in all bands);
 * ``buildings.geojson``: one polygon per roof, in EPSG:4326 (so that the loader has to reproject), attribute
