@@ -84,8 +84,9 @@ def train_one_epoch(
                              + [p[3].detach().float().reshape(()).to(p[2].device) for p in pending
                                 if p[3] is not None]).cpu().tolist()  # the one host sync
         losses, norms = values[:len(pending)], iter(values[len(pending):])
-        for (step_, update_, _, norm_t, lr_, images_per_s_, res_mean_), loss_value in zip(pending, losses):
-            loss_all = dist_util.all_reduce_mean(loss_value)  # every rank sees the same verdict
+        losses_all = dist_util.all_reduce_means(losses)  # one collective; every rank sees the same verdict
+        for (step_, update_, _, norm_t, lr_, images_per_s_, res_mean_), loss_value, loss_all in zip(
+                pending, losses, losses_all):
             if not math.isfinite(loss_all):
                 pending.clear()
                 raise NonFiniteLossError(

@@ -22,7 +22,7 @@ import builtins
 import datetime
 import os
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,7 @@ __all__ = [
     "comm_device",
     "barrier",
     "all_reduce_mean",
+    "all_reduce_means",
     "gather_tensors_variable",
     "cleanup",
     "first_host_from_nodelist",
@@ -264,12 +265,18 @@ def barrier() -> None:
 
 def all_reduce_mean(value: float) -> float:
     """Mean of a Python scalar over all processes (the value itself when not distributed)."""
+    return all_reduce_means([value])[0]
+
+
+def all_reduce_means(values: Sequence[float]) -> list[float]:
+    """Element-wise mean of Python scalars over all processes, in one collective (the values when not
+    distributed). Every rank must pass the same number of values."""
     world = get_world_size()
     if world == 1:
-        return float(value)
-    t = torch.tensor(float(value), dtype=torch.float64, device=comm_device())
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return float(t.item()) / world
+    return [v / world for v in t.tolist()]
 
 
 def gather_tensors_variable(t: torch.Tensor) -> torch.Tensor:
