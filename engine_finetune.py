@@ -129,7 +129,7 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, eval
         metric_logger.update(loss=batch[0] / n, acc1=100.0 * batch[2] / n)
 
     if dist_util.is_dist_avail_and_initialized():
-        t = sums.to(dist_util._comm_device())
+        t = sums.to(dist_util.comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         sums = t.cpu()
     total = float(sums[1].item())

@@ -11,7 +11,7 @@ both [N, K, S, S].
   which applies each group's ``lr_scale``: layer-wise decay on the encoder); gradient accumulation over
   ``accum_iter`` micro-batches with DDP ``no_sync`` on the non-stepping ones; AMP through ``util.amp.AmpConfig``.
 * Evaluation: windows of whole tiles (``TileShardSampler``); at every scale ``f`` the window is resized to
-  ``round(f * S / patch) * patch`` px, its res multiplied by ``S / that``, the logits resized back to ``S`` and the
+  ``round(f * S / patch) * patch`` px, its res rescaled (``util.gsd.rescale_res``), the logits resized back to ``S`` and the
   argmax pasted into a tile-sized canvas; a tile is scored (and written) once all its windows are in, so every
   pixel counts once even where windows overlap.
 """
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from util import dist as dist_util
 from util.amp import AmpConfig, NonFiniteLossError, autocast_context
+from util.gsd import rescale_res
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, SmoothedValue
 from util.seg_metrics import SegMetricAccumulator
@@ -163,7 +164,7 @@ def evaluate(model: nn.Module, data_loader: Iterable, device: torch.device, scal
             x = images if px == side else F.interpolate(images, size=(px, px), mode="bilinear", align_corners=False,
                                                         antialias=True)
             with autocast_context(device, amp_dtype):
-                logits = model(x, input_res=res * (side / px))
+                logits = model(x, input_res=rescale_res(res, side, px))
             logits = logits.float()
             if px != side:
                 logits = F.interpolate(logits, size=(side, side), mode="bilinear", align_corners=False)

@@ -13,11 +13,11 @@ with ``head.1.weight ~ trunc_normal(std=0.01)`` unless ``--eval``. Linear probe:
 betas (0.9, 0.95)); finetune: everything except the unused ``pos_embed`` trains, with layer-wise lr decay
 ``layer_decay ** (depth + 1 - layer_id)`` and ``--linear_layer_scale`` on the head-weight group.
 
-Resolution (``res``): training samples carry ``input_res = (crop_side - 1) / input_size * base_resolution`` from the
-random resized crop (area fraction in [scale_min, scale_max]); validation uses one ``eval_res`` for every sample:
-``eval_base_resolution * eval_reference_resolution / eval_scale`` with ``--eval_gsd``, else
-``eval_base_resolution``. These are the original formulas; with the original defaults they disagree (train about
-1.8-2.5, eval 1.0), so both are printed and a warning is given when they differ by more than 10 %.
+Resolution (``res``): training samples carry ``util.gsd.crop_res(crop_side, input_size, base_resolution)`` from the
+random resized crop (area fraction in [scale_min, scale_max]); validation uses one ``util.gsd.eval_res`` for every
+sample (``--eval_base_resolution``, ``--eval_gsd``, ``--eval_reference_resolution``, ``--eval_scale``). These are the
+original formulas (``util/gsd.py``); with the original defaults they disagree (train about 1.8-2.5, eval 1.0), so
+both are printed and a warning is given when they differ by more than 10 %.
 """
 from __future__ import annotations
 
@@ -39,11 +39,13 @@ from util.accel import add_compile_args, maybe_compile
 from util.amp import AmpConfig
 from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
 from util.dist import ShardSampler
+from util.gsd import crop_res, eval_res
 from util.harness import warn_dead_flags
 from util.lr_decay import apply_linear_layer_scale, param_groups_lrd, param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
 from util.pretrained import architecture_of, read_pretrained, read_start, resolve_model_name
+from util.weights import factory_patch_size
 
 # Flags kept so that original command lines still parse; they change nothing (as in the original).
 DEAD_FLAGS = {
@@ -154,10 +156,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------------------- setup helpers
 def eval_resolution(args: argparse.Namespace) -> float:
-    """The validation res (the original's formula)."""
-    if args.eval_gsd:
-        return args.eval_base_resolution * args.eval_reference_resolution / args.eval_scale
-    return args.eval_base_resolution
+    """The validation res (the original's formula, ``util.gsd.eval_res``)."""
+    return eval_res(args.eval_scale, args.eval_base_resolution, args.eval_gsd, args.eval_reference_resolution)
 
 
 def train_resolution_range(args: argparse.Namespace) -> tuple[float, float, float]:
@@ -166,7 +166,7 @@ def train_resolution_range(args: argparse.Namespace) -> tuple[float, float, floa
 
     def res(area: float) -> float:
         side = max(1, round(math.sqrt(area) * n))
-        return (side - 1) / n * args.base_resolution
+        return crop_res(side, n, args.base_resolution)
 
     return res(args.scale_min), res((args.scale_min + args.scale_max) / 2), res(args.scale_max)
 
@@ -366,7 +366,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"--model not given: {args.model}, from {args.checkpoint_path}")
     else:
         args.model = DEFAULT_MODEL
-    patch = 14 if args.model.endswith("patch14") else 16
+    patch = factory_patch_size(models_vit.MODELS[args.model])  # read from the model, not its name
     harness.require(args.input_size % patch == 0,
                     f"--input_size {args.input_size}: must be a multiple of the patch size {patch} of {args.model}")
     amp_dtype = AmpConfig(args.amp, device).dtype

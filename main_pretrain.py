@@ -25,6 +25,7 @@ from util.harness import warn_dead_flags
 from util.lr_decay import param_groups_weight_decay
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
+from util.weights import factory_patch_size
 
 # Flags kept so that old command lines still parse; they change nothing (as in the original).
 DEAD_FLAGS = {
@@ -379,7 +380,7 @@ def main(args: argparse.Namespace) -> dict:
     in_chans = overrides.pop("in_chans", 3) if cfg is None else len(cfg["data"]["mean"])
     overrides.pop("in_chans", None)
     args.model = name
-    patch = 14 if name.endswith(("patch14", "patch14_dec512d8b")) else 16
+    patch = factory_patch_size(models_mae.MODELS[name])  # read from the model, not its name
     args.patch_size = patch
     validate_sizes(args, patch)
     if args.eval_batch_size is None:

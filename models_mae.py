@@ -23,12 +23,13 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
 from layers import fast_decoder
-from layers.common import Norm2d, maybe_checkpoint
+from layers.common import Norm2d, maybe_checkpoint, unsafe_patch_embed
+from util.gsd import ResLike, absolute_res, as_res, rescale_res
 from util.pos_embed import gsd_sincos_pos_embed, sincos_pos_embed_table
+from util.weights import KNOWN_ARCHS, count_blocks, encoder_name
 
 __all__ = [
     "MaskedAutoencoderViT",
@@ -46,17 +47,6 @@ __all__ = [
     "HFFB",
     "FCNHead",
 ]
-
-ResLike = Optional[Union[torch.Tensor, Sequence[float], float]]
-
-
-def unsafe_patch_embed(patch_size: int, in_chans: int, embed_dim: int) -> PatchEmbed:
-    """timm ``PatchEmbed`` without the image-size check: any input side works, the conv drops a remainder.
-
-    ``[N, C, H, W] -> [N, (H // p) * (W // p), D]`` (e.g. 56 px at p = 16 gives 3 x 3 tokens over the top-left 48 px).
-    """
-    return PatchEmbed(img_size=None, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
-
 
 def _upsample2x(dim: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2)
@@ -150,20 +140,6 @@ class FCNHead(nn.Module):
         for start, end in self.PRED_STAGES:
             x = maybe_checkpoint(ckpt, self._pred_range, x, start, end)
         return x
-
-
-def _as_res(res: ResLike, n: int, like: torch.Tensor) -> torch.Tensor:
-    """Relative GSD as a float tensor on ``like``'s device: ``[n]`` per sample, or ``[1]`` when one value (a number,
-    a 0-d tensor, or None = 1) is shared by the batch, so its tables are computed once and broadcast."""
-    if res is None:
-        return torch.ones(1, device=like.device)
-    res = torch.as_tensor(res, device=like.device)
-    if not res.is_floating_point():
-        res = res.float()
-    res = res.reshape(-1)
-    if res.shape[0] not in (1, n):
-        raise ValueError(f"res must have one value per sample: got {res.shape[0]} values for a batch of {n}")
-    return res
 
 
 def _square_side(x: torch.Tensor, name: str) -> int:
@@ -477,7 +453,8 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward
     def _apply_source_size(self, imgs, targets, input_res, target_res, source_size):
-        """Area-downsample the encoder input (and the targets by the same factor), scaling res accordingly."""
+        """Area-downsample the encoder input (and the targets by the same factor); res follows the pixel size
+        (``util.gsd.rescale_res``)."""
         if isinstance(source_size, (list, tuple)):
             source_size = source_size[0]
         source_size = int(source_size)
@@ -490,13 +467,13 @@ class MaskedAutoencoderViT(nn.Module):
         if source_size == side:
             return imgs, targets, input_res, target_res
         imgs = F.interpolate(imgs, size=(source_size, source_size), mode="area")
-        input_res = input_res * (side / source_size)
+        input_res = rescale_res(input_res, side, source_size)
         if targets is not None:
             target_side = targets.shape[-1]
             new_target = int(target_side * source_size / side)
             # The original resized the already-downsampled input here; the real targets are what must be used.
             targets = F.interpolate(targets, size=(new_target, new_target), mode="area")
-            target_res = target_res * (target_side / new_target)
+            target_res = rescale_res(target_res, target_side, new_target)
         return imgs, targets, input_res, target_res
 
     def forward(
@@ -532,16 +509,15 @@ class MaskedAutoencoderViT(nn.Module):
         """
         side = _square_side(imgs, "imgs")
         n = imgs.shape[0]
-        input_res = _as_res(input_res, n, imgs)
-        target_res = _as_res(target_res, n, imgs)
+        input_res = as_res(input_res, n, imgs)
+        target_res = as_res(target_res, n, imgs)
         if source_size is not None:
             imgs, targets, input_res, target_res = self._apply_source_size(
                 imgs, targets, input_res, target_res, source_size
             )
             side = imgs.shape[-1]
-        if self.absolute_scale:
-            input_res = torch.ones_like(input_res)
-            target_res = torch.ones_like(target_res)
+        input_res = absolute_res(input_res, self.absolute_scale)
+        target_res = absolute_res(target_res, self.absolute_scale)
 
         if knn_feats:
             latent, _, _, _ = self.forward_encoder(imgs, 0.0, input_res, noise)
@@ -619,28 +595,24 @@ def infer_architecture(state_dict: dict[str, torch.Tensor]) -> tuple[str, dict]:
     except KeyError as err:
         raise ValueError(f"not a Scale-MAE pretraining state dict: key {err} is missing") from None
 
-    def count(prefix: str) -> int:
-        ids = {k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)}
-        return len({i for i in ids if i.isdigit()})
-
     embed_dim, in_chans, patch = patch_w.shape[0], patch_w.shape[1], patch_w.shape[-1]
-    depth = count("blocks.")
-    encoders = {(16, 192, 4): "mae_vit_tiny_patch16", (16, 768, 12): "mae_vit_base_patch16",
-                (16, 1024, 24): "mae_vit_large_patch16", (14, 1280, 32): "mae_vit_huge_patch14"}
-    name = encoders.get((patch, embed_dim, depth))
-    if name is None:
+    depth = count_blocks(state_dict)
+    encoder = encoder_name(patch, embed_dim, depth)  # the one shape table (util/weights.py)
+    if encoder is None:
+        factories = sorted(f"mae_{v[1]}" for v in KNOWN_ARCHS.values() if v[1] is not None)
         raise ValueError(
             f"checkpoint encoder (patch {patch}, width {embed_dim}, depth {depth}) matches no factory in "
-            f"{sorted(encoders.values())}; pass --model and the model options explicitly"
+            f"{factories}; pass --model and the model options explicitly"
         )
+    name = f"mae_{encoder}"
     independent = any(k.startswith("fcn_high.") for k in state_dict)
     head = "fcn_high." if independent else "fcn."
     kwargs = dict(
         in_chans=in_chans,
         decoder_embed_dim=dec_w.shape[0],
-        decoder_depth=count("decoder_blocks."),
+        decoder_depth=count_blocks(state_dict, "decoder_blocks."),
         fcn_dim=state_dict[head + "proj.weight"].shape[0],
-        fcn_layers=count(head + "conv_blocks."),
+        fcn_layers=count_blocks(state_dict, head + "conv_blocks."),
         independent_fcn_head=independent,
         progressive="fpn.fpn1.0.ln.weight" in state_dict,
         img_size=int(round((state_dict["pos_embed"].shape[1] - 1) ** 0.5)) * patch,

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import models_vit
+from util.weights import state_dict_of
 
 __all__ = ["SEG_OUT_INDICES", "default_out_indices", "FeaturePyramidNeck", "UPerHead", "FCNHead",
            "SegmentationModel", "build_segmentation_model", "load_pretrained_encoder", "HEAD_PREFIXES"]
@@ -221,7 +222,7 @@ def load_pretrained_encoder(model: SegmentationModel,
         from util.checkpoint import load_checkpoint
 
         checkpoint = load_checkpoint(checkpoint)
-    state = models_vit._extract_state_dict(checkpoint)
+    state = state_dict_of(checkpoint)
     if any(k.startswith("backbone.") for k in state):
         raise ValueError("this is a segmentation checkpoint (keys backbone.*): resume it with --resume instead")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -20,9 +20,11 @@ from timm.models import vision_transformer as timm_vit
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
-from models_mae import _as_res, unsafe_patch_embed
-from util.checkpoint import strip_module_prefix
+from layers.common import unsafe_patch_embed
+from util.gsd import as_res
 from util.pos_embed import gsd_sincos_pos_embed
+from util.weights import (MAE_ONLY_PREFIXES, extract_state_dict, infer_encoder_arch, load_encoder_file,
+                          state_dict_of)
 
 __all__ = [
     "VisionTransformer",
@@ -34,23 +36,8 @@ __all__ = [
     "load_mae_checkpoint",
     "checkpoint_filter_fn",
     "MAE_ONLY_PREFIXES",
+    "import_encoder",
 ]
-
-# Keys of a pretraining checkpoint that have no counterpart in the encoder (decoder, heads, unused tables).
-MAE_ONLY_PREFIXES = (
-    "mask_token",
-    "mask_token_decoder",
-    "decoder_pos_embed",
-    "decoder_embed.",
-    "decoder_blocks.",
-    "decoder_norm.",
-    "fpn.",
-    "fcn_high.",
-    "fcn_low.",
-    "fcn.",
-    "pos_emb_projection.",
-)
-
 
 class VisionTransformer(timm_vit.VisionTransformer):
     """timm ViT with Scale-MAE's GSD positional embedding.
@@ -88,7 +75,7 @@ class VisionTransformer(timm_vit.VisionTransformer):
             grid = math.isqrt(length)
         if grid * grid != length:
             raise ValueError(f"expected a square patch grid, got {length} tokens (grid {grid})")
-        pos = gsd_sincos_pos_embed(x.shape[-1], grid, _as_res(input_res, n, x)).to(x.dtype)
+        pos = gsd_sincos_pos_embed(x.shape[-1], grid, as_res(input_res, n, x)).to(x.dtype)
         x = torch.cat([self.cls_token.expand(n, -1, -1), x], dim=1) + pos
         return self.pos_drop(x)
 
@@ -211,14 +198,6 @@ class LoadReport(NamedTuple):
     unexpected_keys: list[str]
 
 
-def _extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    for key in ("model", "state_dict"):
-        if key in checkpoint and isinstance(checkpoint[key], Mapping):
-            checkpoint = checkpoint[key]
-            break
-    return dict(strip_module_prefix(checkpoint))
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: VisionTransformer) -> dict[str, torch.Tensor]:
     """Adapt a pretraining (or encoder) state dict to ``model``.
 
@@ -251,7 +230,7 @@ def load_mae_checkpoint(
 
         source = str(checkpoint)
         checkpoint = load_checkpoint(checkpoint)
-    state_dict = checkpoint_filter_fn(_extract_state_dict(checkpoint), model)
+    state_dict = checkpoint_filter_fn(state_dict_of(checkpoint), model)
 
     own = model.state_dict()
     mismatched = [
@@ -278,3 +257,29 @@ def load_mae_checkpoint(
         )
     model.load_state_dict(state_dict, strict=False)
     return LoadReport(missing, unexpected)
+
+
+def import_encoder(path_or_state: Union[str, os.PathLike, Mapping[str, Any]], num_classes: int = 0,
+                   global_pool: Optional[bool] = None, img_size: Optional[int] = None,
+                   num_heads: Optional[int] = None) -> VisionTransformer:
+    """Build a GSD-aware :class:`VisionTransformer` from an exported (``util.weights.export_encoder``) or any encoder
+    file (or state dict) and load it; the architecture comes from the tensor shapes (``util.weights``).
+
+    Loading goes through ``models_vit.load_mae_checkpoint``, which verifies that only ``head.*`` is missing (nothing
+    with ``num_classes=0``). The stored ``pos_embed`` table is kept in the model's unused ``pos_embed`` slot;
+    ``models_vit`` recomputes the embedding from ``input_res`` on every forward.
+    """
+    if isinstance(path_or_state, Mapping):
+        state, meta = extract_state_dict(path_or_state), {}
+    else:
+        state, meta = load_encoder_file(path_or_state)
+    if num_heads is None and isinstance(meta.get("architecture"), Mapping):
+        num_heads = meta["architecture"].get("num_heads")
+    arch = infer_encoder_arch(state, num_heads=num_heads, img_size=img_size)
+    pool = arch.global_pool if global_pool is None else bool(global_pool)
+    model = VisionTransformer(
+        patch_size=arch.patch_size, in_chans=arch.in_chans, embed_dim=arch.embed_dim, depth=arch.depth,
+        num_heads=arch.num_heads, mlp_ratio=arch.mlp_ratio, img_size=arch.img_size, num_classes=num_classes,
+        global_pool=pool)
+    load_mae_checkpoint(model, state)
+    return model

@@ -76,13 +76,13 @@ def count_flops(config: str, side: int, device) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     from baseline import baseline_from
-    from bench_step import _batch
+    from bench_step import make_batch
 
     cfg = CONFIGS[config]
     ours = build_model(config, device=device.type)
     model = baseline_from(ours, **cfg).to(device).train()
     grid = side // cfg["patch_size"]
-    imgs, targets, input_res, target_res, noise = (t.to(device) for t in _batch(1, side, grid, 0))
+    imgs, targets, input_res, target_res, noise = (t.to(device) for t in make_batch(1, side, grid, 0))
     counter = FlopCounterMode(display=False)
     with counter:
         model(imgs, targets, input_res=input_res, target_res=target_res, noise=noise)[0].backward()
@@ -97,7 +97,7 @@ def run(config: str = "vit_large", batch: int = 32, precision: str = "bf16", var
     import torch
 
     from baseline import baseline_from
-    from bench_step import _batch, _optimizer
+    from bench_step import make_batch, make_optimizer
     from util.accel import CompiledWithFallback, apply_model_options
     from util.amp import AmpConfig
     from util.harness import build_optimizer
@@ -117,7 +117,7 @@ def run(config: str = "vit_large", batch: int = 32, precision: str = "bf16", var
         torch.backends.cudnn.allow_tf32 = precision == "fp32"
     gemm = gemm_tflops(dev, precision if dev.type == "cuda" or precision != "fp16" else "fp32", gemm_n)
     flops_per_image = count_flops(config, side, dev)
-    data = [tuple(t.to(dev) for t in _batch(batch, side, grid, seed + 100 + i)) for i in range(2)]
+    data = [tuple(t.to(dev) for t in make_batch(batch, side, grid, seed + 100 + i)) for i in range(2)]
 
     out = {"config": config, "input_size": side, "target_size": 32 * grid, "batch": batch, "precision": precision,
            "device": name, "device_type": dev.type, "quick": quick, "warmup": warmup, "iters": iters,
@@ -133,7 +133,7 @@ def run(config: str = "vit_large", batch: int = 32, precision: str = "bf16", var
         if variant == "baseline":
             model = baseline_from(ours, **cfg).to(dev).train()
             del ours
-            opt = _optimizer(model)
+            opt = make_optimizer(model)
         else:
             model = ours
             apply_model_options(model, argparse.Namespace(fast_decoder="auto", grad_checkpointing=ckpt), dev)

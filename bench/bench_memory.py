@@ -23,7 +23,7 @@ def run(config: str = "vit_base", batch: int = 4, grad_checkpointing: bool = Fal
 
     applied = apply_allocator(allocator)
 
-    from bench_step import _batch, _optimizer
+    from bench_step import make_batch, make_optimizer
 
     rss_import = current_rss()
     cfg = CONFIGS[config]
@@ -33,8 +33,8 @@ def run(config: str = "vit_base", batch: int = 4, grad_checkpointing: bool = Fal
     model = build_model(config, seed=seed, device=device.type).to(device)
     model.set_grad_checkpointing(grad_checkpointing)
     model.train()
-    opt = _optimizer(model)
-    imgs, targets, input_res, target_res, noise = (t.to(device) for t in _batch(batch, side, grid, seed + 1))
+    opt = make_optimizer(model)
+    imgs, targets, input_res, target_res, noise = (t.to(device) for t in make_batch(batch, side, grid, seed + 1))
     rss_model = current_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

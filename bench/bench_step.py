@@ -26,7 +26,7 @@ CLEAN = 0.10  # a round is "clean" when other processes used less than this shar
 VARIANTS = ("ours_fp32", "baseline_fp32", "ours_bf16")
 
 
-def _optimizer(model, fused: bool = False):
+def make_optimizer(model, fused: bool = False):
     """AdamW as main_pretrain builds it: two groups (wd 0.05 on >= 2-D tensors), betas (0.9, 0.95)."""
     import torch
 
@@ -36,7 +36,7 @@ def _optimizer(model, fused: bool = False):
                              lr=1.5e-4, betas=(0.9, 0.95), fused=fused or None)
 
 
-def _batch(batch: int, side: int, grid: int, seed: int):
+def make_batch(batch: int, side: int, grid: int, seed: int):
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -66,7 +66,7 @@ def run(config: str = "tiny", batch: int = 8, warmup: int = 3, iters: int = 10, 
         base.train()
 
     # ---- equal maths: same weights, batch and masking noise
-    imgs, targets, input_res, target_res, noise = _batch(batch, side, grid, seed + 1)
+    imgs, targets, input_res, target_res, noise = make_batch(batch, side, grid, seed + 1)
     with torch.no_grad():
         loss_ours = float(ours(imgs, targets, input_res=input_res, target_res=target_res, noise=noise)[0])
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -79,9 +79,9 @@ def run(config: str = "tiny", batch: int = 8, warmup: int = 3, iters: int = 10, 
     loss_check["equal"] = loss_check["rel_diff"] is not None and loss_check["rel_diff"] <= 1e-5
 
     models = {"ours_fp32": ours, "ours_bf16": ours, "ours_fp32_ckpt": ours, "baseline_fp32": base}
-    opts = {"ours": _optimizer(ours, fused=fused_adamw_ours)}  # the baseline keeps torch's default AdamW, as the original
+    opts = {"ours": make_optimizer(ours, fused=fused_adamw_ours)}  # the baseline keeps torch's default AdamW, as the original
     if base is not None:
-        opts["baseline"] = _optimizer(base)
+        opts["baseline"] = make_optimizer(base)
 
     def step(variant: str, i: int, data) -> dict:
         model = models[variant]
@@ -112,7 +112,7 @@ def run(config: str = "tiny", batch: int = 8, warmup: int = 3, iters: int = 10, 
     times = {v: [] for v in variants}
     other, waited = [], 0.0
     for i in range(warmup + iters):
-        data = _batch(batch, side, grid, seed + 100 + i)
+        data = make_batch(batch, side, grid, seed + 100 + i)
         if i >= warmup:
             waited += wait_for_idle()[1]  # only with BENCH_WAIT_IDLE (run.py --wait-idle)
         meter = OtherLoad().start()

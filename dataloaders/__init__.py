@@ -17,8 +17,7 @@ Modules (import them directly; this package imports nothing heavy on its own):
 * ``stats``, ``errors`` -- normalisation statistics; ``DataError`` / ``MissingDataError``.
 
 Resolution (``res``) semantics: ``res`` is a *relative* ground sample distance that multiplies the patch-grid
-positions of the positional embedding; it is not metres. In pretraining ``target_res = (crop_side - 1) / T *
-base_resolution`` and ``input_res = target_res * T / input_size``; for GeoTIFF configs with
-``reference_gsd`` both are further multiplied by ``gsd_m / reference_gsd_m`` (``geotiff.relative_res``), with
-``gsd_m`` the window's ground GSD as read.
+positions of the positional embedding; it is not metres. Every rule that computes it (pretraining crop, linear
+probe, segmentation windows, evaluation sides, the ``reference_gsd`` factor of GeoTIFF windows) lives in
+``util/gsd.py``.
 """

@@ -36,12 +36,13 @@ __all__ = ["EVAL_STATS", "build_pretrain_dataset", "build_pretrain_sampler", "bu
            "build_linprobe_datasets", "eval_transform", "eval_stats"]
 
 
-def _data(cfg: Mapping) -> dict:
+def validated_data(cfg: Mapping) -> dict:
     """The validated inner ``data`` dict of a config (already-validated dicts pass unchanged)."""
     return validate_config({"data": data_section(cfg)}, source="<config dict>")["data"]
 
 
-def _stats(d: dict) -> Tuple[list, list]:
+def norm_stats(d: dict) -> Tuple[list, list]:
+    """(mean, std) lists of a validated ``data`` dict."""
     return list(d["mean"]), list(d["std"])
 
 
@@ -50,7 +51,8 @@ def _with_context(exc: DataError, d: dict) -> DataError:
     return type(exc)(f"{exc} [config: {where}]")
 
 
-def _scene_samples(d: dict):
+def scene_samples(d: dict):
+    """(path, class) samples of a scene-folder ``data`` dict (FMoW: only ``*_rgb.jpg`` files)."""
     filt = fmow_rgb_filter if d["type"] == "fmow" else None
     return collect_samples(d["img_dir"], is_valid_file=filt)
 
@@ -70,8 +72,8 @@ def build_pretrain_dataset(cfg: Mapping, input_size: int = 224, target_size: Opt
     ``target_size`` None means ``2 * input_size``. Errors (missing/empty folder, bad files, wrong band
     count) name the file and the config entries.
     """
-    d = _data(cfg)
-    mean, std = _stats(d)
+    d = validated_data(cfg)
+    mean, std = norm_stats(d)
     target = int(target_size) if target_size else 2 * int(input_size)
     geo = d["type"] in GEO_TYPES
     transform = PretrainTransform(input_size, mean, std, target_size=target, scale=(scale_min, scale_max),
@@ -84,7 +86,7 @@ def build_pretrain_dataset(cfg: Mapping, input_size: int = 224, target_size: Opt
             ds = geotiff_dataset_from_config(d, window_size=d.get("size") or 2 * int(input_size), seed=seed)
             return GeoTiffPretrainDataset(ds, transform, [m * 1.0 for m in mean],
                                           reference_gsd=d.get("reference_gsd"), min_valid=d.get("min_valid", 0.0))
-        samples = _scene_samples(d)
+        samples = scene_samples(d)
         return SceneDataset(samples, make_class_map(samples), transform, with_label=False, decode="tensor")
     except DataError as exc:
         raise _with_context(exc, d) from None
@@ -98,7 +100,7 @@ def build_pretrain_sampler(dataset: Dataset, cfg: Mapping, num_replicas: int = 1
     all ranks, default: one per tile); the others a ``DistributedSampler`` (also for one process).
     """
     if isinstance(dataset, (GeoTiffPretrainDataset, GeoTiffDataset)):
-        d = _data(cfg)
+        d = validated_data(cfg)
         geo = dataset.geo if isinstance(dataset, GeoTiffPretrainDataset) else dataset
         return geo.make_sampler(length=d.get("length") or len(geo), num_replicas=num_replicas, rank=rank,
                                 seed=seed, shuffle=shuffle)
@@ -157,12 +159,12 @@ def build_linprobe_datasets(cfg: Mapping, eval_dataset: str, eval_path: Optional
 
     One class map over train and val. What was chosen is appended to ``report`` (a list of lines) when given.
     """
-    d = _data(cfg)
+    d = validated_data(cfg)
     notes = report if report is not None else []
     if d["type"] in GEO_TYPES:
         raise DataError(f"data.type={d['type']}: linear probing needs labelled scenes (fmow, resisc, eurosat, "
                         f"demo); GeoTIFF configs have no labels")
-    mean, std = _stats(d)
+    mean, std = norm_stats(d)
     train_tf = LinprobeTrainTransform(input_size, mean, std, scale=(scale_min, scale_max),
                                       base_resolution=base_resolution, resize_crop=d["type"] == "fmow")
     val_tf = eval_transform(eval_dataset, "linprobe", eval_scale, resize=val_resize)
@@ -178,7 +180,7 @@ def build_linprobe_datasets(cfg: Mapping, eval_dataset: str, eval_path: Optional
             if names != train.classes:
                 raise DataError(f"{eval_path}: classes {names} do not match the demo classes {train.classes}")
             return train, val, len(names)
-        train_s = _scene_samples(d)
+        train_s = scene_samples(d)
         val_filter = fmow_rgb_filter if eval_dataset.lower() == "fmow" else None
         if eval_path is None:
             eval_path = default_val_source(d["img_dir"])

@@ -43,43 +43,43 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class _Field:
+class Field:
     kind: str  # "str", "strs", "path", "path_or_false", "bool", "int", "float", "floats", "float_or_floats", "ints"
     types: tuple = ALL_TYPES  # dataset types the key applies to
     doc: str = ""
 
 
-SCHEMA: dict[str, _Field] = {
-    "type": _Field("str", doc="dataset type: " + ", ".join(ALL_TYPES)),
-    "img_dir": _Field("path", FOLDER_TYPES + GEO_TYPES,
+SCHEMA: dict[str, Field] = {
+    "type": Field("str", doc="dataset type: " + ", ".join(ALL_TYPES)),
+    "img_dir": Field("path", FOLDER_TYPES + GEO_TYPES,
                       "ImageFolder root, split-list file, or folder/file of GeoTIFFs"),
-    "mean": _Field("floats", doc="per-channel mean, in the scale of the input tensor"),
-    "std": _Field("floats", doc="per-channel std, same scale as mean"),
-    "oversample": _Field("float", doc="DataLoader batch multiplier (default 1.0)"),
-    "vis_factor": _Field("float", doc="visualisation divisor (default 1.0)"),
-    "length": _Field("int", GEO_TYPES + DEMO_TYPES, "samples per epoch (GeoTIFF) / images (demo)"),
-    "size": _Field("int", GEO_TYPES + DEMO_TYPES, "window side read from rasters / demo image side (px)"),
-    "base_resolution": _Field("float", doc="informational, as in the original (CLI --base_resolution is used)"),
-    "input_size": _Field("int", doc="informational, as in the original (CLI --input_size is used)"),
-    "bands": _Field("ints", GEO_TYPES, "1-based band indexes to read (GDAL order)"),
-    "nodata": _Field("float_or_floats", GEO_TYPES, "nodata overriding the files' own: one value or one per band"),
-    "aoi": _Field("path", GEO_TYPES, "area-of-interest polygon file (GeoJSON/GPKG/...)"),
-    "reference_gsd": _Field("float", GEO_TYPES, "metres; res is multiplied by gsd / reference_gsd"),
-    "scale": _Field("float", GEO_TYPES, "raw DN divisor applied before mean/std (default 1.0)"),
-    "glob": _Field("str", GEO_TYPES, "file pattern under img_dir (default: *.tif/*.tiff, recursive)"),
-    "min_valid": _Field("float", GEO_TYPES, "minimum valid-pixel fraction of a window (default 0.0)"),
-    "band_files": _Field("strs", GEO_TYPES, "per-band file patterns of a scene folder, stacked in order"),
-    "scene_glob": _Field("str", GEO_TYPES, "scene folders under img_dir for band_files (default: img_dir)"),
-    "crs": _Field("str", GEO_TYPES, "read every tile in this CRS (mixed-CRS collections), e.g. EPSG:32633"),
-    "target_gsd": _Field("float", GEO_TYPES, "metres; cell of the read grid (resampled)"),
-    "resampling": _Field("str", GEO_TYPES, "warp resampling method (default bilinear)"),
-    "downsampling": _Field("str", GEO_TYPES, "gsd_range read method (default average)"),
-    "mosaic": _Field("bool", GEO_TYPES, "windows may cross tile edges (read from all tiles they touch)"),
-    "gsd_range": _Field("floats", GEO_TYPES, "[min, max] metres: read each window at a GSD drawn from it"),
-    "nodata_mode": _Field("str", GEO_TYPES, "any (default): a pixel is invalid when any band is; all"),
-    "index_cache": _Field("path_or_false", GEO_TYPES, "tile-header cache file, or false (default: automatic)"),
-    "num_classes": _Field("int", DEMO_TYPES, "demo: number of synthetic scene classes"),
-    "seed": _Field("int", DEMO_TYPES, "demo: generator seed"),
+    "mean": Field("floats", doc="per-channel mean, in the scale of the input tensor"),
+    "std": Field("floats", doc="per-channel std, same scale as mean"),
+    "oversample": Field("float", doc="DataLoader batch multiplier (default 1.0)"),
+    "vis_factor": Field("float", doc="visualisation divisor (default 1.0)"),
+    "length": Field("int", GEO_TYPES + DEMO_TYPES, "samples per epoch (GeoTIFF) / images (demo)"),
+    "size": Field("int", GEO_TYPES + DEMO_TYPES, "window side read from rasters / demo image side (px)"),
+    "base_resolution": Field("float", doc="informational, as in the original (CLI --base_resolution is used)"),
+    "input_size": Field("int", doc="informational, as in the original (CLI --input_size is used)"),
+    "bands": Field("ints", GEO_TYPES, "1-based band indexes to read (GDAL order)"),
+    "nodata": Field("float_or_floats", GEO_TYPES, "nodata overriding the files' own: one value or one per band"),
+    "aoi": Field("path", GEO_TYPES, "area-of-interest polygon file (GeoJSON/GPKG/...)"),
+    "reference_gsd": Field("float", GEO_TYPES, "metres; res is multiplied by gsd / reference_gsd"),
+    "scale": Field("float", GEO_TYPES, "raw DN divisor applied before mean/std (default 1.0)"),
+    "glob": Field("str", GEO_TYPES, "file pattern under img_dir (default: *.tif/*.tiff, recursive)"),
+    "min_valid": Field("float", GEO_TYPES, "minimum valid-pixel fraction of a window (default 0.0)"),
+    "band_files": Field("strs", GEO_TYPES, "per-band file patterns of a scene folder, stacked in order"),
+    "scene_glob": Field("str", GEO_TYPES, "scene folders under img_dir for band_files (default: img_dir)"),
+    "crs": Field("str", GEO_TYPES, "read every tile in this CRS (mixed-CRS collections), e.g. EPSG:32633"),
+    "target_gsd": Field("float", GEO_TYPES, "metres; cell of the read grid (resampled)"),
+    "resampling": Field("str", GEO_TYPES, "warp resampling method (default bilinear)"),
+    "downsampling": Field("str", GEO_TYPES, "gsd_range read method (default average)"),
+    "mosaic": Field("bool", GEO_TYPES, "windows may cross tile edges (read from all tiles they touch)"),
+    "gsd_range": Field("floats", GEO_TYPES, "[min, max] metres: read each window at a GSD drawn from it"),
+    "nodata_mode": Field("str", GEO_TYPES, "any (default): a pixel is invalid when any band is; all"),
+    "index_cache": Field("path_or_false", GEO_TYPES, "tile-header cache file, or false (default: automatic)"),
+    "num_classes": Field("int", DEMO_TYPES, "demo: number of synthetic scene classes"),
+    "seed": Field("int", DEMO_TYPES, "demo: generator seed"),
 }
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -97,7 +97,7 @@ def _where(source: str, key: str) -> str:
     return f"{source}: data.{key}"
 
 
-def _check_value(source: str, key: str, field: _Field, value: Any) -> Any:
+def check_value(source: str, key: str, field: Field, value: Any) -> Any:
     """Return ``value`` converted to the field's kind or raise ConfigError (expected vs got)."""
 
     def fail(expected: str) -> ConfigError:
@@ -151,7 +151,7 @@ def _check_value(source: str, key: str, field: _Field, value: Any) -> Any:
     raise AssertionError(kind)
 
 
-def _resolve_path(value: str, base: Path) -> str:
+def resolve_path(value: str, base: Path) -> str:
     expanded = os.path.expandvars(os.path.expanduser(value))
     p = Path(expanded)
     if not p.is_absolute():
@@ -184,7 +184,7 @@ def validate_config(raw: Any, source: str = "<config>", base_dir: Optional[PathL
             raise ConfigError(f"{_where(source, key)}: unknown key; allowed keys: {', '.join(SCHEMA)}")
     if "type" not in data_in:
         raise ConfigError(f"{_where(source, 'type')}: required key missing (one of {', '.join(ALL_TYPES)})")
-    dtype = _check_value(source, "type", SCHEMA["type"], data_in["type"]).lower()
+    dtype = check_value(source, "type", SCHEMA["type"], data_in["type"]).lower()
     if dtype not in _TYPE_ALIASES:
         raise ConfigError(f"{_where(source, 'type')}: expected one of {', '.join(ALL_TYPES)} "
                           f"(case-insensitive), got {data_in['type']!r}")
@@ -198,9 +198,9 @@ def validate_config(raw: Any, source: str = "<config>", base_dir: Optional[PathL
         if dtype not in field.types:
             raise ConfigError(f"{_where(source, key)}: not valid for type {dtype!r} "
                               f"(only for {', '.join(field.types)})")
-        value = _check_value(source, key, field, value)
+        value = check_value(source, key, field, value)
         if field.kind in ("path", "path_or_false") and value is not False and base_dir is not None:
-            value = _resolve_path(value, Path(base_dir))
+            value = resolve_path(value, Path(base_dir))
         out[key] = value
 
     for key, value in {**DEFAULTS["*"], **DEFAULTS.get(dtype, {})}.items():
@@ -240,10 +240,10 @@ def _check_consistency(source: str, d: dict) -> None:
             raise ConfigError(f"{_where(source, key)}: expected a positive number, got {d[key]}")
     if "min_valid" in d and not 0.0 <= d["min_valid"] <= 1.0:
         raise ConfigError(f"{_where(source, 'min_valid')}: expected a fraction in [0, 1], got {d['min_valid']}")
-    _check_geo_consistency(source, d)
+    check_geo_consistency(source, d)
 
 
-def _check_geo_consistency(source: str, d: dict) -> None:
+def check_geo_consistency(source: str, d: dict) -> None:
     """Checks of the GeoTIFF keys (band files, reprojection, multi-GSD reads, nodata)."""
     if "band_files" in d:
         for key, hint in (("bands", "the band_files patterns select and order the bands"),

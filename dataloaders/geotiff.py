@@ -14,7 +14,7 @@ Pieces (re-exported here):
       band_mask  BoolTensor[C, h, w]   True = valid value of that band
       gsd        float                 ground metres per pixel at the window centre (mean of x and y)
       gsd_xy     (float, float)        ground metres along the pixel x and y axes
-      res        float                 gsd / reference_gsd (1.0 without reference_gsd)
+      res        float                 util.gsd.gsd_factor(gsd, reference_gsd) (1.0 without reference_gsd)
       crs        str                   CRS of the window grid ("EPSG:32610" or WKT)
       transform  (a, b, c, d, e, f)    affine of the window grid: pixel (col, row) -> crs coordinates
       bounds     (minx, miny, maxx, maxy) in crs
@@ -26,14 +26,9 @@ Pieces (re-exported here):
 
 Relative resolution. The model's positional embedding takes a *relative* scale ``res`` (not metres). For
 GeoTIFF configs the crop-derived res of the pretraining transform is multiplied by
-``relative_res(gsd, reference_gsd) = gsd / reference_gsd`` (the one home of that rule)::
-
-    target_res = (crop_side - 1) / T * base_resolution * gsd / reference_gsd
-    input_res  = target_res * T / input_size
-
-so pixels twice as large on the ground as the reference get twice the res; ``gsd`` is the window's ground
-GSD as read (so a ``gsd_range`` read at 4x the tile's GSD gets 4x the res). Without ``reference_gsd`` the
-factor is 1 (the original NAIP/Sentinel-2 behaviour, which ignored the real GSD).
+``util.gsd.gsd_factor(gsd, reference_gsd)`` (formulas in ``util/gsd.py``; ``relative_res`` is re-exported here), so
+pixels twice as large on the ground as the reference get twice the res; ``gsd`` is the window's ground GSD as read
+(so a ``gsd_range`` read at 4x the tile's GSD gets 4x the res).
 
 Valid mask: a band value is invalid when it equals that band's nodata (``data.nodata``, one value or one per
 band, overriding the files' own), is NaN, lies outside every file's footprint, or is masked by the file's
@@ -52,6 +47,8 @@ import torch
 from affine import Affine
 from torch.utils.data import Dataset
 
+from util.gsd import gsd_factor, relative_res
+
 from .errors import DataError
 from .geo_index import (RasterInfo, build_tile_index, crs_to_string, find_rasters, ground_gsd_at,
                         ground_sample_distance, load_aoi, read_raster_info, to_crs)
@@ -64,17 +61,6 @@ __all__ = ["GeoTiffDataset", "GeoTiffPretrainDataset", "DistributedRandomWindowS
            "build_tile_index", "load_aoi", "read_raster_info", "find_rasters", "ground_sample_distance",
            "ground_gsd_at", "relative_res", "RasterInfo", "GridReader", "geotiff_dataset_from_config",
            "NODATA_MODES", "RESAMPLING_METHODS"]
-
-
-def relative_res(gsd, reference_gsd: float):
-    """Model-relative resolution of a ground sample distance: ``gsd / reference_gsd`` (both in metres).
-
-    Works on floats and tensors. ``reference_gsd`` is the GSD that should map to res 1 (e.g. 0.6 for NAIP,
-    10 for Sentinel-2 10 m bands).
-    """
-    if reference_gsd is None or float(reference_gsd) <= 0:
-        raise ValueError(f"reference_gsd must be a positive number of metres, got {reference_gsd!r}")
-    return gsd / float(reference_gsd)
 
 
 def _window_bounds(transform, row: int, col: int, height: int, width: int) -> Tuple[float, float, float, float]:
@@ -119,7 +105,7 @@ class GeoTiffDataset(Dataset):
             (never finer than the tile's own), covering ``gsd / tile_gsd`` times more ground.
         nodata_mode: ``any`` (default: a pixel is invalid when any band is invalid) or ``all``.
         index_cache: header cache file (None: next to the data or in the user cache; False: off).
-        reference_gsd: metres mapping to ``res`` 1 in the samples (``res = gsd / reference_gsd``).
+        reference_gsd: metres mapping to ``res`` 1 in the samples (``util.gsd.gsd_factor``).
     """
 
     def __init__(self, source, window_size: int = 256, bands: Optional[Sequence[int]] = None,
@@ -277,7 +263,7 @@ class GeoTiffDataset(Dataset):
             "band_mask": torch.from_numpy(band_valid),
             "gsd": gsd,
             "gsd_xy": (gsd_x, gsd_y),
-            "res": float(relative_res(gsd, self.reference_gsd)) if self.reference_gsd else 1.0,
+            "res": gsd_factor(gsd, self.reference_gsd),
             "crs": crs,
             "transform": tuple(transform)[:6],
             "bounds": _window_bounds(transform, 0, 0, height, width),
@@ -310,7 +296,7 @@ class GeoTiffPretrainDataset(Dataset):
 
     Per window: invalid pixels are set to the band mean (so they are 0 after normalisation), the
     pretraining transform (normalisation, flip, square random resized crop from the whole window) runs,
-    and both res values are multiplied by ``gsd / reference_gsd`` (factor 1 without ``reference_gsd``).
+    and both res values are multiplied by ``util.gsd.gsd_factor(gsd, reference_gsd)``.
     With ``min_valid > 0`` a window whose valid fraction is lower is redrawn (up to ``max_redraws`` times,
     deterministically from the index) inside the same tile.
     """
@@ -361,7 +347,6 @@ class GeoTiffPretrainDataset(Dataset):
         img = torch.where(valid, sample["image"], self.mean)
         img = torch.nan_to_num(img)
         inp, input_res, target, target_res = self.transform(img)
-        if self.reference_gsd:
-            factor = float(relative_res(sample["gsd"], self.reference_gsd))
-            input_res, target_res = input_res * factor, target_res * factor
+        factor = gsd_factor(sample["gsd"], self.reference_gsd)
+        input_res, target_res = input_res * factor, target_res * factor
         return inp, input_res, target, target_res

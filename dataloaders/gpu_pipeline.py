@@ -5,7 +5,7 @@ random choices with :meth:`PretrainTransform.draw` -- under the same per-sample 
 and in the same order as the CPU pipeline. The main process then decodes the batch on the device
 (``torchvision.io.decode_jpeg(device=...)``, nvJPEG on CUDA) and applies the same maths there: zero-padded window,
 flip, square crop, normalisation, bicubic resize to the target (align_corners=True) and bilinear to the input, with
-the same ``res`` rule (:func:`dataloaders.transforms.crop_res`).
+the same ``res`` rule (:func:`util.gsd.crop_res_pair`, computed per sample exactly as the CPU pipeline does).
 
 Everything is device-agnostic, so on CPU (libjpeg-turbo, the decoder of the CPU pipeline) it reproduces the CPU
 pipeline to float rounding (tests/test_gpu_pipeline.py). On CUDA the pixels differ from the CPU pipeline's by the
@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from util.gsd import crop_res_pair
+
 from .errors import DataError, MissingDataError
-from .transforms import PretrainTransform, crop_res
+from .transforms import PretrainTransform
 
 __all__ = ["RawJpegDataset", "collate_raw", "DeviceTransform", "DeviceBatches", "build_gpu_pipeline_loader"]
 
@@ -115,9 +117,9 @@ class DeviceTransform:
         images = self.decode(datas)
         pairs = [self.sample(img, p) for img, p in zip(images, params.tolist())]
         t = self.t
-        target_res = torch.tensor([crop_res(int(p[5]), t.target_size, t.base_resolution) for p in params.tolist()],
-                                  dtype=torch.float32)
-        input_res = target_res * t.target_size / t.input_size
+        res = [crop_res_pair(int(p[5]), t.target_size, t.input_size, t.base_resolution) for p in params.tolist()]
+        input_res = torch.tensor([r[0] for r in res], dtype=torch.float32)
+        target_res = torch.tensor([r[1] for r in res], dtype=torch.float32)
         return (torch.stack([a for a, _ in pairs]), input_res, torch.stack([b for _, b in pairs]), target_res)
 
 
@@ -142,18 +144,18 @@ def build_gpu_pipeline_loader(args: Any, cfg: dict, device: torch.device
     Supported for JPEG scene configs (``fmow``, ``resisc``, ...); other configs raise ``DataError`` naming the
     option to drop.
     """
-    from .builders import GEO_TYPES, DEMO_ID, _data, _scene_samples, _stats, build_pretrain_sampler
+    from .builders import DEMO_ID, GEO_TYPES, build_pretrain_sampler, norm_stats, scene_samples, validated_data
     from .seeding import SeededDataset, SeededSampler
 
-    d = _data(cfg)
+    d = validated_data(cfg)
     if d["type"] in GEO_TYPES or d["type"] == DEMO_ID:
         raise DataError(f"--gpu_pipeline decodes JPEG scene folders; data.type '{d['type']}' is not one: drop "
                         f"--gpu_pipeline for this config")
-    mean, std = _stats(d)
+    mean, std = norm_stats(d)
     transform = PretrainTransform(args.input_size, mean, std, target_size=max(args.target_size),
                                   scale=(args.scale_min, args.scale_max), base_resolution=args.base_resolution,
                                   random_crop=d["type"] == "fmow")
-    dataset = RawJpegDataset([p for p, _ in _scene_samples(d)], transform)
+    dataset = RawJpegDataset([p for p, _ in scene_samples(d)], transform)
     base = build_pretrain_sampler(dataset, cfg, num_replicas=args.world_size, rank=args.rank, seed=args.seed)
     sampler = SeededSampler(base, rank=args.rank, world_size=args.world_size)
     workers = args.num_workers

@@ -40,9 +40,9 @@ Samples are dicts (torchgeo style, with metadata): ``image`` FloatTensor [C, S, 
 and width clipped to the raster), ``transform`` (6 affine coefficients of the window, or None), ``crs`` (str or
 None), ``path``; :func:`seg_collate` batches them (tensors stacked, metadata as lists).
 
-Resolution: ``res = base_resolution * window_px / model_input_px * gsd / reference_gsd`` (the last factor only with
-``reference_gsd``; ``gsd`` is the window's ground GSD as the GeoTIFF reader measures it, ``geotiff.relative_res``), so
-a window shown to the model at half its pixel count gets twice the res.
+Resolution: ``util.gsd.window_res(window_px, model_input_px, base_resolution) * util.gsd.gsd_factor(gsd,
+reference_gsd)``, ``gsd`` being the window's ground GSD as the GeoTIFF reader measures it (formulas, and why this
+rule has no ``- 1`` unlike pretraining's crop rule: ``util/gsd.py``).
 """
 from __future__ import annotations
 
@@ -55,8 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
+from util.gsd import gsd_factor, window_res
+
 from .config import SCHEMA as GEO_SCHEMA
-from .config import ConfigError, _check_geo_consistency, _check_value, _Field, _resolve_path
+from .config import ConfigError, check_geo_consistency, check_value, Field, resolve_path
 from .errors import DataError, MissingDataError
 from .geo_sampler import DistributedRandomWindowSampler, WindowSpec
 
@@ -70,32 +72,32 @@ SEG_TYPES = ("geotiff", "masks")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
 
 # kind, types, doc (kinds as in dataloaders.config plus "strs" and "bool")
-SEG_SCHEMA: Dict[str, _Field] = {
-    "type": _Field("str", SEG_TYPES, "geotiff (rasters + vector labels) or masks (image/mask pairs)"),
-    "img_dir": _Field("path", SEG_TYPES, "training rasters / images"),
-    "labels": _Field("path", ("geotiff",), "vector file (or folder of vector files) of labelled polygons"),
-    "mask_dir": _Field("path", ("masks",), "training masks (same file stems as the images)"),
-    "val_img_dir": _Field("path", SEG_TYPES, "validation rasters / images"),
-    "val_labels": _Field("path", ("geotiff",), "validation vector file (default: labels)"),
-    "val_mask_dir": _Field("path", ("masks",), "validation masks"),
-    "classes": _Field("strs", SEG_TYPES, "foreground class names; ids 1..K in this order, 0 = background"),
-    "class_column": _Field("str", ("geotiff",), "attribute with each polygon's class name"),
-    "mask_values": _Field("ints", ("masks",), "raw mask value of background, class 1, ..."),
-    "all_touched": _Field("bool", ("geotiff",), "burn all pixels a polygon touches"),
-    "ignore_index": _Field("int", SEG_TYPES, "label of nodata / unlabelled pixels (default 255)"),
-    "mean": _Field("floats", SEG_TYPES, "per-band mean (after scale)"),
-    "std": _Field("floats", SEG_TYPES, "per-band std (after scale)"),
-    "scale": _Field("float", SEG_TYPES, "raw values are divided by it (default 1)"),
-    "bands": _Field("ints", SEG_TYPES, "1-based bands to read"),
-    "glob": _Field("str", SEG_TYPES, "file pattern under img_dir / val_img_dir"),
-    "reference_gsd": _Field("float", ("geotiff",), "metres; res is multiplied by gsd / reference_gsd"),
-    "size": _Field("int", SEG_TYPES, "window side (px, default 224)"),
-    "length": _Field("int", SEG_TYPES, "training windows per epoch (default 1000)"),
+SEG_SCHEMA: Dict[str, Field] = {
+    "type": Field("str", SEG_TYPES, "geotiff (rasters + vector labels) or masks (image/mask pairs)"),
+    "img_dir": Field("path", SEG_TYPES, "training rasters / images"),
+    "labels": Field("path", ("geotiff",), "vector file (or folder of vector files) of labelled polygons"),
+    "mask_dir": Field("path", ("masks",), "training masks (same file stems as the images)"),
+    "val_img_dir": Field("path", SEG_TYPES, "validation rasters / images"),
+    "val_labels": Field("path", ("geotiff",), "validation vector file (default: labels)"),
+    "val_mask_dir": Field("path", ("masks",), "validation masks"),
+    "classes": Field("strs", SEG_TYPES, "foreground class names; ids 1..K in this order, 0 = background"),
+    "class_column": Field("str", ("geotiff",), "attribute with each polygon's class name"),
+    "mask_values": Field("ints", ("masks",), "raw mask value of background, class 1, ..."),
+    "all_touched": Field("bool", ("geotiff",), "burn all pixels a polygon touches"),
+    "ignore_index": Field("int", SEG_TYPES, "label of nodata / unlabelled pixels (default 255)"),
+    "mean": Field("floats", SEG_TYPES, "per-band mean (after scale)"),
+    "std": Field("floats", SEG_TYPES, "per-band std (after scale)"),
+    "scale": Field("float", SEG_TYPES, "raw values are divided by it (default 1)"),
+    "bands": Field("ints", SEG_TYPES, "1-based bands to read"),
+    "glob": Field("str", SEG_TYPES, "file pattern under img_dir / val_img_dir"),
+    "reference_gsd": Field("float", ("geotiff",), "metres; res is multiplied by gsd / reference_gsd"),
+    "size": Field("int", SEG_TYPES, "window side (px, default 224)"),
+    "length": Field("int", SEG_TYPES, "training windows per epoch (default 1000)"),
 }
 # The GeoTIFF reader's keys, with the kind, meaning and checks of the GeoTIFF configs (dataloaders.config: one home)
 SEG_GEO_KEYS = ("nodata", "nodata_mode", "band_files", "scene_glob", "crs", "target_gsd", "resampling",
                 "downsampling", "mosaic", "gsd_range", "index_cache")
-SEG_SCHEMA.update({k: _Field(GEO_SCHEMA[k].kind, ("geotiff",), GEO_SCHEMA[k].doc) for k in SEG_GEO_KEYS})
+SEG_SCHEMA.update({k: Field(GEO_SCHEMA[k].kind, ("geotiff",), GEO_SCHEMA[k].doc) for k in SEG_GEO_KEYS})
 SEG_DEFAULTS = {"classes": ["building"], "all_touched": False, "ignore_index": 255, "scale": 1.0, "size": 224,
                 "length": 1000}
 
@@ -115,7 +117,7 @@ def _check(source: str, key: str, value: Any) -> Any:
                 or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in value)):
             raise ConfigError(f"{where}: expected a non-empty list of class names, got {value!r}")
         return [str(v) for v in value]
-    return _check_value(source, key, field, value)
+    return check_value(source, key, field, value)
 
 
 def load_seg_config(path: PathLike, data_root: Optional[PathLike] = None,
@@ -164,7 +166,7 @@ def load_seg_config(path: PathLike, data_root: Optional[PathLike] = None,
             raise ConfigError(f"{source}: data.{key}: not valid for type {dtype!r}")
         value = _check(source, key, value)
         is_path = SEG_SCHEMA[key].kind in ("path", "path_or_false") and value is not False
-        out[key] = _resolve_path(value, base) if is_path else value
+        out[key] = resolve_path(value, base) if is_path else value
     for key, value in SEG_DEFAULTS.items():
         if dtype in SEG_SCHEMA[key].types:
             out.setdefault(key, value)
@@ -175,7 +177,7 @@ def load_seg_config(path: PathLike, data_root: Optional[PathLike] = None,
             raise ConfigError(f"{source}: data.{key}: required for type {dtype!r}")
     if dtype == "geotiff":
         out.setdefault("val_labels", out["labels"])
-        _check_geo_consistency(source, out)  # band_files, resampling, gsd_range, nodata, crs: as GeoTIFF configs
+        check_geo_consistency(source, out)  # band_files, resampling, gsd_range, nodata, crs: as GeoTIFF configs
     if len(out["mean"]) != len(out["std"]) or any(s <= 0 for s in out["std"]):
         raise ConfigError(f"{source}: data.std: expected {len(out['mean'])} positive values (as many as data.mean)")
     if "bands" in out and len(out["bands"]) != len(out["mean"]):
@@ -551,13 +553,8 @@ class SegmentationDataset(Dataset):
 
     def res_of(self, gsd: Optional[float], input_px: int, window_px: Optional[int] = None) -> float:
         """Model res of ``window_px`` (default ``size``) window pixels with ground ``gsd`` (metres; None: unknown)
-        shown at ``input_px`` pixels."""
-        from .geotiff import relative_res
-
-        res = self.base_resolution * (window_px or self.size) / input_px
-        if self.reference_gsd and gsd:
-            res *= float(relative_res(gsd, self.reference_gsd))
-        return res
+        shown at ``input_px`` pixels: ``window_res(...) * gsd_factor(gsd, reference_gsd)`` (``util/gsd.py``)."""
+        return window_res(window_px or self.size, input_px, self.base_resolution) * gsd_factor(gsd, self.reference_gsd)
 
     def __getitem__(self, idx) -> dict:
         spec = WindowSpec(*idx) if not isinstance(idx, (int, np.integer)) else self.windows[int(idx)]

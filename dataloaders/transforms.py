@@ -16,8 +16,8 @@ Pretraining (original_behaviour.md §4.3), for one image:
    ``RandomResizedCrop`` defaults) -> the target ``I_hr``;
 5. ``I_hr`` resized to ``input_size`` with bilinear, align_corners=True, no antialias (kornia ``Resize``)
    -> the encoder input;
-6. ``target_res = (side - 1) / T * base_resolution`` (kornia's inclusive box corners) and
-   ``input_res = target_res * T / input_size``.
+6. ``(input_res, target_res) = util.gsd.crop_res_pair(side, T, input_size, base_resolution)`` (the crop rule,
+   with the formulas, lives in ``util/gsd.py``).
 
 The random numbers come from ``generator`` when given, else from torch's global RNG, which the DataLoader
 seeds per worker from its own generator -- so batches are reproducible under ``torch.manual_seed`` (or a
@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
+
+from util.gsd import crop_res, crop_res_pair
 
 ImageLike = Union[Image.Image, torch.Tensor, np.ndarray]
 
@@ -169,11 +171,6 @@ def resize_align_corners(img: torch.Tensor, size: int, mode: str = "bicubic") ->
     return _resample_dim1(cols.transpose(1, 2).contiguous(), iy, wy)  # (C, size, size)
 
 
-def crop_res(side: int, target_size: int, base_resolution: float) -> float:
-    """Relative GSD of a crop: ``(side - 1) / target_size * base_resolution`` (kornia inclusive corners)."""
-    return (side - 1) / target_size * base_resolution
-
-
 def resized_crop_with_res(img: torch.Tensor, top: int, left: int, side: int, target_size: int,
                           input_size: int, base_resolution: float
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -187,14 +184,13 @@ def resized_crop_with_res(img: torch.Tensor, top: int, left: int, side: int, tar
         base_resolution: multiplier of the crop ratio (CLI ``--base_resolution``).
 
     Returns:
-        ``(input[C,in,in], input_res, target[C,T,T], target_res)``; the res values are float32 0-d tensors,
-        ``target_res = (side-1)/T*base_resolution`` and ``input_res = target_res*T/input_size``.
+        ``(input[C,in,in], input_res, target[C,T,T], target_res)``; the res values are float32 0-d tensors of
+        ``util.gsd.crop_res_pair(side, target_size, input_size, base_resolution)``.
     """
     target = resize_align_corners(img[:, top:top + side, left:left + side], target_size, "bicubic")
     inp = F.interpolate(target[None], size=(input_size, input_size), mode="bilinear", align_corners=True,
                         antialias=False)[0]
-    target_res = crop_res(side, target_size, base_resolution)
-    input_res = target_res * target_size / input_size
+    input_res, target_res = crop_res_pair(side, target_size, input_size, base_resolution)
     return (inp, torch.tensor(input_res, dtype=torch.float32), target,
             torch.tensor(target_res, dtype=torch.float32))
 
@@ -293,7 +289,7 @@ class LinprobeTrainTransform:
     FMoW pipeline (``resize_crop=True``): resize the short side to ``input_size`` (antialiased bilinear),
     random crop ``input_size`` (zero padded if needed); otherwise the whole image is used. Then flip,
     normalise, square random resized crop with area fraction in ``scale`` (default 0.5-1.0) resized to
-    ``input_size`` (bicubic, align_corners=True) and ``input_res = (side - 1) / input_size * base_resolution``.
+    ``input_size`` (bicubic, align_corners=True); ``input_res = util.gsd.crop_res(side, input_size, base_resolution)``.
     """
 
     def __init__(self, input_size: int = 224, mean: Sequence[float] = (0.485, 0.456, 0.406),

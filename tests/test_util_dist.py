@@ -33,7 +33,7 @@ def clean_env():
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        builtins.print = du._ORIGINAL_PRINT
+        builtins.print = du.ORIGINAL_PRINT
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_single_process_without_env(clean_env, fake_pg):
     du.init_distributed_mode(args)
     assert (args.distributed, args.rank, args.world_size, args.gpu, args.dist_backend) == (False, 0, 1, 0, "gloo")
     assert fake_pg == [] and not du.is_dist_avail_and_initialized()
-    assert builtins.print is du._ORIGINAL_PRINT
+    assert builtins.print is du.ORIGINAL_PRINT
     assert (du.get_rank(), du.get_world_size(), du.is_main_process()) == (0, 1, True)
     assert du.all_reduce_mean(3.5) == 3.5
     t = torch.arange(6).reshape(3, 2)
@@ -70,7 +70,7 @@ def test_torchrun_env(clean_env, fake_pg):
     du.init_distributed_mode(args)
     assert (args.distributed, args.rank, args.world_size, args.gpu, args.dist_backend) == (True, 3, 8, 1, "gloo")
     assert fake_pg == [dict(backend="gloo", init_method="env://", world_size=8, rank=3)]
-    assert builtins.print is not du._ORIGINAL_PRINT  # non-master silenced
+    assert builtins.print is not du.ORIGINAL_PRINT  # non-master silenced
 
 
 def test_launch_local_rank_from_cli(clean_env, fake_pg):

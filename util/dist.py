@@ -47,7 +47,7 @@ __all__ = [
 
 DEFAULT_MASTER_PORT = "29500"
 _MAX_GATHER_DIMS = 8
-_ORIGINAL_PRINT = builtins.print
+ORIGINAL_PRINT = builtins.print  # the real print, before setup_for_distributed replaces it
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,9 +80,6 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-_comm_device = comm_device  # older private name, kept for callers
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Printing
 # --------------------------------------------------------------------------------------------------------------
@@ -99,13 +96,13 @@ def setup_for_distributed(is_master: bool, rank: int | None = None) -> None:
         if is_master or force:
             stamp = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
             prefix = f"[{stamp}]" if is_master else f"[{stamp} rank {rank}]"
-            _ORIGINAL_PRINT(prefix, *args, **kwargs)
+            ORIGINAL_PRINT(prefix, *args, **kwargs)
 
     builtins.print = _print
 
 
 def _restore_print() -> None:
-    builtins.print = _ORIGINAL_PRINT
+    builtins.print = ORIGINAL_PRINT
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -108,7 +108,7 @@ def report_error(message: str) -> None:
     """Print ``error: <message>`` as one line on stderr, on rank 0 only."""
     if _is_rank0():
         sys.stdout.flush()
-        dist_util._ORIGINAL_PRINT(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+        dist_util.ORIGINAL_PRINT(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
 
 
 def debug_enabled(args: Optional[argparse.Namespace] = None) -> bool:

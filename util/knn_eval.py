@@ -1,10 +1,10 @@
 """Multiscale kNN evaluation of a Scale-MAE encoder (``main_pretrain.py --eval_only`` and the training monitor).
 
 Semantics are the original's: features are the cls token after the final norm of the unmasked encoder, in float32,
-for images area-resized to each evaluation side; ``res`` is ``eval_base_resolution`` (times ``224 / scale`` with
-``eval_gsd``); cosine similarity, top-k neighbours, votes weighted by ``exp(sim / T)``. Unlike the original, the
-bank holds exactly the real samples (no zero padding, no sampler duplicates) gathered from every rank, the feature
-width comes from the model, and the search runs in chunks (``util/knn.py``).
+for images area-resized to each evaluation side; ``res`` is ``util.gsd.eval_res`` of the side; cosine similarity,
+top-k neighbours, votes weighted by ``exp(sim / T)``. Unlike the original, the bank holds exactly the real samples
+(no zero padding, no sampler duplicates) gathered from every rank, the feature width comes from the model, and the
+search runs in chunks (``util/knn.py``).
 """
 from __future__ import annotations
 
@@ -18,16 +18,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from util import dist as dist_util
 from util.dist import ShardSampler  # re-exported: callers import it from here
+from util.gsd import eval_res  # re-exported: callers import it from here
 from util.knn import knn_predict_multi_k, topk_accuracy
 from util.metrics import save_report
 
 __all__ = ["ShardSampler", "collate_images", "eval_res", "extract_features", "evaluate_knn", "format_table",
            "save_knn_report"]
-
-
-def eval_res(scale: int, base_resolution: float = 1.0, eval_gsd: bool = False, reference: int = 224) -> float:
-    """Relative GSD given to the encoder at an evaluation side: ``base * reference / scale`` with ``eval_gsd``."""
-    return base_resolution * reference / scale if eval_gsd else base_resolution
 
 
 def collate_images(batch: list) -> tuple:

@@ -4,10 +4,8 @@
 checkpoint (ours or the original release, ``{'model': state_dict, 'args': ...}``), a bare or ``{'state_dict': ...}``
 state dict, or an exported encoder (``.pth`` / ``.safetensors``). What they share lives here:
 
-* ``KNOWN_ARCHS`` / ``ENCODER_SHAPES``: (patch, width, depth) -> heads and model names (heads cannot be read from
-  shapes);
-* ``state_dict_of(checkpoint)``: the tensors of a checkpoint mapping (``model`` / ``state_dict`` entry, DDP prefix
-  removed); ``extract_state_dict`` is the same but refuses an empty result;
+* the encoder shape table, the state-dict extractor and the export: ``util/weights.py`` (re-exported:
+  ``state_dict_of``);
 * ``read_pretrained(path)``: (state dict, saved args) of ``--checkpoint_path``, errors as one line;
 * ``resolve_model_name(name)``: a ``models_vit`` encoder name (MAE names map to their encoder);
 * ``architecture_of(state, saved_args, source)``: the encoder's ``models_vit`` name, from its saved ``--model`` or
@@ -23,50 +21,14 @@ import argparse
 import contextlib
 import os
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
 from util import harness
-from util.checkpoint import strip_module_prefix
+from util.weights import KNOWN_ARCHS, count_blocks, encoder_name, state_dict_of
 
-__all__ = ["KNOWN_ARCHS", "ENCODER_SHAPES", "count_blocks", "state_dict_of", "extract_state_dict", "read_pretrained",
-           "resolve_model_name", "architecture_of", "read_start"]
-
-# (patch, embed_dim, depth) -> (num_heads, models_vit factory, timm model name).
-KNOWN_ARCHS: dict[tuple[int, int, int], tuple[int, Optional[str], Optional[str]]] = {
-    (16, 192, 4): (3, "vit_tiny_patch16", None),  # our demo/test encoder (not a timm model name)
-    (16, 192, 12): (3, None, "vit_tiny_patch16_224"),
-    (16, 384, 12): (6, None, "vit_small_patch16_224"),
-    (16, 768, 12): (12, "vit_base_patch16", "vit_base_patch16_224"),
-    (16, 1024, 24): (16, "vit_large_patch16", "vit_large_patch16_224"),
-    (14, 1280, 32): (16, "vit_huge_patch14", "vit_huge_patch14_224"),
-}
-# (patch, embed_dim, depth) -> models_vit factory, for the shapes models_vit builds.
-ENCODER_SHAPES: dict[tuple[int, int, int], str] = {k: v[1] for k, v in KNOWN_ARCHS.items() if v[1] is not None}
-
-
-def count_blocks(state: Mapping[str, torch.Tensor]) -> int:
-    """Number of encoder blocks (distinct ``blocks.<i>.`` indices) in a state dict."""
-    return len({k.split(".")[1] for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()})
-
-
-def state_dict_of(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors of ``checkpoint['model']``, ``checkpoint['state_dict']`` or the mapping itself, without the DDP
-    ``module.`` prefix (may be empty)."""
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    return dict(strip_module_prefix({k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}))
-
-
-def extract_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """``state_dict_of(checkpoint)``; ``ValueError`` when it holds no tensors."""
-    sd = state_dict_of(checkpoint)
-    if not sd:
-        raise ValueError("checkpoint holds no tensors (expected a state dict or {'model': state_dict})")
-    return sd
+__all__ = ["state_dict_of", "read_pretrained", "resolve_model_name", "architecture_of", "read_start"]
 
 
 def read_pretrained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -106,8 +68,6 @@ def resolve_model_name(name: str, quiet: bool = False) -> str:
 
 def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, source: str) -> str:
     """The ``models_vit`` name of a checkpoint: its saved ``--model``, else its tensor shapes."""
-    import models_vit
-
     saved = saved_args.get("model") if saved_args else None
     if isinstance(saved, str):
         with contextlib.suppress(SystemExit):
@@ -117,10 +77,12 @@ def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, sour
         raise harness.UserError(f"{source}: no encoder tensors (patch_embed.proj.weight is missing); is it a "
                                 f"Scale-MAE checkpoint?")
     key = (int(weight.shape[-1]), int(weight.shape[0]), count_blocks(state))
-    if key not in ENCODER_SHAPES:
+    name = encoder_name(*key)
+    if name is None:
+        known = sorted(v[1] for v in KNOWN_ARCHS.values() if v[1] is not None)
         raise harness.UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
-                                f"model in {sorted(models_vit.MODELS)}; pass --model")
-    return ENCODER_SHAPES[key]
+                                f"model in {known}; pass --model")
+    return name
 
 
 def read_start(args: argparse.Namespace, out_dir: Path, writer: str
