@@ -11,9 +11,9 @@ both [N, K, S, S].
   which applies each group's ``lr_scale``: layer-wise decay on the encoder); gradient accumulation over
   ``accum_iter`` micro-batches with DDP ``no_sync`` on the non-stepping ones; AMP through ``util.amp.AmpConfig``.
 * Evaluation: windows of whole tiles (``TileShardSampler``); at every scale ``f`` the window is resized to
-  ``round(f * S / patch) * patch`` px, its res rescaled (``util.gsd.rescale_res``), the logits resized back to ``S`` and the
-  argmax pasted into a tile-sized canvas; a tile is scored (and written) once all its windows are in, so every
-  pixel counts once even where windows overlap.
+  ``round(f * S / patch) * patch`` px, its res rescaled (``util.gsd.rescale_res``), the logits resized back to
+  ``S`` and the argmax pasted into a tile-sized canvas; a tile is scored (and written) once all its windows are in,
+  so every pixel counts once even where windows overlap.
 """
 from __future__ import annotations
 

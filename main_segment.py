@@ -14,8 +14,9 @@ FCN head on 1/16 with ``--aux_weight``). Loss: cross-entropy ignoring ``data.ign
 Dice). AdamW with layer-wise lr decay (``--layer_decay``) on the encoder; neck and heads at the full rate.
 
 Resolution: a training window of ``data.size`` px shown at ``--input_size`` px gets ``util.gsd.window_res`` (times
-``util.gsd.gsd_factor`` with ``data.reference_gsd``); evaluation at scale ``f`` resizes windows to ``f * size`` px and
-rescales res accordingly (``util.gsd.rescale_res``; the kNN table's GSD sweep, here on dense labels).
+``util.gsd.reference_gsd_factor`` with ``data.reference_gsd``); evaluation at scale ``f`` resizes windows to
+``f * size`` px and rescales res accordingly (``util.gsd.rescale_res``; the kNN table's GSD sweep, here on dense
+labels).
 ``--crop_scale MIN MAX`` trains on random square crops of that fraction of the window, resized to ``--input_size``,
 with the res of the crop (Scale-MAE's multiscale idea as a segmentation augmentation).
 

@@ -14,7 +14,7 @@ Pieces (re-exported here):
       band_mask  BoolTensor[C, h, w]   True = valid value of that band
       gsd        float                 ground metres per pixel at the window centre (mean of x and y)
       gsd_xy     (float, float)        ground metres along the pixel x and y axes
-      res        float                 util.gsd.gsd_factor(gsd, reference_gsd) (1.0 without reference_gsd)
+      res        float                 util.gsd.reference_gsd_factor(gsd, reference_gsd) (1.0 without reference_gsd)
       crs        str                   CRS of the window grid ("EPSG:32610" or WKT)
       transform  (a, b, c, d, e, f)    affine of the window grid: pixel (col, row) -> crs coordinates
       bounds     (minx, miny, maxx, maxy) in crs
@@ -26,9 +26,9 @@ Pieces (re-exported here):
 
 Relative resolution. The model's positional embedding takes a *relative* scale ``res`` (not metres). For
 GeoTIFF configs the crop-derived res of the pretraining transform is multiplied by
-``util.gsd.gsd_factor(gsd, reference_gsd)`` (formulas in ``util/gsd.py``; ``relative_res`` is re-exported here), so
-pixels twice as large on the ground as the reference get twice the res; ``gsd`` is the window's ground GSD as read
-(so a ``gsd_range`` read at 4x the tile's GSD gets 4x the res).
+``util.gsd.reference_gsd_factor(gsd, reference_gsd)`` (formulas in ``util/gsd.py``; ``relative_res`` is
+re-exported here), so pixels twice as large on the ground as the reference get twice the res; ``gsd`` is the
+window's ground GSD as read (so a ``gsd_range`` read at 4x the tile's GSD gets 4x the res).
 
 Valid mask: a band value is invalid when it equals that band's nodata (``data.nodata``, one value or one per
 band, overriding the files' own), is NaN, lies outside every file's footprint, or is masked by the file's
@@ -47,7 +47,7 @@ import torch
 from affine import Affine
 from torch.utils.data import Dataset
 
-from util.gsd import gsd_factor, relative_res
+from util.gsd import reference_gsd_factor, relative_res
 
 from .errors import DataError
 from .geo_index import (RasterInfo, build_tile_index, crs_to_string, find_rasters, ground_gsd_at,
@@ -105,7 +105,7 @@ class GeoTiffDataset(Dataset):
             (never finer than the tile's own), covering ``gsd / tile_gsd`` times more ground.
         nodata_mode: ``any`` (default: a pixel is invalid when any band is invalid) or ``all``.
         index_cache: header cache file (None: next to the data or in the user cache; False: off).
-        reference_gsd: metres mapping to ``res`` 1 in the samples (``util.gsd.gsd_factor``).
+        reference_gsd: metres mapping to ``res`` 1 in the samples (``util.gsd.reference_gsd_factor``).
     """
 
     def __init__(self, source, window_size: int = 256, bands: Optional[Sequence[int]] = None,
@@ -263,7 +263,7 @@ class GeoTiffDataset(Dataset):
             "band_mask": torch.from_numpy(band_valid),
             "gsd": gsd,
             "gsd_xy": (gsd_x, gsd_y),
-            "res": gsd_factor(gsd, self.reference_gsd),
+            "res": reference_gsd_factor(gsd, self.reference_gsd),
             "crs": crs,
             "transform": tuple(transform)[:6],
             "bounds": _window_bounds(transform, 0, 0, height, width),
@@ -296,7 +296,7 @@ class GeoTiffPretrainDataset(Dataset):
 
     Per window: invalid pixels are set to the band mean (so they are 0 after normalisation), the
     pretraining transform (normalisation, flip, square random resized crop from the whole window) runs,
-    and both res values are multiplied by ``util.gsd.gsd_factor(gsd, reference_gsd)``.
+    and both res values are multiplied by ``util.gsd.reference_gsd_factor(gsd, reference_gsd)``.
     With ``min_valid > 0`` a window whose valid fraction is lower is redrawn (up to ``max_redraws`` times,
     deterministically from the index) inside the same tile.
     """
@@ -347,6 +347,6 @@ class GeoTiffPretrainDataset(Dataset):
         img = torch.where(valid, sample["image"], self.mean)
         img = torch.nan_to_num(img)
         inp, input_res, target, target_res = self.transform(img)
-        factor = gsd_factor(sample["gsd"], self.reference_gsd)
+        factor = reference_gsd_factor(sample["gsd"], self.reference_gsd)
         input_res, target_res = input_res * factor, target_res * factor
         return inp, input_res, target, target_res

@@ -40,7 +40,7 @@ Samples are dicts (torchgeo style, with metadata): ``image`` FloatTensor [C, S, 
 and width clipped to the raster), ``transform`` (6 affine coefficients of the window, or None), ``crs`` (str or
 None), ``path``; :func:`seg_collate` batches them (tensors stacked, metadata as lists).
 
-Resolution: ``util.gsd.window_res(window_px, model_input_px, base_resolution) * util.gsd.gsd_factor(gsd,
+Resolution: ``util.gsd.window_res(window_px, model_input_px, base_resolution) * util.gsd.reference_gsd_factor(gsd,
 reference_gsd)``, ``gsd`` being the window's ground GSD as the GeoTIFF reader measures it (formulas, and why this
 rule has no ``- 1`` unlike pretraining's crop rule: ``util/gsd.py``).
 """
@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
-from util.gsd import gsd_factor, window_res
+from util.gsd import reference_gsd_factor, window_res
 
 from .config import SCHEMA as GEO_SCHEMA
 from .config import ConfigError, check_geo_consistency, check_value, Field, resolve_path
@@ -553,8 +553,10 @@ class SegmentationDataset(Dataset):
 
     def res_of(self, gsd: Optional[float], input_px: int, window_px: Optional[int] = None) -> float:
         """Model res of ``window_px`` (default ``size``) window pixels with ground ``gsd`` (metres; None: unknown)
-        shown at ``input_px`` pixels: ``window_res(...) * gsd_factor(gsd, reference_gsd)`` (``util/gsd.py``)."""
-        return window_res(window_px or self.size, input_px, self.base_resolution) * gsd_factor(gsd, self.reference_gsd)
+        shown at ``input_px`` pixels: ``window_res(...) * reference_gsd_factor(gsd, reference_gsd)``
+        (``util/gsd.py``)."""
+        res = window_res(window_px or self.size, input_px, self.base_resolution)
+        return res * reference_gsd_factor(gsd, self.reference_gsd)
 
     def __getitem__(self, idx) -> dict:
         spec = WindowSpec(*idx) if not isinstance(idx, (int, np.integer)) else self.windows[int(idx)]

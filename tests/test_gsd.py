@@ -60,8 +60,8 @@ def test_eval_res(scale, base, eval_gsd, reference):
 @given(gsds, gsds)
 def test_relative_res_and_gsd_factor(g, ref):
     assert gsd.relative_res(g, ref) == g / ref
-    assert gsd.gsd_factor(g, ref) == g / ref
-    assert gsd.gsd_factor(g, None) == 1.0 and gsd.gsd_factor(None, ref) == 1.0
+    assert gsd.reference_gsd_factor(g, ref) == g / ref
+    assert gsd.reference_gsd_factor(g, None) == 1.0 and gsd.reference_gsd_factor(None, ref) == 1.0
     t = torch.tensor([g, 2 * g], dtype=torch.float64)
     assert torch.equal(gsd.relative_res(t, ref), t / ref)
 
@@ -169,11 +169,11 @@ def test_geotiff_samples_res_is_gsd_factor(tmp_path):
         geo = GeoTiffDataset(path, window_size=8, reference_gsd=ref)
         sample = geo[WindowSpec(0, 4, 4, 8, 8)]
         assert sample["gsd"] == pytest.approx(2.0, rel=1e-3)
-        assert sample["res"] == gsd.gsd_factor(sample["gsd"], ref)
+        assert sample["res"] == gsd.reference_gsd_factor(sample["gsd"], ref)
         pre = GeoTiffPretrainDataset(geo, lambda img: (img, torch.tensor(1.7), img, torch.tensor(0.85)), mean=[0.0],
                                      reference_gsd=ref)
         _, input_res, _, target_res = pre[WindowSpec(0, 4, 4, 8, 8)]
-        factor = gsd.gsd_factor(sample["gsd"], ref)
+        factor = gsd.reference_gsd_factor(sample["gsd"], ref)
         assert torch.equal(input_res, torch.tensor(1.7) * factor)
         assert torch.equal(target_res, torch.tensor(0.85) * factor)
 
@@ -182,7 +182,7 @@ def test_geotiff_samples_res_is_gsd_factor(tmp_path):
 @given(st.integers(0, 2**20), st.floats(0.25, 1.0), st.sampled_from([None, 0.5, 3.0]), bases)
 def test_segmentation_res_is_window_res_times_gsd_factor(tmp_path_factory, seed, crop_min, ref, base):
     """Training windows with random crops: the res equals window_res of the crop side at the input size, times
-    gsd_factor; evaluation windows: window_res of the window at its own size."""
+    reference_gsd_factor; evaluation windows: window_res of the window at its own size."""
     from dataloaders.geo_sampler import WindowSpec
     from dataloaders.geotiff import GeoTiffDataset
     from dataloaders.segmentation import GeoVectorSource, SegmentationDataset, VectorLabels
@@ -194,13 +194,14 @@ def test_segmentation_res_is_window_res_times_gsd_factor(tmp_path_factory, seed,
     common = dict(mean=[0.0], std=[1.0], size=16, base_resolution=base, reference_gsd=ref, seed=seed)
     train = SegmentationDataset(src, input_size=12, train=True, length=4, crop_scale=(crop_min, 1.0), **common)
     sample = train[WindowSpec(0, 2, 3, 16, 16)]
-    factor = gsd.gsd_factor(src.read(0, 2, 3, 16, 16)[3]["gsd"], ref)
+    factor = gsd.reference_gsd_factor(src.read(0, 2, 3, 16, 16)[3]["gsd"], ref)
     allowed = {gsd.window_res(side, 12, base) * factor for side in range(1, 17)}
     assert sample["res"] in allowed
     full = SegmentationDataset(src, input_size=12, train=True, length=4, **common)
     assert full[WindowSpec(0, 2, 3, 16, 16)]["res"] == gsd.window_res(16, 12, base) * factor
     val = SegmentationDataset(src, input_size=12, train=False, **common)
-    assert val[0]["res"] == gsd.window_res(16, 16, base) * gsd.gsd_factor(src.read(0, 0, 0, 16, 16)[3]["gsd"], ref)
+    val_factor = gsd.reference_gsd_factor(src.read(0, 0, 0, 16, 16)[3]["gsd"], ref)
+    assert val[0]["res"] == gsd.window_res(16, 16, base) * val_factor
 
 
 @settings(deadline=None)

@@ -4,21 +4,21 @@
 sin-cos positional embedding (``util/pos_embed.py``), so ``res = 1`` is plain MAE and ``2`` means "each pixel covers
 twice the ground". It is not metres. Who uses which rule:
 
-==========================================  ================================  ====================================
-rule                                        function                          used by
-==========================================  ================================  ====================================
-random resized crop -> (input, target) res  :func:`crop_res_pair`             pretraining transforms (CPU and GPU)
-random resized crop -> res                  :func:`crop_res`                  linear-probe training transform, the
-                                                                              linear-probe train-range report
-window shown at another pixel size -> res   :func:`window_res`                segmentation datasets
-evaluation side -> res                      :func:`eval_res`                  kNN evaluation, linear-probe val
-ground GSD against ``reference_gsd``        :func:`relative_res`,             GeoTIFF reader (``sample['res']``),
-                                            :func:`gsd_factor`                GeoTIFF pretraining, segmentation
-image resized from one side to another      :func:`rescale_res`               ``models_mae`` ``source_size``,
-                                                                              segmentation evaluation scales
-per-sample res as a tensor                  :func:`as_res`                    ``models_mae``, ``models_vit``
-``absolute_scale``                          :func:`absolute_res`              ``models_mae``
-==========================================  ================================  ====================================
+==========================================  ==============================  ===================================
+rule                                        function                        used by
+==========================================  ==============================  ===================================
+random resized crop -> (input, target) res  :func:`crop_res_pair`           pretraining transforms (CPU, GPU)
+random resized crop -> res                  :func:`crop_res`                linear-probe training transform and
+                                                                            its train-range report
+window shown at another pixel size -> res   :func:`window_res`              segmentation datasets
+evaluation side -> res                      :func:`eval_res`                kNN evaluation, linear-probe val
+ground GSD against ``reference_gsd``        :func:`relative_res`,           GeoTIFF reader (``sample['res']``),
+                                            :func:`reference_gsd_factor`    GeoTIFF pretraining, segmentation
+image resized from one side to another      :func:`rescale_res`             ``models_mae`` ``source_size``,
+                                                                            segmentation evaluation scales
+per-sample res as a tensor                  :func:`as_res`                  ``models_mae``, ``models_vit``
+``absolute_scale``                          :func:`absolute_res`            ``models_mae``
+==========================================  ==============================  ===================================
 
 Every function keeps the order of operations of the code it replaced, so the values are bit-identical (floats
 round differently for ``a * b / c`` and ``a * (b / c)``; each docstring states its order).
@@ -39,7 +39,7 @@ from typing import Optional, Sequence, TypeVar, Union
 
 import torch
 
-__all__ = ["ResLike", "crop_res", "crop_res_pair", "window_res", "eval_res", "relative_res", "gsd_factor",
+__all__ = ["ResLike", "crop_res", "crop_res_pair", "window_res", "eval_res", "relative_res", "reference_gsd_factor",
            "rescale_res", "as_res", "absolute_res"]
 
 ResLike = Optional[Union[torch.Tensor, Sequence[float], float]]
@@ -70,7 +70,7 @@ def window_res(window_px: int, input_px: int, base_resolution: float) -> float:
     """Res of a window of ``window_px`` pixels shown to the model at ``input_px`` pixels (segmentation's rule).
 
     ``res = base_resolution * window_px / input_px`` (in this order): the exact change of pixel size, without the
-    crop rule's ``- 1`` (why: module docstring). Multiply by :func:`gsd_factor` for real ground GSDs.
+    crop rule's ``- 1`` (why: module docstring). Multiply by :func:`reference_gsd_factor` for real ground GSDs.
     """
     return base_resolution * window_px / input_px
 
@@ -96,7 +96,7 @@ def relative_res(gsd: Num, reference_gsd: float) -> Num:
     return gsd / float(reference_gsd)
 
 
-def gsd_factor(gsd: Optional[float], reference_gsd: Optional[float]) -> float:
+def reference_gsd_factor(gsd: Optional[float], reference_gsd: Optional[float]) -> float:
     """The factor a crop- or window-derived res is multiplied by for a window of ground ``gsd`` metres:
     ``float(relative_res(gsd, reference_gsd))``, or ``1.0`` without ``reference_gsd`` (None or 0: the original
     NAIP/Sentinel-2 behaviour, which ignored the real GSD) or when the GSD is unknown (``gsd`` None: image files
