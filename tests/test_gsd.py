@@ -58,7 +58,7 @@ def test_eval_res(scale, base, eval_gsd, reference):
 
 @settings(deadline=None)
 @given(gsds, gsds)
-def test_relative_res_and_gsd_factor(g, ref):
+def test_relative_res_and_reference_gsd_factor(g, ref):
     assert gsd.relative_res(g, ref) == g / ref
     assert gsd.reference_gsd_factor(g, ref) == g / ref
     assert gsd.reference_gsd_factor(g, None) == 1.0 and gsd.reference_gsd_factor(None, ref) == 1.0
@@ -160,7 +160,7 @@ def _utm_tile(tmp_path, cell: float, size: int = 24):
                          dtype="uint8")
 
 
-def test_geotiff_samples_res_is_gsd_factor(tmp_path):
+def test_geotiff_samples_res_is_reference_gsd_factor(tmp_path):
     from dataloaders.geo_sampler import WindowSpec
     from dataloaders.geotiff import GeoTiffDataset, GeoTiffPretrainDataset
 
