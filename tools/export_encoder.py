@@ -258,9 +258,11 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     umask = os.umask(0o022)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; match a plain open()
     try:
         write(tmp)
+        # after the write: mkstemp creates 0600 and some writers (safetensors) recreate the file 0600 again;
+        # the result gets a plain open()'s permissions (0666 minus the umask), like the .pth and .json beside it
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -410,7 +412,9 @@ def build_timm_encoder(path: PathLike, num_classes: int = 0):
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from util.harness import ArgumentParser  # one-line errors, closest flag for a typo
+
+    p = ArgumentParser(
         description="Export a Scale-MAE encoder as a timm ViT state dict (.pth + .safetensors + .json).")
     p.add_argument("checkpoint", help="pretraining checkpoint (ours or the original release), linprobe/finetune "
                                       "checkpoint, or state dict; path or file:// / https:// URL")

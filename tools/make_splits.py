@@ -18,15 +18,17 @@ try:
     from dataloaders.errors import DataError
     from dataloaders.scenes import fmow_rgb_filter
     from dataloaders.splits import verify_sha256sums, write_split_lists
+    from util.harness import ArgumentParser
 except ImportError:  # running from a source checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from dataloaders.errors import DataError
     from dataloaders.scenes import fmow_rgb_filter
     from dataloaders.splits import verify_sha256sums, write_split_lists
+    from util.harness import ArgumentParser
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, help="ImageFolder root: <root>/<class>/<image>")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of each class put in val (0.2)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (0)")
