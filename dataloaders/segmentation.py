@@ -268,7 +268,9 @@ class VectorLabels:
         polygonal = gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
         self.dropped = int((~polygonal).sum())
         gdf = gdf[polygonal].copy()
-        if class_column is None:
+        if not len(gdf):
+            values = np.zeros(0, dtype=np.uint8)  # no polygons: the builder says so, naming the file
+        elif class_column is None:
             if len(self.classes) != 1:
                 raise DataError(f"{self.source}: {len(self.classes)} classes need a class column")
             values = np.ones(len(gdf), dtype=np.uint8)
@@ -728,7 +730,8 @@ def build_seg_datasets(cfg: Mapping, input_size: int, base_resolution: float = 1
         train_src = source(d["img_dir"], d["mask_dir"], True)
         val_src = source(d["val_img_dir"], d["val_mask_dir"], False)
         _check_mask_values(train_src, d, classes, d["mask_dir"], train=True)
-        _check_mask_values(val_src, d, classes, d["val_mask_dir"], train=False)
+        if d["val_mask_dir"] != d["mask_dir"]:
+            _check_mask_values(val_src, d, classes, d["val_mask_dir"], train=False)
     if not d.get("mosaic") and not any(h >= d["size"] and w >= d["size"] for h, w in train_src.shapes):
         raise DataError(f"{d['img_dir']}: no training raster/image holds a {d['size']} px window; lower data.size")
     train = SegmentationDataset(train_src, input_size=input_size, train=True, length=d["length"],
