@@ -144,7 +144,8 @@ def run_cli(launcher: str, argv: list[str], root: Path, capsys) -> tuple[int, st
     """(exit status, stdout, stderr) of ``python <launcher> argv`` run in-process (``{root}`` substituted)."""
     module = LAUNCHERS[launcher]
     entry = module.run if launcher == "export" else module.main
-    argv = [a.replace("{root}", str(root)) for a in argv]
+    run_cli.calls += 1  # every run its own output folder: a run that finishes must not be autoresumed by the next
+    argv = [a.replace("{out}", f"{root}/out/run{run_cli.calls:03d}").replace("{root}", str(root)) for a in argv]
     code = 0
     try:
         harness.run(entry, module.get_args_parser(), argv)
@@ -154,16 +155,17 @@ def run_cli(launcher: str, argv: list[str], root: Path, capsys) -> tuple[int, st
     return code, captured.out, captured.err
 
 
+run_cli.calls = 0
 CPU = ["--device", "cpu", "--num_workers", "0"]
 KNN = CPU + ["--eval_only", "--resume", "{root}/mae_tiny.pth", "--eval_scale", "32", "--eval_batch_size", "4",
-             "--output_dir", "{root}/out/knn"]
+             "--output_dir", "{out}"]
 PROBE = CPU + ["--input_size", "32", "--eval_scale", "32", "--epochs", "1", "--batch_size", "4",
-               "--warmup_epochs", "0", "--config", "{root}/probe.yaml", "--output_dir", "{root}/out/probe"]
+               "--warmup_epochs", "0", "--config", "{root}/probe.yaml", "--output_dir", "{out}"]
 SEG = CPU + ["--model", "vit_tiny_patch16", "--allow_random_init", "--input_size", "32", "--batch_size", "2",
-             "--epochs", "1", "--output_dir", "{root}/out/seg", "--config", "{root}/seg/seg_demo.yaml",
+             "--epochs", "1", "--output_dir", "{out}", "--config", "{root}/seg/seg_demo.yaml",
              "--data_override", "data.size=32"]
 PRE = CPU + ["--config", str(REPO / "config" / "demo.yaml"), "--model", "mae_vit_tiny_patch16", "--input_size", "32",
-             "--skip_knn_eval"]
+             "--skip_knn_eval", "--output_dir", "{out}"]
 
 # (issue item, launcher, argv, text the one error line must contain)
 ERRORS = [
@@ -174,11 +176,15 @@ ERRORS = [
     ("05 mean/std in 0-255 units", "linprobe", PROBE + ["--checkpoint_path", "{root}/mae_tiny.pth",
                                                         "--config", "{root}/probe_255.yaml"], "data.mean"),
     ("08 probe checkpoint to main_pretrain --resume", "pretrain",
-     PRE + ["--resume", "{root}/probe_ckpt/checkpoint-latest.pth", "--output_dir", "{root}/out/p1"],
+     PRE + ["--resume", "{root}/probe_ckpt/checkpoint-latest.pth", ],
      "linear-probe/finetune checkpoint of main_linprobe.py: main_linprobe.py --resume continues it"),
     ("08 exported encoder to main_pretrain --resume", "pretrain",
-     PRE + ["--resume", "{root}/exported/enc.pth", "--output_dir", "{root}/out/p2"],
+     PRE + ["--resume", "{root}/exported/enc.pth", ],
      "exported by tools/export_encoder.py: main_linprobe.py and main_segment.py take it as --checkpoint_path"),
+    ("08 exported .safetensors to main_linprobe --resume", "linprobe",
+     PROBE + ["--resume", "{root}/exported/enc.safetensors"],
+     "encoder exported by tools/export_encoder.py (.safetensors): main_linprobe.py and main_segment.py take it as "
+     "--checkpoint_path"),
     ("08 segmentation checkpoint to main_linprobe", "linprobe",
      PROBE + ["--checkpoint_path", "{root}/seg_ckpt/checkpoint-latest.pth"],
      "segmentation checkpoint of main_segment.py: main_segment.py --resume continues it"),

@@ -526,6 +526,9 @@ def read_checkpoint(path: str, flag: str) -> dict:
     ``find_resume`` just read (to check its writer) is not read a second time."""
     if path in _READ_AHEAD:
         return _READ_AHEAD.pop(path)
+    if str(path).endswith(".safetensors"):  # not a pickle: say what it is rather than "not a PyTorch checkpoint"
+        what, where = _KINDS["export"]
+        raise UserError(f"{flag} {path}: it is {what} (.safetensors): {where}")
     try:
         return load_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as err:
