@@ -14,17 +14,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-try:
-    from dataloaders.errors import DataError
-    from dataloaders.scenes import fmow_rgb_filter
-    from dataloaders.splits import verify_sha256sums, write_split_lists
-    from util.harness import ArgumentParser
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dataloaders.errors import DataError
-    from dataloaders.scenes import fmow_rgb_filter
-    from dataloaders.splits import verify_sha256sums, write_split_lists
-    from util.harness import ArgumentParser
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # run as a script: this checkout's modules, as tools/export_encoder.py does
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from dataloaders.errors import DataError  # noqa: E402
+from dataloaders.scenes import fmow_rgb_filter  # noqa: E402
+from dataloaders.splits import verify_sha256sums, write_split_lists  # noqa: E402
+from util.harness import ArgumentParser  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
