@@ -280,6 +280,8 @@ def test_warning_census(world, case, launcher, argv, culprit, capsys):
     assert (out + err).count(culprit) == 1, out + err
     line = next(line for line in out.splitlines() if culprit in line)
     assert line.startswith("WARNING:"), line
+    warnings = [line for line in out.splitlines() if line.startswith("WARNING:")]
+    assert len(warnings) == len(set(warnings)), out  # no warning repeated
     assert "Traceback" not in out + err and "error:" not in out + err
 
 
