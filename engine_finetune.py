@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Any, Iterable, Optional
 
 import torch
@@ -97,6 +98,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     return {"loss": metric_logger.meters["loss"].global_avg, "lr": metric_logger.meters["lr"].value}
 
 
+def _all_ranks_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` (float64 [K], CPU) summed over all ranks (a collective)."""
+    t = values.to(dist_util.comm_device(), copy=True)  # never the caller's tensor (CPU: .to is a no-op)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, eval_res: float,
              amp_dtype: Optional[torch.dtype] = None, print_freq: int = 20,
@@ -109,29 +117,45 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, eval
     """
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    metric_logger = MetricLogger(delimiter="  ")
     sums = torch.zeros(2 + len(topk), dtype=torch.float64)  # [loss_sum, n, correct@k...]
-    for samples, targets in metric_logger.log_every(data_loader, print_freq, "Test:"):
-        samples = samples.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        res = torch.full((samples.shape[0],), float(eval_res), device=device)
-        with autocast_context(device, amp_dtype):
-            output = model(samples, input_res=res)
-        output = output.float()
-        loss_sum = criterion(output, targets)
-        kmax = min(max(topk), output.shape[1])
-        pred = output.topk(kmax, dim=1).indices
-        hits = pred.eq(targets.view(-1, 1))
-        batch = [float(loss_sum.item()), float(samples.shape[0])]
-        batch += [float(hits[:, :min(k, kmax)].any(dim=1).sum().item()) for k in topk]
-        sums += torch.tensor(batch, dtype=torch.float64)
-        n = samples.shape[0]
-        metric_logger.update(loss=batch[0] / n, acc1=100.0 * batch[2] / n)
+    distributed = dist_util.is_dist_avail_and_initialized()
+    iterator = iter(data_loader)
+    steps = len(data_loader)  # type: ignore[arg-type]
+    if distributed:  # shards may differ by a batch: every rank runs the longest count (one collective)
+        t = torch.tensor([steps], dtype=torch.int64, device=dist_util.comm_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        steps = int(t.item())
+    print_freq = max(1, int(print_freq))
+    width = len(str(steps))
+    start = time.time()
+    seen = sums
+    for step in range(steps):
+        batch = next(iterator, None)
+        if batch is not None:
+            samples, targets = batch
+            samples = samples.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            res = torch.full((samples.shape[0],), float(eval_res), device=device)
+            with autocast_context(device, amp_dtype):
+                output = model(samples, input_res=res)
+            output = output.float()
+            loss_sum = criterion(output, targets)
+            kmax = min(max(topk), output.shape[1])
+            pred = output.topk(kmax, dim=1).indices
+            hits = pred.eq(targets.view(-1, 1))
+            row = [float(loss_sum.item()), float(samples.shape[0])]
+            row += [float(hits[:, :min(k, kmax)].any(dim=1).sum().item()) for k in topk]
+            sums += torch.tensor(row, dtype=torch.float64)
+        if step % print_freq == 0 or step == steps - 1:
+            # the running totals of all ranks, reduced only here (a progress line), never per step
+            seen = _all_ranks_sum(sums) if distributed else sums
+            n = max(float(seen[1].item()), 1.0)
+            print(f"Test: [{step:>{width}}/{steps}]  acc1 {100.0 * float(seen[2].item()) / n:.2f}  "
+                  f"loss {float(seen[0].item()) / n:.4f}  ({int(seen[1].item())} images so far, all ranks)  "
+                  f"time: {(time.time() - start) / (step + 1):.4f} s/it", flush=True)
 
-    if dist_util.is_dist_avail_and_initialized():
-        t = sums.to(dist_util.comm_device())
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        sums = t.cpu()
+    if distributed:
+        sums = seen if steps else _all_ranks_sum(sums)  # the last progress line already summed every rank
     total = float(sums[1].item())
     if total == 0:
         raise RuntimeError("evaluation set is empty: no samples reached evaluate()")

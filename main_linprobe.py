@@ -63,10 +63,11 @@ DEAD_FLAGS = {
 HEAD_NO_WEIGHT_DECAY = ("pos_embed", "cls_token", "dist_token")
 WRITER = "main_linprobe"
 DEFAULT_MODEL = "vit_large_patch16"
+DEFAULT_CONFIG = "resisc.yaml"  # the training set without --config (data/resisc45/train-resisc.txt)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Scale-MAE linear probing / finetuning", add_help=True)
+    p = harness.ArgumentParser("Scale-MAE linear probing / finetuning", add_help=True)
 
     g = p.add_argument_group("schedule")
     harness.add_schedule_args(g, batch_size=64, epochs=400, blr=1e-3, warmup_epochs=0,
@@ -212,6 +213,8 @@ def build_datasets(args: argparse.Namespace) -> tuple[Optional[Dataset], Dataset
     from; it never holds training images."""
     from dataloaders.builders import build_linprobe_datasets
     from dataloaders.config import load_config
+    from dataloaders.errors import MissingDataError
+    from dataloaders.scenes import warn_unseen_classes
 
     if args.eval and args.config is None and args.eval_path:
         from dataloaders.eval_sets import build_scene_dataset, eval_transform
@@ -222,17 +225,27 @@ def build_datasets(args: argparse.Namespace) -> tuple[Optional[Dataset], Dataset
         val = build_scene_dataset(eval_path, args.eval_dataset, tf)
         print(f"--eval without --config: evaluating on {eval_path} alone ({len(val.class_to_idx)} classes)")
         return None, val, len(val.class_to_idx), None
-    harness.resolve_data_config(args, default="resisc.yaml")
+    defaulted = args.config is None
+    harness.resolve_data_config(args, default=DEFAULT_CONFIG)
     cfg = load_config(args.config, data_root=args.data_root, overrides=args.data_override)
     if args.eval_dataset is None:
         args.eval_dataset = default_eval_dataset(cfg)
     notes: list[str] = []
-    train_ds, val_ds, num_classes = build_linprobe_datasets(
-        cfg, args.eval_dataset, _resolve_eval_path(args), input_size=args.input_size, scale_min=args.scale_min,
-        scale_max=args.scale_max, base_resolution=args.base_resolution, eval_scale=args.eval_scale, seed=args.seed,
-        val_resize=True if args.eval_resize else None, report=notes)
+    try:
+        train_ds, val_ds, num_classes = build_linprobe_datasets(
+            cfg, args.eval_dataset, _resolve_eval_path(args), input_size=args.input_size, scale_min=args.scale_min,
+            scale_max=args.scale_max, base_resolution=args.base_resolution, eval_scale=args.eval_scale,
+            seed=args.seed, val_resize=True if args.eval_resize else None, report=notes)
+    except MissingDataError as err:
+        if not defaulted:
+            raise
+        raise harness.UserError(f"{err}: without --config the probe trains on NWPU-RESISC45 (config/"
+                                f"{DEFAULT_CONFIG}: data/resisc45/train-resisc.txt, lists in splits/); pass --config "
+                                f"for another dataset (e.g. --config config/fmow.yaml for the fMoW data linked as "
+                                f"data/) or put RESISC-45 under data/resisc45") from None
     for line in notes:
         print(line)
+    warn_unseen_classes(train_ds, val_ds, "the training set")
     print(f"data: {len(train_ds)} training images ({args.config}), {len(val_ds)} validation images "
           f"({args.eval_dataset} normalisation), {num_classes} classes")
     return train_ds, val_ds, num_classes, cfg

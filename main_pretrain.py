@@ -42,7 +42,7 @@ DEAD_FLAGS = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Scale-MAE pretraining", add_help=True)
+    p = harness.ArgumentParser("Scale-MAE pretraining", add_help=True)
     g = p.add_argument_group("schedule")
     harness.add_schedule_args(g, batch_size=32, epochs=800, blr=1.5e-4, warmup_epochs=20, warmup_type=int)
     g.add_argument("--grad_checkpointing", nargs="?", const="all", default=None, choices=["all", "heads"],
@@ -316,11 +316,19 @@ def build_knn_sets(args: argparse.Namespace):
         return None
     from dataloaders.builders import build_eval_datasets
 
+    from dataloaders.scenes import warn_unseen_classes
+
     try:
-        return build_eval_datasets(args.eval_dataset, train_fnames=args.eval_train_fnames,
+        sets = build_eval_datasets(args.eval_dataset, train_fnames=args.eval_train_fnames,
                                    val_fnames=args.eval_val_fnames, eval_path=args.eval_path, seed=args.seed)
     except ValueError as err:
         raise harness.UserError(f"kNN evaluation data: {err}") from None
+    bank, k = len(sets[0]), max(args.knn_ks or [args.knn])
+    if k > bank:
+        print(f"WARNING: --knn{'_ks' if args.knn_ks else ''} {k} is larger than the kNN bank ({bank} images): "
+              f"k is clipped to {bank}, so every query votes with the whole bank (lower k or add bank images)")
+    warn_unseen_classes(sets[0], sets[1], "the kNN bank")
+    return sets
 
 
 def run_knn(args, model, knn_sets, device, epoch: Optional[int], log_writer) -> dict:
@@ -371,8 +379,13 @@ def main(args: argparse.Namespace) -> dict:
     # --- what to resume from (read before anything is written)
     resume = harness.find_resume(args, out_dir, WRITER)
     checkpoint = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
-    if checkpoint is not None and "model" not in checkpoint:
-        raise harness.UserError(f"checkpoint {resume} has no 'model' entry (keys: {sorted(checkpoint)})")
+    if checkpoint is not None and ("model" not in checkpoint
+                                   or harness.checkpoint_writer(checkpoint) not in (None, WRITER)):
+        kind = harness.checkpoint_kind(checkpoint)
+        flag = "--resume" if args.resume else "autoresume"
+        raise harness.UserError(f"{flag} {resume}: not a pretraining checkpoint ("
+                                + (kind if kind else f"keys: {sorted(checkpoint)[:8]}")
+                                + "); --resume takes a checkpoint of main_pretrain.py (or the original release)")
 
     # --- data config, model, sizes
     cfg = None if args.eval_only else load_data_config(args)

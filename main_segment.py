@@ -53,7 +53,7 @@ DEFAULT_CONFIG = "seg_spacenet.yaml"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Scale-MAE semantic segmentation (UPerNet)", add_help=True)
+    p = harness.ArgumentParser("Scale-MAE semantic segmentation (UPerNet)", add_help=True)
 
     g = p.add_argument_group("schedule")
     harness.add_schedule_args(g, batch_size=8, epochs=50, blr=1.6e-3, warmup_epochs=1.0,

@@ -226,6 +226,7 @@ def _check_consistency(source: str, d: dict) -> None:
     if dtype in FOLDER_TYPES and "mean" in d and len(d["mean"]) != 3:
         raise ConfigError(f"{_where(source, 'mean')}: expected 3 values (RGB images) for type {dtype!r}, "
                           f"got {len(d['mean'])}")
+    check_stat_units(source, d)
     if "bands" in d:
         if any(b < 1 for b in d["bands"]):
             raise ConfigError(f"{_where(source, 'bands')}: expected 1-based band indexes (>= 1), got {d['bands']}")
@@ -241,6 +242,23 @@ def _check_consistency(source: str, d: dict) -> None:
     if "min_valid" in d and not 0.0 <= d["min_valid"] <= 1.0:
         raise ConfigError(f"{_where(source, 'min_valid')}: expected a fraction in [0, 1], got {d['min_valid']}")
     check_geo_consistency(source, d)
+
+
+def check_stat_units(source: str, d: dict) -> None:
+    """mean/std in 0-255 units for inputs scaled to 0-1 (image folders and the demo: 8-bit images divided by 255;
+    GeoTIFFs with ``scale`` > 1, e.g. 255 or 10000): the normalised inputs would all be about -2 (a constant)."""
+    scale = float(d.get("scale") or 1.0)
+    if scale > 1.0:
+        why = f"data.scale {scale:g} divides the pixel values"
+    elif d["type"] in FOLDER_TYPES + DEMO_TYPES:
+        why = f"type {d['type']!r} images are read as 0-1"
+    else:
+        return  # raw DNs (scale 1): any range is possible
+    for key, limit in (("mean", 1.5), ("std", 1.0)):
+        values = d.get(key) or []
+        if any(abs(v) > limit for v in values):
+            raise ConfigError(f"{_where(source, key)}: {values} look like 0-255 units, but {why}; give them in "
+                              f"0-1 units (divide by 255)")
 
 
 def check_geo_consistency(source: str, d: dict) -> None:

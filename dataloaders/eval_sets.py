@@ -86,7 +86,9 @@ def build_eval_datasets(eval_dataset: str, train_fnames: Optional[PathLike] = No
         raise ValueError("give both --eval_train_fnames and --eval_val_fnames (or --eval_path), got "
                          f"train={train_fnames!r}, val={val_fnames!r}")
     if train_fnames is not None:
-        train_s, val_s = _samples(train_fnames, key), _samples(val_fnames, key)
+        train_s = _samples(train_fnames, key)
+        same = os.path.realpath(train_fnames) == os.path.realpath(val_fnames)
+        val_s = train_s if same else _samples(val_fnames, key)  # one scan: its warnings once
         cmap = make_class_map(train_s, val_s)
         return SceneDataset(train_s, cmap, tf), SceneDataset(val_s, cmap, tf), len(cmap)
     if eval_path is not None:

@@ -102,17 +102,48 @@ def scan_image_folder(root: PathLike, is_valid_file: Optional[Callable[[str], bo
     if not classes:
         raise DataError(f"{root}: no class sub-folders found (expected <root>/<class>/<image>)")
     samples: List[Sample] = []
+    empty: List[str] = []
     for cls in classes:
+        before = len(samples)
         for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
             dirnames.sort()
             for name in sorted(filenames):
                 path = os.path.join(dirpath, name)
                 if valid(path):
                     samples.append((path, cls))
+        if len(samples) == before:
+            empty.append(cls)
+    what = "files accepted by the filter" if is_valid_file else f"images ({', '.join(IMG_EXTENSIONS)})"
     if not samples:
-        what = "files accepted by the filter" if is_valid_file else f"images ({', '.join(IMG_EXTENSIONS)})"
         raise DataError(f"{root}: no {what} found in its {len(classes)} class folder(s)")
+    if empty:
+        shown = ", ".join(str(root / c) for c in empty[:5]) + (" ..." if len(empty) > 5 else "")
+        print(f"WARNING: {len(empty)} of the {len(classes)} class folders of {root} hold no {what}, so "
+              f"{'that class is' if len(empty) == 1 else 'those classes are'} left out: {shown}")
     return samples
+
+
+def unseen_classes(train: Dataset, val: Dataset) -> List[str]:
+    """Names of the classes that occur in ``val`` but never in ``train`` (datasets with ``targets`` (class ids)
+    and ``classes``, as :class:`SceneDataset`; others give []): a classifier or kNN bank cannot predict them, so
+    every such validation image counts as wrong."""
+    train_t, val_t = getattr(train, "targets", None), getattr(val, "targets", None)
+    if train_t is None or val_t is None:
+        return []
+    names = list(getattr(val, "classes", None) or getattr(train, "classes", None) or [])
+    missing = sorted(set(int(t) for t in val_t) - set(int(t) for t in train_t))
+    return [names[i] if 0 <= i < len(names) else str(i) for i in missing]
+
+
+def warn_unseen_classes(train: Dataset, val: Dataset, train_name: str) -> List[str]:
+    """One ``WARNING:`` line when validation holds classes that ``train`` (called ``train_name``) lacks; returns
+    those class names (see :func:`unseen_classes`)."""
+    missing = unseen_classes(train, val)
+    if missing:
+        shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+        print(f"WARNING: {len(missing)} class(es) of the validation set never occur in {train_name}, so their "
+              f"validation images can never be classified right: {shown}")
+    return missing
 
 
 def parse_split_line(line: str, list_file: PathLike, lineno: int) -> Tuple[List[str], str]:

@@ -58,7 +58,7 @@ from torch.utils.data import Dataset, Sampler
 from util.gsd import reference_gsd_factor, window_res
 
 from .config import SCHEMA as GEO_SCHEMA
-from .config import ConfigError, check_geo_consistency, check_value, Field, resolve_path
+from .config import ConfigError, check_geo_consistency, check_stat_units, check_value, Field, resolve_path
 from .errors import DataError, MissingDataError
 from .geo_sampler import DistributedRandomWindowSampler, WindowSpec
 
@@ -180,6 +180,7 @@ def load_seg_config(path: PathLike, data_root: Optional[PathLike] = None,
         check_geo_consistency(source, out)  # band_files, resampling, gsd_range, nodata, crs: as GeoTIFF configs
     if len(out["mean"]) != len(out["std"]) or any(s <= 0 for s in out["std"]):
         raise ConfigError(f"{source}: data.std: expected {len(out['mean'])} positive values (as many as data.mean)")
+    check_stat_units(source, out)
     if "bands" in out and len(out["bands"]) != len(out["mean"]):
         raise ConfigError(f"{source}: data.bands: expected {len(out['mean'])} bands (as many as data.mean)")
     if not 0 <= out["ignore_index"] <= 255 or out["ignore_index"] <= len(out["classes"]):
@@ -269,7 +270,9 @@ class VectorLabels:
         polygonal = gdf.geometry.geom_type.isin(["Polygon", "MultiPolygon"])
         self.dropped = int((~polygonal).sum())
         gdf = gdf[polygonal].copy()
-        if class_column is None:
+        if not len(gdf):
+            values = np.zeros(0, dtype=np.uint8)  # no polygons: the builder says so, naming the file
+        elif class_column is None:
             if len(self.classes) != 1:
                 raise DataError(f"{self.source}: {len(self.classes)} classes need a class column")
             values = np.ones(len(gdf), dtype=np.uint8)
@@ -345,6 +348,27 @@ class GeoVectorSource:
         self.crs = [str(c) for c in index["crs"]]
         self.num_bands = geo.num_bands
         self.mosaic = bool(geo.mosaic)  # windows may cross tile edges (filled from every tile they touch)
+
+    def unlabelled_tiles(self) -> List[int]:
+        """Indexes of the rasters that no labelled polygon touches (their footprint, in their own CRS, intersects
+        no polygon): every label pixel of such a tile is background."""
+        from affine import Affine
+        from shapely.geometry import Polygon
+
+        if not len(self.labels):
+            return list(range(len(self.paths)))
+        found: set = set()
+        by_crs: Dict[str, List[int]] = {}
+        for i, crs in enumerate(self.crs):
+            by_crs.setdefault(crs, []).append(i)
+        for crs, tiles in by_crs.items():
+            footprints = []
+            for i in tiles:
+                a, (h, w) = Affine(*self.transforms[i][:6]), self.shapes[i]
+                footprints.append(Polygon([a @ (0, 0), a @ (w, 0), a @ (w, h), a @ (0, h)]))
+            hit_rows = self.labels.in_crs(crs).sindex.query(footprints, predicate="intersects")[0]
+            found.update(tiles[j] for j in set(int(r) for r in hit_rows))
+        return [i for i in range(len(self.paths)) if i not in found]
 
     def read(self, tile: int, row: int, col: int, h: int, w: int):
         from affine import Affine
@@ -424,9 +448,11 @@ class MaskPairSource:
         self.shapes, self.transforms, self.crs = [], [], []
         self._cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         counts = set()
+        self.raw_values: set = set()  # every raw value of the masks (start-up checks of data.mask_values)
         for img_path, mask_path in self.pairs:
             img, transform, crs = _read_array(img_path, self.bands)
             mask = _read_array(mask_path)[0]
+            self.raw_values.update(int(v) for v in np.unique(mask[0]))
             if img.shape[1:] != mask.shape[1:]:
                 raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[2]} px but its image {img_path} "
                                 f"is {img.shape[1]}x{img.shape[2]} px")
@@ -613,6 +639,54 @@ def seg_collate(batch: List[dict]) -> dict:
     return out
 
 
+# ============================================================================================ start-up checks
+def _check_not_empty(labels: VectorLabels, key: str, train: bool) -> None:
+    """A label file without polygons: an error for training (every pixel would be background), else a warning."""
+    if len(labels):
+        return
+    what = f" ({labels.dropped} non-polygon feature(s) ignored)" if labels.dropped else ""
+    if train:
+        raise DataError(f"{labels.source}: {key} holds no polygon features{what}: every training pixel would be "
+                        f"background; point {key} at the labelled polygons")
+    print(f"WARNING: {labels.source}: {key} holds no polygon features{what}: every validation pixel is background")
+
+
+def _check_tiles_labelled(src: GeoVectorSource, labels: PathLike, key: str, train: bool) -> None:
+    """Rasters that no polygon touches burn zero label pixels: an error when that is every training raster (the
+    labels lie elsewhere or in another CRS), else one warning line naming them."""
+    empty = src.unlabelled_tiles()
+    if not empty:
+        return
+    n = len(src.paths)
+    if train and len(empty) == n:
+        raise DataError(f"{labels}: no polygon touches any of the {n} training raster(s) of {key} (every label "
+                        f"pixel would be background): do the labels cover these rasters, in the CRS they declare?")
+    names = ", ".join(os.path.basename(src.paths[i]) for i in empty[:5]) + (" ..." if len(empty) > 5 else "")
+    print(f"WARNING: {labels}: no polygon touches {len(empty)} of the {n} {'training' if train else 'validation'} "
+          f"raster(s) of {key}, so their labels are all background: {names}")
+
+
+def _check_mask_values(src: "MaskPairSource", d: Mapping, classes: Sequence[str], mask_dir: PathLike,
+                       train: bool) -> None:
+    """Configured classes whose mask value never occurs, and raw values that map to no class: an error when no
+    foreground class occurs in the training masks, else one warning line each."""
+    values = list(d.get("mask_values") or range(len(classes)))
+    key = "data.mask_values" if d.get("mask_values") else "the class ids (no data.mask_values)"
+    found = sorted(src.raw_values)
+    absent = [f"{classes[i]!r} (value {v})" for i, v in enumerate(values) if v not in src.raw_values]
+    unmapped = [v for v in found if v not in values and v != d["ignore_index"]]
+    hint = f"values in the masks: {found[:12]}{' ...' if len(found) > 12 else ''}; set data.mask_values"
+    if train and all(v not in src.raw_values for v in values[1:]):
+        raise DataError(f"{mask_dir}: no foreground class of {key} occurs in the training masks (absent: "
+                        f"{', '.join(absent)}; {hint})")
+    split = "training" if train else "validation"
+    if absent:
+        print(f"WARNING: {mask_dir}: {', '.join(absent)} of {key} never occur(s) in the {split} masks ({hint})")
+    if unmapped:
+        print(f"WARNING: {mask_dir}: mask values {unmapped[:12]} of the {split} masks are no class of {key} and "
+              f"become data.ignore_index {d['ignore_index']}")
+
+
 # ================================================================================================ builders
 def build_seg_datasets(cfg: Mapping, input_size: int, base_resolution: float = 1.0, seed: int = 0,
                        crop_scale: Tuple[float, float] = (1.0, 1.0),
@@ -643,10 +717,20 @@ def build_seg_datasets(cfg: Mapping, input_size: int, base_resolution: float = 1
                       else VectorLabels(d["val_labels"], d["classes"], d.get("class_column")))
         if train_labels.dropped:
             print(f"{d['labels']}: ignoring {train_labels.dropped} non-polygon feature(s)")
+        _check_not_empty(train_labels, "data.labels", train=True)
+        if val_labels is not train_labels:
+            _check_not_empty(val_labels, "data.val_labels", train=False)
         train_src, val_src = source(d["img_dir"], train_labels, True), source(d["val_img_dir"], val_labels, False)
+        if len(train_labels):
+            _check_tiles_labelled(train_src, d["labels"], "data.img_dir", train=True)
+        if len(val_labels):
+            _check_tiles_labelled(val_src, d["val_labels"], "data.val_img_dir", train=False)
     else:
         train_src = source(d["img_dir"], d["mask_dir"], True)
         val_src = source(d["val_img_dir"], d["val_mask_dir"], False)
+        _check_mask_values(train_src, d, classes, d["mask_dir"], train=True)
+        if d["val_mask_dir"] != d["mask_dir"]:
+            _check_mask_values(val_src, d, classes, d["val_mask_dir"], train=False)
     if not d.get("mosaic") and not any(h >= d["size"] and w >= d["size"] for h, w in train_src.shapes):
         raise DataError(f"{d['img_dir']}: no training raster/image holds a {d['size']} px window; lower data.size")
     train = SegmentationDataset(train_src, input_size=input_size, train=True, length=d["length"],

@@ -68,7 +68,9 @@ __all__ = [
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    from util.harness import ArgumentParser  # one-line errors, closest flag for a typo
+
+    p = ArgumentParser(
         description="Export a Scale-MAE encoder as a timm ViT state dict (.pth + .safetensors + .json).")
     p.add_argument("checkpoint", help="pretraining checkpoint (ours or the original release), linprobe/finetune "
                                       "checkpoint, or state dict; path or file:// / https:// URL")

@@ -14,19 +14,18 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-try:
-    from dataloaders.errors import DataError
-    from dataloaders.scenes import fmow_rgb_filter
-    from dataloaders.splits import verify_sha256sums, write_split_lists
-except ImportError:  # running from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from dataloaders.errors import DataError
-    from dataloaders.scenes import fmow_rgb_filter
-    from dataloaders.splits import verify_sha256sums, write_split_lists
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(_REPO_ROOT) not in sys.path:  # run as a script: this checkout's modules, as tools/export_encoder.py does
+    sys.path.insert(0, str(_REPO_ROOT))
+
+from dataloaders.errors import DataError  # noqa: E402
+from dataloaders.scenes import fmow_rgb_filter  # noqa: E402
+from dataloaders.splits import verify_sha256sums, write_split_lists  # noqa: E402
+from util.harness import ArgumentParser  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("root", type=Path, help="ImageFolder root: <root>/<class>/<image>")
     p.add_argument("--val-fraction", type=float, default=0.2, help="fraction of each class put in val (0.2)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (0)")

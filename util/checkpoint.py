@@ -186,6 +186,21 @@ def hashlib_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _check_checkpoint_bytes(path: Path, url: str) -> None:
+    """``CheckpointError`` unless the file starts like a checkpoint (a torch zip archive, a legacy pickle, or a
+    safetensors header): a URL that serves an HTML page or text (a login page, a "file not found" page, a Git LFS
+    pointer) is named as such."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80") or head[8:9] == b"{":
+        return
+    text = head.decode("utf-8", "replace").strip()
+    kind = "an HTML page" if text[:200].lower().lstrip("\ufeff").startswith(("<!doctype html", "<html")) else "text"
+    first = " ".join(text.split())[:60]
+    raise CheckpointError(f"{url} serves {kind} ({first!r}...), not a checkpoint; nothing was cached (check the "
+                          f"URL: a release-asset or 'resolve' download link, not the page that shows it)")
+
+
 def _resolve_source(path_or_url: str | os.PathLike, progress: bool) -> Path:
     """Turn a path, ``file://`` URL or ``http(s)://`` URL (downloaded to the torch hub cache, keyed by the full URL
     and verified against ``#sha256=...``/``#size=...`` when the URL carries them) into a local path."""
@@ -199,8 +214,9 @@ def _resolve_source(path_or_url: str | os.PathLike, progress: bool) -> Path:
         if cached.exists():
             try:
                 _verify_download(cached, checks, text)
+                _check_checkpoint_bytes(cached, text)
             except CheckpointError:
-                cached.unlink()  # a stale or tampered cache entry: download again
+                cached.unlink()  # a stale or tampered cache entry (or a page an older version cached): download again
         if not cached.exists():
             try:
                 torch.hub.download_url_to_file(urllib.parse.urlunparse(parsed._replace(fragment="")), str(cached),
@@ -209,8 +225,9 @@ def _resolve_source(path_or_url: str | os.PathLike, progress: bool) -> Path:
                 raise CheckpointError(f"could not download checkpoint {text}: {type(e).__name__}: {e}") from e
             try:
                 _verify_download(cached, checks, text)
+                _check_checkpoint_bytes(cached, text)
             except CheckpointError:
-                cached.unlink()
+                cached.unlink()  # never cached: the next run downloads again
                 raise
         return cached
     if scheme == "file":

@@ -54,13 +54,13 @@ from util.checkpoint import CheckpointError, args_to_plain, load_checkpoint, sav
 from util.cpu_memory import ALLOCATOR_CHOICES, keep_freed_memory
 
 __all__ = [
-    "UserError", "DEBUG_ENV", "run", "report_error", "debug_enabled",
+    "UserError", "DEBUG_ENV", "ArgumentParser", "run", "report_error", "debug_enabled", "make_folder",
     "add_run_args", "add_schedule_args", "add_loader_args", "add_distributed_args", "warn_dead_flags", "explicit_flags",
     "require", "check_positive",
     "usable_cores", "local_processes", "default_num_workers", "seed_everything", "resolve_device", "setup",
     "limit_cpu_threads",
     "resolve_data_config", "prepare_output", "remove_stale_temp_files", "save_run_config", "open_log_writer",
-    "checkpoint_writer", "find_resume", "read_checkpoint", "restore_training_state", "nothing_left",
+    "checkpoint_writer", "checkpoint_kind", "find_resume", "read_checkpoint", "restore_training_state", "nothing_left",
     "rng_state", "set_rng_state", "state_is_finite", "CheckpointKeeper",
     "build_optimizer", "training_run",
 ]
@@ -109,6 +109,26 @@ def report_error(message: str) -> None:
     if _is_rank0():
         sys.stdout.flush()
         dist_util.ORIGINAL_PRINT(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors are one line (rank 0 only), exit status 2 as argparse's: a mistyped
+    flag names the closest flag instead of printing the whole usage. Every launcher and tool parses with it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        import difflib
+
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            flags = [t for t in message[len(prefix):].split() if t.startswith("-")]
+            known = [s for s in self._option_string_actions if s.startswith("--")]
+            hints = []
+            for flag in flags or message[len(prefix):].split()[:1]:
+                close = difflib.get_close_matches(flag.split("=")[0], known, n=1, cutoff=0.6)
+                hints.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+            message = f"unknown flag{'s' if len(hints) > 1 else ''} {', '.join(hints)}"
+        report_error(f"{message} (--help lists every flag)")
+        raise SystemExit(2)
 
 
 def debug_enabled(args: Optional[argparse.Namespace] = None) -> bool:
@@ -403,9 +423,28 @@ def prepare_output(args: argparse.Namespace) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"--output_dir {out_dir} exists and is not a folder")
     if dist_util.is_main_process():
-        out_dir.mkdir(parents=True, exist_ok=True)
+        make_folder(out_dir, "--output_dir")
         remove_stale_temp_files(out_dir)
     return out_dir
+
+
+def _os_reason(err: OSError) -> str:
+    """The OS's words for an ``OSError`` (``No space left on device``, ``Read-only file system``, ...)."""
+    return err.strerror or type(err).__name__
+
+
+def make_folder(path: str | os.PathLike, flag: str) -> Path:
+    """``mkdir -p path``; any ``OSError`` (read-only, a file in the way, no space, no permission) is a
+    ``UserError`` naming ``flag`` and the folder. Returns the path."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{flag} {path}: exists and is not a folder") from None
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and os.fspath(err.filename) != os.fspath(path) else ""
+        raise UserError(f"{flag} {path}: cannot create the folder: {_os_reason(err)}{where}") from None
+    return path
 
 
 def save_run_config(out_dir: str | os.PathLike, args: argparse.Namespace, cfg: Optional[Mapping],
@@ -420,15 +459,18 @@ def save_run_config(out_dir: str | os.PathLike, args: argparse.Namespace, cfg: O
     resolved = {"args": args_to_plain(args), "data": (cfg or {}).get("data"), **extra}
     name = "config_eval" if evaluating else "config"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    save_config(resolved, Path(out_dir) / "configs" / f"{name}-{stamp}.yaml")
-    return save_config(resolved, Path(out_dir) / f"{name}.yaml")
+    try:
+        save_config(resolved, Path(out_dir) / "configs" / f"{name}-{stamp}.yaml")
+        return save_config(resolved, Path(out_dir) / f"{name}.yaml")
+    except OSError as err:
+        raise UserError(f"--output_dir {out_dir}: cannot write {name}.yaml: {_os_reason(err)}") from None
 
 
 def open_log_writer(log_dir: str | os.PathLike):
     """A TensorBoard ``SummaryWriter`` on ``log_dir`` (created if needed)."""
     from torch.utils.tensorboard import SummaryWriter  # slow import: only on the rank that logs
 
-    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    make_folder(log_dir, "--log_dir")
     return SummaryWriter(log_dir=log_dir)
 
 
@@ -449,6 +491,33 @@ def checkpoint_writer(checkpoint: Mapping) -> Optional[str]:
     return None
 
 
+# what each launcher's checkpoint is, and where it goes
+_KINDS = {
+    "main_pretrain": ("a pretraining checkpoint of main_pretrain.py",
+                      "main_pretrain.py --resume continues it; main_linprobe.py and main_segment.py take it as "
+                      "--checkpoint_path"),
+    "main_linprobe": ("a linear-probe/finetune checkpoint of main_linprobe.py",
+                      "main_linprobe.py --resume continues it (--eval --resume evaluates it)"),
+    "main_segment": ("a segmentation checkpoint of main_segment.py",
+                     "main_segment.py --resume continues it (--eval --resume evaluates it)"),
+    "export": ("an encoder exported by tools/export_encoder.py",
+               "main_linprobe.py and main_segment.py take it as --checkpoint_path"),
+}
+
+
+def checkpoint_kind(checkpoint: Mapping) -> Optional[str]:
+    """What a checkpoint is and which launcher/flag takes it (one sentence), from its ``writer`` (or keys); an
+    exported encoder is a bare state dict with encoder tensors and no decoder. None when it is none of these."""
+    writer = checkpoint_writer(checkpoint)
+    if writer is None and "model" not in checkpoint and "patch_embed.proj.weight" in checkpoint \
+            and not any(str(k).startswith("decoder") for k in checkpoint):
+        writer = "export"
+    if writer not in _KINDS:
+        return None
+    what, where = _KINDS[writer]
+    return f"it is {what}: {where}"
+
+
 _READ_AHEAD: dict[str, dict] = {}  # find_resume's read of checkpoint-latest.pth, handed to the next read_checkpoint
 
 
@@ -457,6 +526,9 @@ def read_checkpoint(path: str, flag: str) -> dict:
     ``find_resume`` just read (to check its writer) is not read a second time."""
     if path in _READ_AHEAD:
         return _READ_AHEAD.pop(path)
+    if str(path).endswith(".safetensors"):  # not a pickle: say what it is rather than "not a PyTorch checkpoint"
+        what, where = _KINDS["export"]
+        raise UserError(f"{flag} {path}: it is {what} (.safetensors): {where}")
     try:
         return load_checkpoint(path)
     except (FileNotFoundError, CheckpointError) as err:

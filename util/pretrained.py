@@ -44,6 +44,9 @@ def read_pretrained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
             raise harness.UserError(f"--checkpoint_path {path}: not a readable safetensors file ({err})") from None
     ckpt = harness.read_checkpoint(path, "--checkpoint_path")
+    if harness.checkpoint_writer(ckpt) == "main_segment":  # its encoder tensors are backbone.*: not pretrained weights
+        raise harness.UserError(f"--checkpoint_path {path}: {harness.checkpoint_kind(ckpt)}; --checkpoint_path "
+                                f"takes pretrained weights (main_pretrain.py or an exported encoder)")
     saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
     return state_dict_of(ckpt), saved_args
 
@@ -96,10 +99,12 @@ def read_start(args: argparse.Namespace, out_dir: Path, writer: str
     resumed = harness.read_checkpoint(resume, flag) if resume else None
     if resumed is not None:
         written_by = harness.checkpoint_writer(resumed)
-        harness.require("model" in resumed, f"{flag} {resume} has no 'model' entry (keys: {sorted(resumed)})")
-        harness.require(written_by in (None, writer), f"{flag} {resume} was written by {written_by}.py; pretrained "
-                                                      f"weights go to --checkpoint_path (--resume continues a run "
-                                                      f"of this script)")
+        kind = harness.checkpoint_kind(resumed)
+        if "model" not in resumed or written_by not in (None, writer):
+            raise harness.UserError(f"{flag} {resume}: not a checkpoint of {writer}.py ("
+                                    + (kind if kind else f"keys: {sorted(resumed)[:8]}")
+                                    + f"); {flag} continues a run of {writer}.py, pretrained weights go to "
+                                      f"--checkpoint_path")
     if resumed is not None and args.checkpoint_path:
         saved = resumed.get("args") if isinstance(resumed.get("args"), Mapping) else {}
         started_from = saved.get("checkpoint_path")

@@ -295,9 +295,11 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     umask = os.umask(0o022)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; match a plain open()
     try:
         write(tmp)
+        # after the write: mkstemp creates 0600 and some writers (safetensors) recreate the file 0600 again;
+        # the result gets a plain open()'s permissions (0666 minus the umask), like the .pth and .json beside it
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
