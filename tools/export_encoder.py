@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -253,19 +252,9 @@ def _safetensors_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; match a plain open()
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from util.io import atomic_write
+
+    atomic_write(path, write, by_name=True)
 
 
 def export_encoder(checkpoint: Union[PathLike, Mapping[str, Any]], output: PathLike, img_size: Optional[int] = None,
