@@ -45,6 +45,35 @@ def run_cli(args: list[str]):
     return harness.run(main_pretrain.main, main_pretrain.get_args_parser(), args)
 
 
+def forked_run(args: list[str], log: Path, **env: str) -> int:
+    """Run ``main_pretrain`` with ``args`` in a forked child process (the modules are already imported: no start-up
+    cost) with ``env`` set, its output in ``log``; returns its exit status (``-9`` when it was SIGKILLed)."""
+    import multiprocessing
+
+    def child() -> None:
+        os.environ.update(env)
+        uio._writes.clear()
+        with open(log, "w") as fh:
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+            sys.stdout = sys.stderr = fh
+            try:
+                run_cli(args)
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:  # noqa: BLE001 - reported by the status
+                code = 1
+            fh.flush()
+        os._exit(code)
+
+    proc = multiprocessing.get_context("fork").Process(target=child)
+    proc.start()
+    proc.join(300)
+    assert proc.exitcode is not None, "the forked run hangs"
+    return proc.exitcode
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **extra}
     env.pop(harness.DEBUG_ENV, None)
@@ -155,12 +184,13 @@ def test_keeper_survives_an_exception_at_every_stage(tmp_path, monkeypatch, stag
 @pytest.mark.parametrize("stage,n,pattern", [("before_temp", 3, ""), ("mid_write", 2, ""), ("before_rename", 3, ""),
                                              ("after_rename", 1, ""), ("link", 2, ":.checkpoint-verified.pth")])
 def test_sigkill_at_every_stage_then_identical_rerun(tmp_path, reference, capsys, stage, n, pattern):
-    """A real SIGKILL (SCALEMAE_FAULT hook) at each stage of a save in a subprocess: checkpoint-latest.pth loads,
-    the identical command resumes at the step it holds and ends bit-identical to the uninterrupted run."""
+    """A real SIGKILL (the SCALEMAE_FAULT hook) at each stage of a save, in a child process (forked, to spare the
+    start-up; the SIGTERM test below runs `python main_pretrain.py`): checkpoint-latest.pth loads, the identical
+    command resumes at the step it holds and ends bit-identical to the uninterrupted run."""
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "main_pretrain.py", *argv(out)], cwd=REPO, capture_output=True, text=True,
-                          env=subprocess_env(**{uio.FAULT_ENV: f"{stage}:{n}{pattern}"}), timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    log = tmp_path / "killed.log"
+    status = forked_run(argv(out), log, **{uio.FAULT_ENV: f"{stage}:{n}{pattern}"})
+    assert status == -signal.SIGKILL, log.read_text()[-2000:]
     assert torch.load(out / LATEST, weights_only=True)["writer"] == "main_pretrain"
     if stage in ("mid_write", "before_rename"):
         assert list(out.glob(f".{LATEST}.*{uio.TEMP_SUFFIX}")), "the killed save left no temporary file?"
@@ -424,3 +454,122 @@ def test_good_state_left_by_the_older_version_is_recovered(tmp_path, capsys, lat
         assert torch.load(tmp_path / LATEST, weights_only=True)["state_label"] == "good"
     else:
         assert label == "good" and sum(line.startswith("recovered") for line in printed.splitlines()) == 1
+
+
+STOP_DDP_SCRIPT = '''
+import os, signal, sys, types
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import engine_pretrain
+from util.amp import AmpConfig
+from util.run_control import StopRequest
+
+
+class Stub(torch.nn.Module):  # the engine's model interface; a real model changes nothing about the stop
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, imgs, targets, noise=None, loss_only=True, **kwargs):
+        return (imgs.mean(dim=(0, 2, 3)) * self.w).sum() ** 2
+
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+ddp = torch.nn.parallel.DistributedDataParallel(Stub())
+args = types.SimpleNamespace(accum_iter=1, print_freq=3, batch_size=2, mask_ratio=0.75, clip_grad=None, lr=1e-3,
+                             min_lr=0.0, warmup_epochs=0, epochs=1, source_size=[32], source_size_scheduler="constant",
+                             input_size=32, patch_size=16, seed=0, save_every_steps=0)
+batch = (torch.rand(2, 3, 32, 32), torch.ones(2), torch.rand(2, 3, 64, 64), torch.ones(2))
+stop = StopRequest().install()
+done = []
+
+def step_end(step):
+    done.append(step)
+    if rank == 1 and step == 1:  # the signal reaches rank 1 only
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+engine_pretrain.train_one_epoch(ddp, [batch] * 8, torch.optim.AdamW(ddp.parameters()), torch.device("cpu"), 0,
+                                AmpConfig("none", torch.device("cpu")), args, on_step_end=step_end, stop=stop)
+print(f"RANK {rank} steps {done} agreed {stop.agreed} requested {stop.requested}", flush=True)
+dist.destroy_process_group()
+'''
+
+
+def test_ddp_ranks_agree_on_the_stop_step_when_one_rank_is_signalled(tmp_path):
+    """Two gloo ranks; SIGUSR1 reaches rank 1 only (after step 1): both stop after the same step, the one whose
+    flush (the engine's existing all-reduce, --print_freq 3: step 3) carried the flag."""
+    script = tmp_path / "stop_ddp.py"
+    script.write_text(STOP_DDP_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    procs = [subprocess.Popen([sys.executable, str(script), str(REPO)], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outputs = []
+    for proc in procs:
+        try:
+            outputs.append(proc.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    text = "\n".join(outputs)
+    assert all(p.returncode == 0 for p in procs), text
+    assert "RANK 0 steps [0, 1, 2, 3] agreed True requested False" in outputs[0], text
+    assert "RANK 1 steps [0, 1, 2, 3] agreed True requested True" in outputs[1], text
+
+
+def test_probe_and_segment_engines_stop_after_the_signalled_step():
+    """The linear-probe/finetune and segmentation engines end the epoch after the step in which a stop was asked
+    for (their launchers then exit 75, keeping the last epoch's checkpoint)."""
+    import engine_finetune
+    import engine_segment
+    from util.amp import AmpConfig
+    from util.run_control import StopRequest
+
+    cpu = torch.device("cpu")
+    amp = AmpConfig("none", cpu)
+    args = type("A", (), dict(accum_iter=1, print_freq=100, lr=1e-3, min_lr=0.0, warmup_epochs=0, epochs=1,
+                              batch_size=2, ignore_index=255, dice_weight=0.0, aux_weight=0.0, clip_grad=None))()
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(3, 2)
+
+        def forward(self, x, input_res=None, return_aux=False):
+            out = self.head(x.mean(dim=(2, 3)))
+            if return_aux:  # segmentation: per-pixel logits
+                return out[:, :, None, None].expand(-1, -1, *x.shape[2:]), None
+            return out
+
+    probe_batch = (torch.rand(2, 3, 8, 8), torch.ones(2), torch.tensor([0, 1]))
+    seg_batch = {"image": torch.rand(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8, dtype=torch.long),
+                 "res": torch.ones(2)}
+    for engine, call in ((engine_finetune, lambda m, data, stop, seen: engine_finetune.train_one_epoch(
+            m, torch.nn.CrossEntropyLoss(), data, torch.optim.SGD(m.parameters(), lr=0.1), cpu, 0, amp, args,
+            on_finite_loss=lambda: seen.append(1), stop=stop)), (engine_segment, lambda m, data, stop, seen:
+            engine_segment.train_one_epoch(m, data, torch.optim.SGD(m.parameters(), lr=0.1), cpu, 0, amp, args,
+                                           on_finite_loss=lambda: seen.append(1), stop=stop))):
+        stop, seen = StopRequest(), []
+        batch = probe_batch if engine is engine_finetune else seg_batch
+
+        def data():
+            for i in range(6):
+                if i == 2:
+                    stop.signal_name = "SIGTERM"  # arrives while step 2 is loaded
+                yield batch
+
+        class Sized:
+            def __iter__(self):
+                return data()
+
+            def __len__(self):
+                return 6
+
+        call(Probe(), Sized(), stop, seen)
+        assert stop.agreed and len(seen) == 3, (engine.__name__, len(seen))  # steps 0, 1, 2 ran; not 3-5

@@ -9,7 +9,7 @@ A launcher keeps the MAE shape (``get_args_parser()``, ``main(args)``, a thin en
 
     def main(args):
         device = harness.setup(args)                       # process group, device, seed + rank, threads, workers
-        out_dir = harness.prepare_output(args)             # output/log dirs, stale temp files removed
+        out_dir = harness.prepare_output(args, training=not args.eval)  # folders; training: run.lock, cleanup
         resume = harness.find_resume(args, out_dir, WRITER)  # --resume, else autoresume of OUR checkpoint-latest
         checkpoint = harness.read_checkpoint(resume, "--resume") if resume else None
         ...build data and model (validate first, so that nothing is written on bad input)...
@@ -18,8 +18,9 @@ A launcher keeps the MAE shape (``get_args_parser()``, ``main(args)``, a thin en
         if harness.nothing_left(args, resume): return ...
         harness.save_run_config(out_dir, args, cfg)       # only now: the run is about to train
         keeper = harness.CheckpointKeeper(out_dir, WRITER)
-        with harness.training_run(log_writer, keeper):
-            ...engine(on_finite_loss=keeper.verify)...; keeper.save(state, "epoch 3", epoch=3, args=args)
+        with harness.training_run(log_writer, keeper) as stop:   # SIGTERM/SIGUSR1 -> stop.agreed
+            ...engine(on_finite_loss=keeper.verify, stop=stop)...; keeper.save(state, "epoch 3", epoch=3, args=args)
+            if stop.agreed: harness.stop_preempted(stop, "saved ...")  # exit status 75
 
 Errors. ``UserError`` (a ``SystemExit`` subclass, so ``main(args)`` called from Python still stops with the
 message) and the data/config/checkpoint errors are *diagnoses*: ``run`` prints them as ``error: <one line>`` on

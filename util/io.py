@@ -146,7 +146,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], *, by_na
     written = 0
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name.lstrip('.')}.", suffix=TEMP_SUFFIX)
+        # by name: keep the extension last (``.x.gpkg.abc.tmp.gpkg``), libraries pick the format from it
+        suffix = TEMP_SUFFIX + (path.suffix if by_name else "")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name.lstrip('.')}.", suffix=suffix)
         if by_name:  # a fresh name for the library to create (some refuse an existing empty file)
             os.close(fd)
             os.unlink(tmp)

@@ -107,8 +107,9 @@ class OutputLock:
 
     def _check_owner(self, owner: dict) -> None:
         host, pid = str(owner.get("host", "?")), owner.get("pid")
+        command = str(owner.get("command", "?"))
         who = (f"PID {pid} on host {host}, started {owner.get('started', '?')}: "
-               f"{str(owner.get('command', '?'))[:200]}")
+               f"{command if len(command) <= 160 else command[:157] + '...'}")
         earlier, now = str(owner.get("slurm") or ""), _slurm_start()
         if now and earlier and earlier != now and earlier.split(".")[0] == now.split(".")[0]:
             print(f"WARNING: taking over {self.path}: it was held by an earlier start of this SLURM job ({who})")
