@@ -45,32 +45,41 @@ def run_cli(args: list[str]):
     return harness.run(main_pretrain.main, main_pretrain.get_args_parser(), args)
 
 
+def _child_run(args: list[str], log: str, env: dict[str, str]) -> None:
+    """Body of :func:`forked_run`'s child: the run with ``env``, its output in ``log``; exits with its status."""
+    os.environ.update(env)
+    uio._writes.clear()
+    torch.set_num_threads(1)
+    with open(log, "w") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+        sys.stdout = sys.stderr = fh
+        try:
+            run_cli(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:  # noqa: BLE001 - reported by the status and the log
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        fh.flush()
+    os._exit(code)
+
+
 def forked_run(args: list[str], log: Path, **env: str) -> int:
-    """Run ``main_pretrain`` with ``args`` in a forked child process (the modules are already imported: no start-up
-    cost) with ``env`` set, its output in ``log``; returns its exit status (``-9`` when it was SIGKILLed)."""
+    """Run ``main_pretrain`` with ``args`` in a child process forked from a fork server that has imported the
+    project once (a fresh interpreter, so no autograd threads: forking pytest itself is not safe), with ``env`` set
+    and its output in ``log``; returns the exit status (``-9`` when SIGKILLed)."""
     import multiprocessing
 
-    def child() -> None:
-        os.environ.update(env)
-        uio._writes.clear()
-        with open(log, "w") as fh:
-            os.dup2(fh.fileno(), 1)
-            os.dup2(fh.fileno(), 2)
-            sys.stdout = sys.stderr = fh
-            try:
-                run_cli(args)
-                code = 0
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-            except BaseException:  # noqa: BLE001 - reported by the status
-                code = 1
-            fh.flush()
-        os._exit(code)
-
-    proc = multiprocessing.get_context("fork").Process(target=child)
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "main_pretrain", "util.harness"])
+    proc = ctx.Process(target=_child_run, args=(args, str(log), env))
     proc.start()
     proc.join(300)
-    assert proc.exitcode is not None, "the forked run hangs"
+    assert proc.exitcode is not None, "the child run hangs"
     return proc.exitcode
 
 
@@ -573,3 +582,35 @@ def test_probe_and_segment_engines_stop_after_the_signalled_step():
 
         call(Probe(), Sized(), stop, seen)
         assert stop.agreed and len(seen) == 3, (engine.__name__, len(seen))  # steps 0, 1, 2 ran; not 3-5
+
+
+@pytest.mark.parametrize("code,words", [(errno.EROFS, "the file system is read-only"),
+                                        (errno.EACCES, "permission denied")])
+def test_read_only_or_unwritable_folder_is_one_line_and_keeps_the_file(tmp_path, monkeypatch, code, words):
+    path = uio.atomic_write_text(tmp_path / "config.yaml", "old\n")
+
+    def refuse(where: str, p: Path) -> None:
+        if where == "mid_write":
+            raise OSError(code, os.strerror(code), str(tmp_path / ".config.yaml.x.tmp"))
+
+    monkeypatch.setattr(uio, "fault_point", refuse)
+    with pytest.raises(uio.OutputWriteError, match=f"cannot write config.yaml in {tmp_path}: {words}"):
+        uio.atomic_write_text(path, "new\n")
+    assert path.read_text() == "old\n" and sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+
+
+def test_evaluation_runs_take_no_lock_and_clean_nothing(tmp_path, live_pid):
+    """prepare_output of an evaluation run (what --eval_only / --eval pass) on a folder a live run holds: no
+    refusal, the lock and the live run's temporary file untouched; all three launchers pass their eval flag."""
+    _lock(tmp_path, pid=live_pid)
+    partial = tmp_path / ".checkpoint-latest.pth.abc.tmp"
+    partial.write_bytes(b"the live run is writing this")
+    before = _snapshot(tmp_path)
+    args = main_pretrain.get_args_parser().parse_args(["--output_dir", str(tmp_path)])
+    assert harness.prepare_output(args, training=False) == tmp_path
+    assert _snapshot(tmp_path) == before
+    with pytest.raises(harness.LockRefused):
+        harness.prepare_output(args, training=True)
+    assert _snapshot(tmp_path) == before
+    for launcher, flag in (("main_pretrain", "eval_only"), ("main_linprobe", "eval"), ("main_segment", "eval")):
+        assert f"prepare_output(args, training=not args.{flag})" in (REPO / f"{launcher}.py").read_text()
