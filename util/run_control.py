@@ -157,7 +157,7 @@ class StopRequest:
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            sys.stderr.write(f"{self.signal_name} received: finishing the step, then saving a resumable checkpoint\n")
+            sys.stderr.write(f"{self.signal_name} received: stopping at the end of this step\n")
             sys.stderr.flush()
 
     def install(self) -> "StopRequest":
