@@ -41,13 +41,15 @@ def _no_sync(model: nn.Module, skip_sync: bool):
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, amp: AmpConfig, args: Any,
                     log_writer: Any = None, max_norm: Optional[float] = None,
-                    on_finite_loss: Optional[Any] = None) -> dict[str, float]:
+                    on_finite_loss: Optional[Any] = None, stop: Any = None) -> dict[str, float]:
     """Train ``model`` for one epoch; returns the epoch averages ``{'loss', 'lr'}`` (loss averaged over ranks).
 
     ``args`` provides ``accum_iter``, ``lr``, ``min_lr``, ``warmup_epochs``, ``epochs`` and ``print_freq``.
     TensorBoard (``log_writer``, rank 0): ``train/loss`` (mean over ranks) and ``train/lr`` at
     x = ``int(1000 * fractional epoch)``, at every optimizer step. ``on_finite_loss()`` is called once each step's
     loss (mean over ranks) is known to be finite; a non-finite one raises ``NonFiniteLossError`` on every rank.
+    ``stop`` (``util.run_control.StopRequest``): its flag rides on the per-step loss all-reduce; once any rank was
+    signalled, every rank sets ``stop.agreed`` and the epoch ends after that optimizer step.
     """
     model.train(True)
     accum_iter = max(1, int(getattr(args, "accum_iter", 1) or 1))
@@ -74,7 +76,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 outputs = model(samples, input_res=input_res)
                 loss = criterion(outputs.float(), targets)
             loss_value = float(loss.item())
-            loss_reduced = dist_util.all_reduce_mean(loss_value)
+            loss_reduced, stop_all = dist_util.all_reduce_means([loss_value, stop.flag() if stop else 0.0])
+            if stop_all > 0:
+                stop.agreed = True
             if not math.isfinite(loss_reduced):
                 raise NonFiniteLossError(f"loss is {loss_reduced} at epoch {epoch}, step {step}; training stopped.")
             if on_finite_loss is not None:
@@ -92,6 +96,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             x = int((step / num_steps + epoch) * 1000)
             log_writer.add_scalar("train/loss", loss_reduced, x)
             log_writer.add_scalar("train/lr", lr, x)
+        if update and stop is not None and stop.agreed:
+            break
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger, flush=True)

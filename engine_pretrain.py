@@ -51,6 +51,7 @@ def train_one_epoch(
     on_step_end: Optional[Callable[[int], None]] = None,
     on_visualize: Optional[Callable[[int, tuple], None]] = None,
     on_finite_loss: Optional[Callable[[], None]] = None,
+    stop: Any = None,
 ) -> dict[str, float]:
     """Train for one epoch (or its remainder when resuming at ``start_step``).
 
@@ -59,8 +60,11 @@ def train_one_epoch(
     every ``args.print_freq`` steps on rank 0; ``on_finite_loss()`` once the losses (mean over ranks) since the last
     check are known to be finite -- checks run at print steps, before every ``--save_every_steps`` save and at the
     end of the epoch, so the latest saved state produced a finite loss (``CheckpointKeeper.verify``).
-    Returns the epoch's averaged metrics. Raises ``NonFiniteLossError`` naming the epoch and step if the loss is not
-    finite on any rank (all ranks raise together).
+    ``stop`` (a ``util.run_control.StopRequest``, set by SIGTERM/SIGUSR1 on any rank): its flag rides on the
+    flush's collective, so every rank sets ``stop.agreed`` at the same flush (single process: the flush is made at
+    the signalled step); the epoch then ends after the next optimizer step, once ``on_step_end`` (which saves the
+    resumable checkpoint) has run. Returns the epoch's averaged metrics. Raises ``NonFiniteLossError`` naming the
+    epoch and step if the loss is not finite on any rank (all ranks raise together).
     """
     model.train(True)
     accum_iter = args.accum_iter
@@ -72,6 +76,7 @@ def train_one_epoch(
     optimizer.zero_grad(set_to_none=True)
     tick = time.time()
     save_every = int(getattr(args, "save_every_steps", 0) or 0)
+    distributed = dist_util.get_world_size() > 1
     # The step never waits for the device: losses and gradient norms stay device tensors until a flush (print
     # steps, checkpoint steps, the last step), where one copy brings them all to the host for the finiteness check,
     # the progress meters and TensorBoard (same points and values as per-step logging, written later).
@@ -84,7 +89,10 @@ def train_one_epoch(
                              + [p[3].detach().float().reshape(()).to(p[2].device) for p in pending
                                 if p[3] is not None]).cpu().tolist()  # the one host sync
         losses, norms = values[:len(pending)], iter(values[len(pending):])
-        losses_all = dist_util.all_reduce_means(losses)  # one collective; every rank sees the same verdict
+        # one collective; every rank sees the same verdicts (finite losses, and whether any rank must stop)
+        *losses_all, stop_all = dist_util.all_reduce_means(losses + [stop.flag() if stop is not None else 0.0])
+        if stop_all > 0:
+            stop.agreed = True
         for (step_, update_, _, norm_t, lr_, images_per_s_, res_mean_), loss_value, loss_all in zip(
                 pending, losses, losses_all):
             if not math.isfinite(loss_all):
@@ -144,12 +152,16 @@ def train_one_epoch(
         # a copy: under CUDA graphs (--compile_mode reduce-overhead) the next replay reuses the output's memory
         pending.append((step, update, loss.detach().clone(), grad_norm, lr, images_per_s, res_mean))
         saving = update and save_every > 0 and (step + 1) % save_every == 0
-        if step % args.print_freq == 0 or step + 1 == steps_per_epoch or saving:
+        # a stop agreed at an earlier flush (or, single process, asked for now) saves at this optimizer step
+        stopping = update and stop is not None and (stop.agreed or (stop.requested and not distributed))
+        if step % args.print_freq == 0 or step + 1 == steps_per_epoch or saving or stopping:
             flush()  # before any checkpoint is written: a non-finite loss must stop the run first
         if update and on_step_end is not None:
             on_step_end(step)
         if visualize_now:
             on_visualize(epoch * steps_per_epoch + step, (imgs, targets, outputs))
+        if update and stop is not None and stop.agreed:
+            break
 
     flush()
     logger.synchronize_between_processes()

@@ -68,12 +68,14 @@ def _no_sync(model: nn.Module, skip: bool):
 
 def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, amp: AmpConfig, args: Any, log_writer: Any = None,
-                    on_finite_loss: Optional[Callable[[], None]] = None) -> dict[str, float]:
+                    on_finite_loss: Optional[Callable[[], None]] = None, stop: Any = None) -> dict[str, float]:
     """Train one epoch; returns the epoch averages ``{'loss', 'loss_main', 'loss_aux', 'lr'}``.
 
     ``args``: ``accum_iter, lr, min_lr, warmup_epochs, epochs, print_freq, ignore_index, dice_weight, aux_weight,
     clip_grad``. TensorBoard (rank 0): ``train/loss``, ``train/loss_aux``, ``train/lr`` at x = 1000 * epoch.
-    ``on_finite_loss`` is called after each step whose loss was finite (checkpoint verification hook).
+    ``on_finite_loss`` is called after each step whose loss was finite (checkpoint verification hook). ``stop``
+    (``util.run_control.StopRequest``): its flag rides on the per-step loss all-reduce; once any rank was signalled,
+    every rank sets ``stop.agreed`` and the epoch ends after that optimizer step.
     """
     model.train(True)
     accum = max(1, int(getattr(args, "accum_iter", 1) or 1))
@@ -109,12 +111,17 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
         lr = max(g["lr"] for g in optimizer.param_groups)
         aux_value = float(loss_aux.item()) if loss_aux is not None else 0.0
         metric_logger.update(loss=loss_value, loss_main=float(loss_main.item()), loss_aux=aux_value, lr=lr)
-        loss_reduced = dist_util.all_reduce_mean(loss_value)  # every rank: a collective
+        # every rank: one collective, which also tells every rank whether any rank was asked to stop
+        loss_reduced, stop_all = dist_util.all_reduce_means([loss_value, stop.flag() if stop else 0.0])
+        if stop_all > 0:
+            stop.agreed = True
         if log_writer is not None and update:
             x = int((step / num_steps + epoch) * 1000)
             log_writer.add_scalar("train/loss", loss_reduced, x)
             log_writer.add_scalar("train/loss_aux", aux_value, x)
             log_writer.add_scalar("train/lr", lr, x)
+        if update and stop is not None and stop.agreed:
+            break
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger, flush=True)
     return {k: metric_logger.meters[k].global_avg for k in ("loss", "loss_main", "loss_aux")} | {

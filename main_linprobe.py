@@ -365,7 +365,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     device = harness.setup(args)
     validate_args(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    out_dir = harness.prepare_output(args)
+    out_dir = harness.prepare_output(args, training=not args.eval)
 
     # --- what to start from
     resume, resumed, pretrained, pretrained_args = read_start(args, out_dir, WRITER)
@@ -452,12 +452,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     test_stats: dict[str, float] = {}
     print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
-    with harness.training_run(log_writer, keeper):
+    with harness.training_run(log_writer, keeper) as stop:
         for epoch in range(args.start_epoch, args.epochs):
             train_sampler.set_epoch(epoch)
             train_stats = train_one_epoch(model, nn.CrossEntropyLoss(), train_loader, optimizer, device, epoch,
                                           amp, args, log_writer=log_writer, max_norm=args.clip_grad,
-                                          on_finite_loss=keeper.verify)
+                                          on_finite_loss=keeper.verify, stop=stop)
+            if stop.agreed:  # no mid-epoch state here: resume redoes this epoch from the last epoch's save
+                harness.stop_preempted(stop, f"{keeper.holding()}; epoch {epoch} starts over")
             test_stats = evaluate(val_loader, model, device, eval_res, amp_dtype, args.print_freq)
             best_acc1 = max(best_acc1, test_stats["acc1"])
             print(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.2f} % "

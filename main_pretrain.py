@@ -374,7 +374,7 @@ def main(args: argparse.Namespace) -> dict:
     kNN result. User errors raise ``harness.UserError`` (one line from the command line)."""
     device = harness.setup(args)
     validate_args(args)
-    out_dir = harness.prepare_output(args)
+    out_dir = harness.prepare_output(args, training=not args.eval_only)
 
     # --- what to resume from (read before anything is written)
     resume = harness.find_resume(args, out_dir, WRITER)
@@ -478,7 +478,7 @@ def main(args: argparse.Namespace) -> dict:
     history = []
     epoch_log = JsonlLogger(out_dir)
     results: dict[str, Any] = {}
-    with harness.training_run(log_writer, keeper), figures:
+    with harness.training_run(log_writer, keeper) as stop, figures:
         for epoch in range(args.start_epoch, args.epochs + 1):
             if knn_sets is not None and start_step == 0 and (epoch % args.knn_eval_freq == 0 or epoch == args.epochs):
                 results[f"knn_epoch{epoch}"] = run_knn(args, eval_model, knn_sets, device, epoch, log_writer)
@@ -486,16 +486,25 @@ def main(args: argparse.Namespace) -> dict:
                 break
             sampler.set_epoch(epoch)
 
+            stopped_at: list[str] = []
+
             def save_mid_epoch(step: int, epoch=epoch) -> None:
-                if args.save_every_steps and (step + 1) % args.save_every_steps == 0 and step + 1 < steps_per_epoch:
+                every = args.save_every_steps and (step + 1) % args.save_every_steps == 0
+                if (every or stop.agreed) and step + 1 < steps_per_epoch:
                     state = checkpoint_state(epoch - 1)
                     if dist_util.is_main_process():
                         state.update(resume_epoch=epoch, resume_step=step + 1, rng=harness.rng_state())
-                    keeper.save(state, f"epoch {epoch} after {step + 1} step(s)")
+                    label = f"epoch {epoch} after {step + 1} step(s)"
+                    keeper.save(state, label)
+                    if stop.agreed:
+                        stopped_at.append(label)
 
             stats = train_one_epoch(model, loader, optimizer, device, epoch, amp, args, log_writer,
                                     start_step=start_step, steps_per_epoch=steps_per_epoch,
-                                    on_step_end=save_mid_epoch, on_visualize=visualize, on_finite_loss=keeper.verify)
+                                    on_step_end=save_mid_epoch, on_visualize=visualize, on_finite_loss=keeper.verify,
+                                    stop=stop)
+            if stopped_at:  # SIGTERM/SIGUSR1: the resumable state is saved; this epoch's stats stay unlogged
+                harness.stop_preempted(stop, f"saved {keeper.latest} at {stopped_at[0]}")
             start_step = 0
             keeper.save(checkpoint_state(epoch), f"the end of epoch {epoch}", epoch=epoch, args=args)
             log_stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
@@ -503,6 +512,8 @@ def main(args: argparse.Namespace) -> dict:
             epoch_log.log(log_stats)  # rank 0 only
             if log_writer is not None:
                 log_writer.flush()
+            if stop.agreed and epoch + 1 < args.epochs:
+                harness.stop_preempted(stop, f"saved {keeper.latest} at the end of epoch {epoch}")
     dist_util.cleanup()
     results["history"] = history
     return results

@@ -221,7 +221,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     harness.resolve_data_config(args, DEFAULT_CONFIG)
     device = harness.setup(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    out_dir = harness.prepare_output(args)
+    out_dir = harness.prepare_output(args, training=not args.eval)
 
     # --- what to start from
     resume, resumed, pretrained, pretrained_args = read_start(args, out_dir, WRITER)
@@ -310,12 +310,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     history: list[dict[str, Any]] = []
     result: dict[str, Any] = {}
     print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
-    with harness.training_run(log_writer, keeper):
+    with harness.training_run(log_writer, keeper) as stop:
         for epoch in range(args.start_epoch, args.epochs):
             sampler.set_epoch(epoch)
             train_ds.epoch = epoch
             train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, amp, args, log_writer,
-                                          on_finite_loss=keeper.verify)
+                                          on_finite_loss=keeper.verify, stop=stop)
+            if stop.agreed:  # no mid-epoch state here: resume redoes this epoch from the last epoch's save
+                harness.stop_preempted(stop, f"{keeper.holding()}; epoch {epoch} starts over")
             log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
             last = epoch + 1 == args.epochs
             if last or (epoch + 1) % args.eval_freq == 0:

@@ -20,7 +20,6 @@ Rules
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -359,17 +358,9 @@ def save_config(cfg: Mapping, path: PathLike) -> Path:
     """Write ``cfg`` as YAML to ``path`` atomically (temporary file + rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plain = yaml.safe_dump(_to_plain(cfg), sort_keys=False, default_flow_style=None)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(plain)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from util.io import atomic_write_text
+
+    return atomic_write_text(path, yaml.safe_dump(_to_plain(cfg), sort_keys=False, default_flow_style=None))
 
 
 def _to_plain(obj: Any) -> Any:

@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -269,14 +268,12 @@ def _load_cache(path: Path) -> dict:
 
 
 def _save_cache(path: Path, files: dict) -> None:
+    from util.io import OutputWriteError, atomic_write_text
+
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"version": CACHE_VERSION, "files": files}, fh)
-        os.replace(tmp, path)
-    except OSError:  # read-only location: the cache is an optimisation only
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
+        atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "files": files}))
+    except (OSError, OutputWriteError):  # read-only location: the cache is an optimisation only
+        pass
 
 
 def _info_from_json(path: str, d: dict) -> RasterInfo:

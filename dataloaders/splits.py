@@ -8,6 +8,8 @@ import random
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from util.io import atomic_write_text
+
 from .errors import DataError, MissingDataError
 from .scenes import scan_image_folder
 
@@ -28,8 +30,7 @@ def write_sha256sums(folder: PathLike, names: Sequence[str], out_name: str = "SH
     folder = Path(folder)
     lines = [f"{sha256_file(folder / n)}  {n}\n" for n in sorted(names)]
     out = folder / out_name
-    out.write_text("".join(lines), encoding="utf-8", newline="\n")
-    return out
+    return atomic_write_text(out, "".join(lines))
 
 
 def verify_sha256sums(sums_file: PathLike) -> Dict[str, Tuple[str, str]]:
@@ -103,8 +104,7 @@ def write_split_lists(root: PathLike, val_fraction: float = 0.2, seed: int = 0,
     paths = []
     for name, lines in ((train_name, train), (val_name, val)):
         out = root / name
-        out.write_text("".join(line + "\n" for line in lines), encoding="utf-8", newline="\n")
-        paths.append(out)
+        paths.append(atomic_write_text(out, "".join(line + "\n" for line in lines)))
     if checksums:
         write_sha256sums(root, [train_name, val_name])
     return paths[0], paths[1]

@@ -64,7 +64,9 @@ def test_atomic_save_keeps_previous_file_on_failure(tmp_path):
 
 def test_saved_file_has_normal_permissions(tmp_path):
     path = save_checkpoint(_payload(), tmp_path / "c.pth")
-    mask = ckpt._current_umask()
+    from util.io import _umask
+
+    mask = _umask()
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
 
 

@@ -1,7 +1,7 @@
 """Checkpoint saving and loading.
 
-* ``save_checkpoint`` writes atomically: a crash or an exception while serialising never leaves a
-  half-written file in place of an older good one.
+* ``save_checkpoint`` writes atomically (``util.io.atomic_write``): a crash, a signal, a full disk or an exception
+  while serialising never leaves a half-written file in place of an older good one.
 * ``load_checkpoint`` always uses ``torch.load(weights_only=True)``. Checkpoints written by the original
   Scale-MAE/MAE scripts pickle the whole ``argparse.Namespace`` (sometimes with ``pathlib`` paths inside);
   those few classes are allow-listed, and the loaded ``args`` is converted to a plain dict. Any other
@@ -20,7 +20,6 @@ import os
 import pathlib
 import pickle
 import re
-import tempfile
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
@@ -32,6 +31,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "save_checkpoint",
+    "tensor_bytes",
     "args_to_plain",
     "load_checkpoint",
     "find_latest_checkpoint",
@@ -59,50 +59,29 @@ class CheckpointError(RuntimeError):
 # --------------------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------------------
-def _fsync_dir(directory: Path) -> None:
-    if os.name != "posix":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of all tensors in a (nested) checkpoint: about the size ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def save_checkpoint(obj: Any, path: str | os.PathLike) -> Path:
-    """Atomically ``torch.save`` ``obj`` to ``path`` and return the path.
-
-    The object is written to a temporary file in the same directory, flushed and fsynced, then moved over
-    ``path`` with ``os.replace``; the directory is fsynced afterwards. If serialisation fails the temporary
-    file is removed and any previous file at ``path`` is left untouched. A top-level ``'args'`` entry that is an
-    ``argparse.Namespace`` is stored as a plain dict so the file loads with ``weights_only=True``.
+    """Atomically ``torch.save`` ``obj`` to ``path`` (``util.io.atomic_write``: temporary file, fsync,
+    ``os.replace``, folder fsync) and return the path. On any failure the temporary file is removed and a previous
+    file at ``path`` is left untouched; a full, read-only or vanished folder is a one-line
+    ``util.io.OutputWriteError`` that names the folder and the checkpoint's size. A top-level ``'args'`` entry that
+    is an ``argparse.Namespace`` is stored as a plain dict so the file loads with ``weights_only=True``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from util.io import atomic_write
+
     if isinstance(obj, Mapping) and isinstance(obj.get("args"), argparse.Namespace):
         obj = {**obj, "args": args_to_plain(obj["args"])}
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp creates 0600; match a plain open()
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
+    return atomic_write(path, lambda fh: torch.save(obj, fh), size_hint=tensor_bytes(obj) or None)
 
 
 def _plain(value: Any) -> Any:

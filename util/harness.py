@@ -9,7 +9,7 @@ A launcher keeps the MAE shape (``get_args_parser()``, ``main(args)``, a thin en
 
     def main(args):
         device = harness.setup(args)                       # process group, device, seed + rank, threads, workers
-        out_dir = harness.prepare_output(args)             # output/log dirs, stale temp files removed
+        out_dir = harness.prepare_output(args, training=not args.eval)  # folders; training: run.lock, cleanup
         resume = harness.find_resume(args, out_dir, WRITER)  # --resume, else autoresume of OUR checkpoint-latest
         checkpoint = harness.read_checkpoint(resume, "--resume") if resume else None
         ...build data and model (validate first, so that nothing is written on bad input)...
@@ -18,8 +18,9 @@ A launcher keeps the MAE shape (``get_args_parser()``, ``main(args)``, a thin en
         if harness.nothing_left(args, resume): return ...
         harness.save_run_config(out_dir, args, cfg)       # only now: the run is about to train
         keeper = harness.CheckpointKeeper(out_dir, WRITER)
-        with harness.training_run(log_writer, keeper):
-            ...engine(on_finite_loss=keeper.verify)...; keeper.save(state, "epoch 3", epoch=3, args=args)
+        with harness.training_run(log_writer, keeper) as stop:   # SIGTERM/SIGUSR1 -> stop.agreed
+            ...engine(on_finite_loss=keeper.verify, stop=stop)...; keeper.save(state, "epoch 3", epoch=3, args=args)
+            if stop.agreed: harness.stop_preempted(stop, "saved ...")  # exit status 75
 
 Errors. ``UserError`` (a ``SystemExit`` subclass, so ``main(args)`` called from Python still stops with the
 message) and the data/config/checkpoint errors are *diagnoses*: ``run`` prints them as ``error: <one line>`` on
@@ -27,13 +28,17 @@ rank 0 only and exits with status 2 (1 for a non-finite loss). Anything else is 
 
 Checkpoints record their writer (``checkpoint['writer']``, e.g. ``"main_pretrain"``); a launcher never
 autoresumes a checkpoint another launcher wrote (old files without the tag are recognised by their keys).
-``CheckpointKeeper`` keeps ``checkpoint-latest.pth`` *verified*: a state saved after optimizer step k counts as
-good only once a finite loss has been computed from it (step k + 1); a non-finite loss puts the previous verified
-file back (and removes epoch files written from the bad state) and says which state it is.
+``CheckpointKeeper`` keeps ``checkpoint-latest.pth`` complete at every instant (atomic writes, ``util.io``) and
+*verified*: a state saved after optimizer step k counts as good only once a finite loss has been computed from it
+(step k + 1); a non-finite loss puts the previous verified file back (and removes epoch files written from the bad
+state) and says which state it is. A training run holds ``run.lock`` in its output folder (one run per folder);
+SIGTERM/SIGUSR1 stop it at a step boundary with a resumable save and exit status 75 (``training_run``,
+``stop_preempted``).
 """
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import datetime
 import math
@@ -52,6 +57,8 @@ from util import dist as dist_util
 from util.amp import AmpConfig, NonFiniteLossError, add_amp_arg
 from util.checkpoint import CheckpointError, args_to_plain, load_checkpoint, save_checkpoint
 from util.cpu_memory import ALLOCATOR_CHOICES, keep_freed_memory
+from util.io import TEMP_SUFFIX, OutputWriteError, link_atomic
+from util.run_control import EXIT_PREEMPTED, LockRefused, OutputLock, StopRequest
 
 __all__ = [
     "UserError", "DEBUG_ENV", "ArgumentParser", "run", "report_error", "debug_enabled", "make_folder",
@@ -61,12 +68,14 @@ __all__ = [
     "limit_cpu_threads",
     "resolve_data_config", "prepare_output", "remove_stale_temp_files", "save_run_config", "open_log_writer",
     "checkpoint_writer", "checkpoint_kind", "find_resume", "read_checkpoint", "restore_training_state", "nothing_left",
-    "rng_state", "set_rng_state", "state_is_finite", "CheckpointKeeper",
-    "build_optimizer", "training_run",
+    "rng_state", "set_rng_state", "state_is_finite", "CheckpointKeeper", "VERIFIED", "OLD_ASIDE",
+    "build_optimizer", "training_run", "stop_preempted", "EXIT_PREEMPTED", "release_output_lock",
 ]
 
 DEBUG_ENV = "SCALEMAE_DEBUG"
 LATEST = "checkpoint-latest.pth"
+VERIFIED = ".checkpoint-verified.pth"  # the last verified state while checkpoint-latest.pth is not yet verified
+OLD_ASIDE = f".{LATEST}.verified.tmp"  # where versions before this one kept it (recovered at start-up)
 _REPO = Path(__file__).resolve().parent.parent  # the launchers live in the repository root
 
 
@@ -89,8 +98,8 @@ def _user_error_types() -> tuple:
     from dataloaders.config import ConfigError
     from dataloaders.errors import DataError
 
-    return (UserError, ConfigError, DataError, CheckpointError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError, ValueError)
+    return (UserError, ConfigError, DataError, CheckpointError, OutputWriteError, LockRefused, FileNotFoundError,
+            NotADirectoryError, IsADirectoryError, PermissionError, ValueError)
 
 
 def _is_rank0() -> bool:
@@ -155,7 +164,8 @@ def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPars
         _report(exc, str(exc.code), args)
         raise SystemExit(2) from None
     except KeyboardInterrupt as exc:
-        _report(exc, "interrupted (Ctrl-C); checkpoints already written are complete (saves are atomic)", args)
+        _report(exc, f"interrupted (Ctrl-C): stopped at once; {LATEST} in --output_dir holds the last complete save "
+                     f"(saves are atomic), rerun the same command to resume from it", args)
         raise SystemExit(130) from None
     except _user_error_types() as exc:
         _report(exc, str(exc) or type(exc).__name__, args)
@@ -165,6 +175,8 @@ def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPars
             traceback.print_exc()
         _cleanup_quietly()
         raise SystemExit(1) from None
+    finally:
+        release_output_lock()
 
 
 def _report(exc: BaseException, message: str, args: argparse.Namespace) -> None:
@@ -399,9 +411,24 @@ def resolve_data_config(args: argparse.Namespace, default: str) -> str:
 
 # ===================================================================================================== outputs
 def remove_stale_temp_files(out_dir: Path) -> list[Path]:
-    """Remove ``.checkpoint-*.tmp`` files left by saves that were killed (GBs each at ViT-L); returns them."""
+    """Start-up cleanup of a training run's folder (called with its lock held). A good state that an older version
+    left only under ``.checkpoint-latest.pth.verified.tmp`` is recovered (renamed back to ``checkpoint-latest.pth``,
+    or kept as the verified fallback when ``checkpoint-latest.pth`` exists), saying so in one line. Then the
+    ``.checkpoint-*.tmp`` files are removed: temporary files of interrupted saves (GBs each at ViT-L), which are
+    never the only copy of a good state (``checkpoint-latest.pth`` is replaced only by a complete, fsynced file).
+    Returns the removed files."""
+    latest = out_dir / LATEST
+    for old in (out_dir / OLD_ASIDE, out_dir / VERIFIED):
+        if not old.is_file():
+            continue
+        if not latest.exists():
+            os.replace(old, latest)
+            print(f"recovered {latest} from {old.name}, the only copy of the last good state (left by an "
+                  f"interrupted save of an earlier version, or {LATEST} was deleted)")
+        elif old.name == OLD_ASIDE:  # the earlier version's fallback of an unverified latest file: keep it as ours
+            os.replace(old, out_dir / VERIFIED)
     removed = []
-    for path in out_dir.glob(".checkpoint-*.tmp"):
+    for path in out_dir.glob(f".checkpoint-*{TEMP_SUFFIX}"):
         try:
             path.unlink()
             removed.append(path)
@@ -412,8 +439,45 @@ def remove_stale_temp_files(out_dir: Path) -> list[Path]:
     return removed
 
 
-def prepare_output(args: argparse.Namespace) -> Path:
-    """``--log_dir`` defaults to ``--output_dir``; on rank 0 create the output folder and remove stale temp files.
+_LOCK: Optional[OutputLock] = None
+
+
+def release_output_lock() -> None:
+    """Give up this process's lock of its output folder (at exit; ``run`` calls it, and ``atexit``)."""
+    global _LOCK
+    if _LOCK is not None:
+        _LOCK.release()
+        _LOCK = None
+
+
+atexit.register(release_output_lock)
+
+
+def _take_output_lock(out_dir: Path) -> None:
+    """Rank 0 takes ``out_dir/run.lock``; every rank learns whether it was refused (one collective under DDP), so
+    that all stop together with rank 0's one line."""
+    global _LOCK
+    refused: Optional[LockRefused] = None
+    if dist_util.is_main_process():
+        release_output_lock()
+        lock = OutputLock(out_dir)
+        try:
+            lock.acquire()
+            _LOCK = lock
+        except LockRefused as err:
+            refused = err
+    if dist_util.get_world_size() > 1:
+        if dist_util.all_reduce_means([1.0 if refused else 0.0])[0] > 0 and refused is None:
+            raise UserError(f"--output_dir {out_dir} is used by another run (rank 0 says which)")
+    if refused is not None:
+        raise refused
+
+
+def prepare_output(args: argparse.Namespace, training: bool = True) -> Path:
+    """``--log_dir`` defaults to ``--output_dir``; on rank 0 create the output folder. A training run then takes the
+    folder's lock (``run.lock``: one training run per folder; refused with one line before anything is written) and
+    cleans up after interrupted saves (:func:`remove_stale_temp_files`). An evaluation run (``training=False``)
+    takes no lock and removes nothing: it may read a folder where training runs, and never writes checkpoints.
     Returns the output folder."""
     if not args.output_dir:
         raise UserError("--output_dir is empty: give a folder for checkpoints and logs")
@@ -424,7 +488,10 @@ def prepare_output(args: argparse.Namespace) -> Path:
         raise UserError(f"--output_dir {out_dir} exists and is not a folder")
     if dist_util.is_main_process():
         make_folder(out_dir, "--output_dir")
-        remove_stale_temp_files(out_dir)
+    if training:
+        _take_output_lock(out_dir)
+        if dist_util.is_main_process():
+            remove_stale_temp_files(out_dir)
     return out_dir
 
 
@@ -624,15 +691,21 @@ def state_is_finite(state: Mapping[str, Any]) -> bool:
 
 
 class CheckpointKeeper:
-    """Rank 0's writer of ``checkpoint-latest.pth`` and ``checkpoint-{epoch}.pth`` that never leaves a state whose
-    loss is not known to be finite as the checkpoint to resume.
+    """Rank 0's writer of ``checkpoint-latest.pth`` and ``checkpoint-{epoch}.pth``: once a run has saved,
+    ``checkpoint-latest.pth`` is a complete checkpoint at every instant, and a state whose loss is not known to be
+    finite is never the one left to resume after a non-finite loss.
 
-    ``save(state, label)`` refuses non-finite weights, stamps ``state['writer']``, keeps the previous verified
-    ``checkpoint-latest.pth`` aside (``.checkpoint-latest.pth.verified.tmp``) and writes the new one. The engine
-    calls ``verify()`` after every finite loss: the saved state produced it, so the aside copy is dropped.
-    ``reject()`` (a non-finite loss) puts the aside copy back, removes epoch files written from the bad state and
-    returns a sentence saying what ``checkpoint-latest.pth`` now holds. On other ranks only the finiteness check
-    of ``save`` runs (a collective: every rank calls ``save``); every other call is a no-op there.
+    Every file is written by ``util.io`` (temporary file, fsync, ``os.replace``), so a crash, SIGKILL or full disk
+    at any moment leaves the previous complete file. ``save(state, label)`` refuses non-finite weights, stamps
+    ``state['writer']``, and before replacing a *verified* ``checkpoint-latest.pth`` gives it a second name,
+    ``.checkpoint-verified.pth`` (a hard link, made atomically); then it replaces ``checkpoint-latest.pth``. The
+    engine calls ``verify()`` after every finite loss: the saved state produced it, so the second name is dropped.
+    ``reject()`` (a non-finite loss) moves ``.checkpoint-verified.pth`` back over ``checkpoint-latest.pth`` (one
+    ``os.replace``), removes epoch files written from the bad state and returns a sentence saying what
+    ``checkpoint-latest.pth`` now holds. A run that starts with both files (the last one was interrupted before
+    its latest state was verified) resumes the latest state and keeps the verified one as its fallback. On other
+    ranks only the finiteness check of ``save`` runs (a collective: every rank calls ``save``); every other call
+    is a no-op there.
     """
 
     def __init__(self, out_dir: str | os.PathLike, writer: str) -> None:
@@ -640,10 +713,13 @@ class CheckpointKeeper:
         self.writer = writer
         self.enabled = dist_util.is_main_process()
         self.latest = self.out_dir / LATEST
-        self.aside = self.out_dir / f".{LATEST}.verified.tmp"
+        self.aside = self.out_dir / VERIFIED
         self.pending: Optional[str] = None  # label of the unverified latest file
         self.pending_files: list[Path] = []
         self.verified: Optional[str] = "the checkpoint from before this run" if self.latest.is_file() else None
+        if self.enabled and self.latest.is_file() and self.aside.is_file():
+            self.pending = "the state the interrupted run saved last"
+            self.verified = "the last verified state of the interrupted run"
 
     def save(self, state: dict, label: str, epoch: Optional[int] = None,
              args: Optional[argparse.Namespace] = None) -> None:
@@ -658,13 +734,13 @@ class CheckpointKeeper:
             return
         state = {**state, "writer": self.writer, "state_label": label}
         if self.pending is None and self.latest.is_file():
-            os.replace(self.latest, self.aside)
+            link_atomic(self.latest, self.aside)  # the verified state keeps a name of its own
         save_checkpoint(state, self.latest)
         self.pending = label
         if epoch is not None and args is not None and (epoch % args.checkpoint_interval == 0
                                                        or epoch + 1 == args.epochs):
             path = self.out_dir / f"checkpoint-{epoch}.pth"
-            save_checkpoint(state, path)
+            link_atomic(self.latest, path)  # the same bytes: a second name, not a second write
             self.pending_files.append(path)
 
     @staticmethod
@@ -686,8 +762,9 @@ class CheckpointKeeper:
         if self.pending is None:
             return
         self.verified, self.pending, self.pending_files = self.pending, None, []
-        with contextlib.suppress(FileNotFoundError):
-            self.aside.unlink()
+        if self.enabled:
+            with contextlib.suppress(FileNotFoundError):
+                self.aside.unlink()
 
     def reject(self) -> str:
         """Undo the unverified saves after a non-finite loss; returns what ``checkpoint-latest.pth`` holds now."""
@@ -700,7 +777,7 @@ class CheckpointKeeper:
                     path.unlink()
             if self.aside.is_file():
                 os.replace(self.aside, self.latest)
-            else:
+            else:  # no verified state of this run or before it
                 with contextlib.suppress(FileNotFoundError):
                     self.latest.unlink()
             self.pending, self.pending_files = None, []
@@ -713,12 +790,31 @@ class CheckpointKeeper:
             return f"No checkpoint was written ({self.latest} does not exist)."
         return f"{self.latest} holds {self.verified}, the last state whose loss was finite (untouched)."
 
+    def holding(self) -> str:
+        """What ``checkpoint-latest.pth`` holds, in words (for the stop message)."""
+        label = self.pending or self.verified
+        if not self.enabled:
+            return ""
+        return f"{self.latest} holds {label}" if label and self.latest.is_file() else "nothing was saved yet"
+
     def finish(self) -> None:
         """End of training: the final state has no next loss; it was checked finite when saved."""
         if self.enabled:
             with contextlib.suppress(FileNotFoundError):
                 self.aside.unlink()
             self.pending, self.pending_files = None, []
+
+
+def stop_preempted(stop: StopRequest, what: str) -> None:
+    """End a run stopped by SIGTERM/SIGUSR1: one line (rank 0) saying ``what`` was saved, then exit status 75
+    (``EXIT_PREEMPTED``, EX_TEMPFAIL) on every rank, which a requeue script tests."""
+    if _is_rank0():
+        sys.stdout.flush()
+        signame = stop.signal_name or "a stop signal on another rank"
+        dist_util.ORIGINAL_PRINT(f"stopped by {signame}: {what}; rerun the same command to resume "
+                                  f"(exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+    _cleanup_quietly()
+    raise SystemExit(EXIT_PREEMPTED)
 
 
 # =================================================================================================== optimizer
@@ -737,19 +833,22 @@ def build_optimizer(param_groups: list[dict], args: argparse.Namespace, device: 
 
 # ======================================================================================================== loop
 @contextlib.contextmanager
-def training_run(log_writer: Any = None, keeper: Optional[CheckpointKeeper] = None) -> Iterator[None]:
-    """Context of a training loop: a ``NonFiniteLossError`` makes ``keeper`` undo unverified saves and becomes one
-    ``error:`` line (rank 0) and exit status 1; ``log_writer`` is closed however the loop ends; the training time
-    is printed when it ends normally."""
+def training_run(log_writer: Any = None, keeper: Optional[CheckpointKeeper] = None) -> Iterator[StopRequest]:
+    """Context of a training loop; yields the run's :class:`StopRequest` (SIGTERM/SIGUSR1 handlers installed for
+    its duration: pass it to the engine and end with :func:`stop_preempted` once ``stop.agreed``). A
+    ``NonFiniteLossError`` makes ``keeper`` undo unverified saves and becomes one ``error:`` line (rank 0) and exit
+    status 1; ``log_writer`` is closed however the loop ends; the training time is printed when it ends normally."""
     start = time.time()
+    stop = StopRequest().install()
     try:
-        yield
+        yield stop
     except NonFiniteLossError as err:
         note = keeper.reject() if keeper is not None else ""
         report_error(f"{err} {note} Try a lower --blr, --amp bf16 instead of fp16, or --clip_grad.")
         _cleanup_quietly()
         raise SystemExit(1) from None
     finally:
+        stop.restore()
         if log_writer is not None:
             log_writer.close()
     if keeper is not None:

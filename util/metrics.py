@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from util import dist as dist_util
+from util.io import atomic_write, atomic_write_text
 
 __all__ = ["SmoothedValue", "MetricLogger", "JsonlLogger", "save_report"]
 
@@ -189,8 +190,8 @@ def save_report(result: Mapping[str, Any], output_dir: str | os.PathLike, tag: s
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{tag}.json", "md": out / f"{tag}.md", "png": out / f"{tag}.png"}
-    paths["json"].write_text(json.dumps(result, indent=2, default=str))
-    paths["md"].write_text(table_fn(result) + "\n")
+    atomic_write_text(paths["json"], json.dumps(result, indent=2, default=str))
+    atomic_write_text(paths["md"], table_fn(result) + "\n")
 
     import matplotlib
 
@@ -202,6 +203,6 @@ def save_report(result: Mapping[str, Any], output_dir: str | os.PathLike, tag: s
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(paths["png"], dpi=100)
+    atomic_write(paths["png"], lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
     return paths

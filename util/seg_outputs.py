@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from util.io import atomic_write
+
 __all__ = ["PALETTE", "write_prediction_geotiff", "polygonize_prediction", "overlay_image", "PredictionWriter"]
 
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -39,12 +41,12 @@ def write_prediction_geotiff(path: str | os.PathLike, pred: np.ndarray, transfor
         profile["transform"] = Affine(*transform[:6])
     if crs is not None:
         profile["crs"] = crs
-    tmp = path.with_name(f".{path.name}.tmp")
-    with rasterio.open(tmp, "w", **profile) as dst:
-        dst.write(pred.astype(np.uint8)[None])
-        dst.write_colormap(1, {c: (*_colour(c), 255) for c in range(max(num_classes, 2))})
-    os.replace(tmp, path)
-    return path
+    def write(tmp: str) -> None:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(pred.astype(np.uint8)[None])
+            dst.write_colormap(1, {c: (*_colour(c), 255) for c in range(max(num_classes, 2))})
+
+    return atomic_write(path, write, by_name=True)
 
 
 def polygonize_prediction(pred: np.ndarray, transform: Optional[Sequence[float]], crs: Optional[str],
@@ -126,11 +128,7 @@ class PredictionWriter:
         if self.polygonize:
             gdf = polygonize_prediction(pred, transform, crs, self.class_names, self.simplify)
             target = self.out_dir / f"pred_{stem}.gpkg"
-            tmp = self.out_dir / f".pred_{stem}.tmp.gpkg"
-            if tmp.exists():
-                tmp.unlink()
-            gdf.to_file(tmp, layer="predictions", driver="GPKG")
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp: gdf.to_file(tmp, layer="predictions", driver="GPKG"), by_name=True)
             self.written.append(target)
         if self.overlays and image is not None:
             from PIL import Image

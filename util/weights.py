@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -29,6 +28,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 
 from util.checkpoint import strip_module_prefix
+from util.io import atomic_write
 from util.pos_embed import gsd_sincos_pos_embed
 
 PathLike = Union[str, os.PathLike]
@@ -289,24 +289,6 @@ def _safetensors_metadata(meta: Mapping[str, Any]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    try:
-        write(tmp)
-        # after the write: mkstemp creates 0600 and some writers (safetensors) recreate the file 0600 again;
-        # the result gets a plain open()'s permissions (0666 minus the umask), like the .pth and .json beside it
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def export_encoder(checkpoint: Union[PathLike, Mapping[str, Any]], output: PathLike, img_size: Optional[int] = None,
                    res: float = 1.0, num_heads: Optional[int] = None, mean: Optional[Sequence[float]] = None,
                    std: Optional[Sequence[float]] = None, license: str = DEFAULT_LICENSE,
@@ -347,7 +329,7 @@ def export_encoder(checkpoint: Union[PathLike, Mapping[str, Any]], output: PathL
         paths["pth"] = save_checkpoint(state, prefix.with_name(prefix.name + ".pth"))
     if "safetensors" in formats:
         st_path = prefix.with_name(prefix.name + ".safetensors")
-        _atomic_write(st_path, lambda tmp: save_file(state, tmp, metadata=_safetensors_metadata(meta)))
+        atomic_write(st_path, by_name=True, write=lambda tmp: save_file(state, tmp, metadata=_safetensors_metadata(meta)))
         paths["safetensors"] = st_path
     json_path = prefix.with_name(prefix.name + ".json")
     sidecar = {**meta, "files": {k: p.name for k, p in paths.items()},
@@ -358,7 +340,7 @@ def export_encoder(checkpoint: Union[PathLike, Mapping[str, Any]], output: PathL
             json.dump(sidecar, f, indent=2)
             f.write("\n")
 
-    _atomic_write(json_path, write_json)
+    atomic_write(json_path, write_json, by_name=True)
     paths["json"] = json_path
     return {"paths": paths, "metadata": meta, "arch": arch}
 
