@@ -76,20 +76,24 @@ _KERNEL_RADIUS = {"nearest": 1, "bilinear": 1, "cubic": 2, "cubic_spline": 2, "l
 # tolerance, in source pixels): a tolerance of 1e-9 px makes the coordinates exact, hence chunk-independent.
 WARP_TOLERANCE = 1e-9
 WARP_OPTIONS = {"UNIFIED_SRC_NODATA": "NO"}  # each band's own nodata
-# Nearest picks the source pixel under the destination pixel's centre; where a centre lies exactly on a
-# source pixel edge (every pixel of an aligned 2x coarser grid) rounding noise of the coordinates would
-# choose either side. The centres are taken TIE_SHIFT destination pixels right/down of the true ones, so
-# ties always go to the right/lower pixel.
-TIE_SHIFT = 1e-4
+# Where a destination pixel centre falls exactly on a source pixel edge (nearest: every pixel of an aligned 2x
+# coarser grid) or exactly on a source centre next to the source's edge (cubic/lanczos: full kernel or GDAL's
+# bilinear fallback), rounding noise of the coordinates (~1e-9 px, which changes with the window's origin)
+# would decide. For these kernel methods GDAL is handed the grid shifted TIE_SHIFT pixels right/down: ties
+# always go the same way, and values move by at most TIE_SHIFT times the local gradient. Footprint methods
+# (average, mode, min, max, ...) are not shifted: GDAL ignores slivers below its own epsilon, and a shifted
+# footprint would take in a 1e-6 sliver of the neighbouring pixel.
+TIE_SHIFT = 1e-6
+_KERNEL_METHODS = ("nearest", "bilinear", "cubic", "cubic_spline", "lanczos")
 
 
 def warp_grid(transform, method: str):
-    """The destination affine handed to GDAL for ``method``: ``transform`` itself, or shifted by
-    :data:`TIE_SHIFT` pixels for ``nearest`` (deterministic ties)."""
+    """The destination affine handed to GDAL for ``method``: ``transform``, shifted by :data:`TIE_SHIFT` pixels
+    right and down for the kernel methods (deterministic ties)."""
     from affine import Affine
 
     t = Affine(*tuple(transform)[:6])
-    return t @ Affine.translation(TIE_SHIFT, TIE_SHIFT) if method == "nearest" else t
+    return t @ Affine.translation(TIE_SHIFT, TIE_SHIFT) if method in _KERNEL_METHODS else t
 
 
 def source_window(src_crs: str, src_transform, dst_crs: str, dst_transform, height: int, width: int,
@@ -200,12 +204,21 @@ class GridReader:
         self.file_bands = [tuple(tuple(b) for b in fb) for fb in index["file_bands"]]
         self.infos = [tuple(i) for i in index["infos"]]
         self.nodata = [tuple(n) for n in index["nodata"]]
+        self.tile_gsd = [float(g) for g in index["gsd"]]
         self.resampling = resampling
         self.downsampling = downsampling
         self.max_open = int(max_open)
         self._handles: Dict[str, object] = {}
         self._mask_flags: Dict[str, Tuple[bool, ...]] = {}
         self._pid = os.getpid()
+
+    def reach(self, tile: int, decimated: bool = False) -> int:
+        """Read-grid pixels around a window whose source pixels a warp of the window may use (kernel radius
+        times the coarsest file's pixels per read-grid pixel, plus 2): a mosaic window must read every tile
+        within this margin to equal the warp of the merged mosaic."""
+        method = self.downsampling if decimated else self.resampling
+        coarse = max(max(i.gsd for i in self.infos[tile]) / self.tile_gsd[tile], 1.0)
+        return int(math.ceil(_KERNEL_RADIUS.get(method, 1) * coarse)) + 2
 
     def __getstate__(self):  # never ship open GDAL handles to DataLoader workers
         state = self.__dict__.copy()

@@ -106,12 +106,15 @@ def whole_scene_warp(ds, tile: int, method: str, pad: int = 0, mosaic_tiles: Opt
     return image, ~np.isnan(image)
 
 
-def compare_windows(ds, windows, ref: np.ndarray, ref_valid: np.ndarray, pad: int = 0) -> Dict[str, float]:
-    """Read ``windows`` (WindowSpecs of one tile) and compare them with each other and with the reference.
+def compare_windows(ds, windows, ref: np.ndarray, ref_valid: np.ndarray, pad: int = 0,
+                    nodata_mode: str = "any") -> Dict[str, float]:
+    """Read ``windows`` (WindowSpecs) and compare them with each other and with the reference grid.
 
-    Returns ``max_between`` (largest difference of two windows on a shared pixel valid in both),
-    ``max_vs_ref`` (largest difference from the reference on pixels valid in both), ``mask_between`` and
-    ``mask_vs_ref`` (band-valid flags that disagree), and ``valid`` (valid pixels compared).
+    A window's pixel (i, j) is the reference's (row + i + pad, col + j + pad). Returns
+    ``max_between`` (largest difference of two windows on a shared pixel valid in both), ``max_vs_ref``
+    (largest difference from the reference on pixels valid in both), ``mask_between`` and ``mask_vs_ref``
+    (band-valid flags, and pixel-valid flags of ``nodata_mode``, that disagree), and ``valid`` (valid band
+    values compared).
     """
     c = ref.shape[0]
     seen = np.full(ref.shape, np.nan, np.float64)
@@ -125,7 +128,8 @@ def compare_windows(ds, windows, ref: np.ndarray, ref_valid: np.ndarray, pad: in
         r_img, r_ok = ref[:, rs, cs], ref_valid[:, rs, cs]
         assert r_img.shape == (c, spec.height, spec.width), "window outside the reference grid"
         both = ok & r_ok
-        out["mask_vs_ref"] += int((ok != r_ok).sum())
+        pixel_ok = r_ok.all(0) if nodata_mode == "any" else r_ok.any(0)
+        out["mask_vs_ref"] += int((ok != r_ok).sum()) + int((s["mask"].numpy() != pixel_ok).sum())
         out["valid"] += int(both.sum())
         if both.any():
             out["max_vs_ref"] = max(out["max_vs_ref"], float(np.abs(img - r_img)[both].max()))
