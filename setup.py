@@ -48,7 +48,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout"],
+        "dev": ["pytest>=7", "pytest-timeout", "hypothesis>=6"],
         "gdal": ["gdal"],
     },
 )

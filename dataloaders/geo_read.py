@@ -2,19 +2,26 @@
 
 :class:`GridReader` fills ``image[C, h, w]`` and a per-band valid mask ``valid[C, h, w]`` for a destination
 grid ``(crs, transform, h, w)`` from a list of tiles of the index, first tile first (later tiles only fill
-pixels still invalid, as ``rasterio.merge``'s ``first`` method). Per file it takes the cheapest exact path:
+pixels still invalid, as ``rasterio.merge``'s ``first`` method).
 
-* *aligned*: same CRS, same cell, whole-pixel offset -> a plain windowed read of the overlap (bit-exact);
-* *decimated*: same CRS, cell an integer-or-not multiple of the file's and the window inside the file ->
-  ``read(out_shape=...)`` with the ``downsampling`` method: GDAL uses the file's overviews (COGs) when they
-  fit, else reads the full-resolution pixels and resamples, in the file's data type (as overviews are
-  stored: integer files give rounded averages);
-* *warped*: anything else (another CRS, another cell, a partial overlap at a coarser cell) ->
-  ``rasterio.vrt.WarpedVRT`` onto the destination grid with the ``resampling`` method (``downsampling`` for
-  ``gsd_range`` reads), computed in float32; nothing is written.
+One pixel, one value: a pixel of a tile's read grid gets the value (and validity) of GDAL's warp of the whole
+scene onto the whole grid with ``resampling``, whatever window reads it. Per file:
+
+* *aligned*: same CRS, same cell, whole-pixel offset -> a plain windowed read (what any warp gives there);
+* *warped*: anything else (another CRS, another cell) -> the source pixels the window needs plus the kernel's
+  reach (:func:`source_window`), read window-sized, invalid ones set to NaN, warped by GDAL
+  (:func:`warp_array`) with an exact transformer, a kernel scale fixed per file (:func:`warp_scale`) and
+  deterministic ties (:func:`warp_grid`). The same file of neighbouring tiles on the same source pixel grid
+  (``mosaic``) is merged into that source window first, so a window across tiles equals the warp of the
+  merged mosaic (no seams);
+* *decimated* (``gsd_range`` reads only, by design): same CRS, the window inside the file ->
+  ``read(out_shape=...)`` with the ``downsampling`` method: GDAL's decimated read (overviews where they fit),
+  in the file's data type. The window lies on the tile's grid coarsened by the factor, so it equals that part
+  of the whole file's decimated read (except where GDAL rounds a window to whole overview pixels: an overview
+  factor that does not divide the window's origin). Windows across files are warped with ``downsampling``.
 
 Validity per band: not the band's nodata (config override or the file's own, per band), not NaN, inside
-the file's footprint, and not masked by an internal mask / alpha band. Read errors become one-line
+a file's footprint, and not masked by an internal mask / alpha band. Read errors become one-line
 :class:`DataError` messages naming the file.
 """
 from __future__ import annotations

@@ -5,7 +5,8 @@ Pieces (re-exported here):
 * :func:`build_tile_index` / :func:`load_aoi` / :func:`read_raster_info` (``geo_index``): a geopandas
   GeoDataFrame of tiles (multi-band files or band-file scenes) with their read grids, in one CRS, optionally
   restricted to an area-of-interest polygon file; headers cached and shared by all ranks.
-* :class:`GridReader` (``geo_read``): plain, decimated (overviews) and warped (``WarpedVRT``) reads.
+* :class:`GridReader` (``geo_read``): plain, decimated (overviews, ``gsd_range``) and warped reads; a pixel's
+  value does not depend on the window that reads it.
 * :class:`DistributedRandomWindowSampler` (``geo_sampler``): distributed, epoch-seeded, area-weighted windows.
 * :class:`GeoTiffDataset`: reads a window. A sample is the dict (torchgeo style: it carries its metadata)::
 
