@@ -80,7 +80,8 @@ def _invalid_of(arr: np.ndarray, nodata: Optional[float]) -> np.ndarray:
 # average/mode/min/max cover the destination pixel's footprint: 1, widened by the scale like the others).
 _KERNEL_RADIUS = {"nearest": 1, "bilinear": 1, "cubic": 2, "cubic_spline": 2, "lanczos": 3}
 # GDAL's approximate transformer interpolates coordinates along each chunk's scanlines (error up to the
-# tolerance, in source pixels): a tolerance of 1e-9 px makes the coordinates exact, hence chunk-independent.
+# tolerance, in source pixels, default 0.125), so a pixel's source position depended on the window. 1e-9 px
+# makes every coordinate exact to rounding (WarpedVRT cannot take 0); it costs ~2x on reprojected warps.
 WARP_TOLERANCE = 1e-9
 WARP_OPTIONS = {"UNIFIED_SRC_NODATA": "NO"}  # each band's own nodata
 # Where a destination pixel centre falls exactly on a source pixel edge (nearest: every pixel of an aligned 2x
@@ -140,9 +141,10 @@ def warp_scale(src_crs: str, src_transform, src_width: int, src_height: int, dst
     """``(XSCALE, YSCALE)``: destination pixels per source pixel along the destination axes, measured at the
     source file's centre and rounded to 3 significant digits.
 
-    GDAL sizes a downsampling kernel by this scale; by default it estimates it per warped chunk (source
-    window size / destination window size), which makes a pixel's value depend on the chunk, i.e. on the
-    window. Fixed per file and destination cell, it does not.
+    GDAL sizes a downsampling kernel by this scale (warp options ``XSCALE``/``YSCALE``); by default it
+    estimates it per warped chunk (source window size / destination window size), which makes a pixel's value
+    depend on the chunk, i.e. on the window. Fixed per file and destination cell, it does not (the rounding
+    also gives neighbouring tiles of a mosaic the same scale).
     """
     from affine import Affine
     from rasterio.warp import transform as transform_points
@@ -168,7 +170,8 @@ def warp_array(src: np.ndarray, src_transform, src_crs: str, dst_crs: str, dst_t
                method: str, scale: Tuple[float, float]) -> np.ndarray:
     """``float32[C, height, width]``: GDAL's warp of ``src`` (``float32[C, H, W]``, NaN = invalid) onto the grid,
     NaN where nothing valid lands. Exact transformer (:data:`WARP_TOLERANCE`), fixed kernel ``scale``
-    (:func:`warp_scale`), per-band nodata, nearest ties by :func:`warp_grid`."""
+    (:func:`warp_scale`), per-band nodata, deterministic ties (:func:`warp_grid`). Memory: the size of ``src``.
+    """
     from rasterio.io import MemoryFile
     from rasterio.vrt import WarpedVRT
 
