@@ -23,8 +23,9 @@ Tiles. A tile is one multi-band raster file or one *scene*: a folder whose band 
 ``band_files`` patterns (``*_B02.tif``, ...), possibly at different resolutions. Every tile has a *read
 grid* (``crs``, ``transform``, ``width``, ``height`` in the index): the file's own grid; for a scene the
 grid of its finest band file; with ``crs``/``target_gsd`` a north-up grid in that CRS at that cell,
-aligned to multiples of the cell (like ``gdalwarp -tap``) so that neighbouring tiles share one grid.
-Windows are pixel windows of a tile's read grid; files not on it are read through ``WarpedVRT``.
+aligned to multiples of the cell (like ``gdalwarp -tap``) so that neighbouring tiles share one grid (where
+their cell is the same: not for lon/lat and Mercator CRSs, whose cell is set at each tile's centre).
+Windows are pixel windows of a tile's read grid; files not on it are warped (``geo_read``).
 
 Header cache. Reading the headers of 100k files takes minutes on network storage; :func:`read_raster_infos`
 keeps them (CRS, transform, size, band count, dtype, nodata, GSD) in a JSON file keyed by absolute path +

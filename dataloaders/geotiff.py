@@ -5,7 +5,8 @@ Pieces (re-exported here):
 * :func:`build_tile_index` / :func:`load_aoi` / :func:`read_raster_info` (``geo_index``): a geopandas
   GeoDataFrame of tiles (multi-band files or band-file scenes) with their read grids, in one CRS, optionally
   restricted to an area-of-interest polygon file; headers cached and shared by all ranks.
-* :class:`GridReader` (``geo_read``): plain, decimated (overviews) and warped (``WarpedVRT``) reads.
+* :class:`GridReader` (``geo_read``): plain, decimated (overviews, ``gsd_range``) and warped reads; a pixel's
+  value does not depend on the window that reads it.
 * :class:`DistributedRandomWindowSampler` (``geo_sampler``): distributed, epoch-seeded, area-weighted windows.
 * :class:`GeoTiffDataset`: reads a window. A sample is the dict (torchgeo style: it carries its metadata)::
 
@@ -207,30 +208,36 @@ class GeoTiffDataset(Dataset):
     def window_grid(self, spec: WindowSpec) -> Tuple[Affine, float]:
         """``(transform, factor)`` of the output grid of ``spec`` in its tile's read CRS.
 
-        With a ``gsd_range`` factor f > 1 the window keeps its centre and covers f times more ground per
-        side (shifted back inside the tile without ``mosaic``).
+        With a ``gsd_range`` factor f > 1 the window keeps its centre (to the nearest coarse pixel: its origin
+        is a multiple of f pixels from the tile's) and covers f times more ground per side (shifted back
+        inside the tile without ``mosaic``).
         """
         tile, row, col, height, width = (int(v) for v in spec)
         factor = self.gsd_factor(spec)
         if factor == 1.0:
             return self._transforms[tile] @ Affine.translation(col, row), 1.0
         cy, cx = row + height / 2.0, col + width / 2.0
-        r0, c0 = cy - height * factor / 2.0, cx - width * factor / 2.0
+        # on the tile's grid coarsened by `factor` (its origin the tile's), so that windows of one factor share
+        # their pixels: a pixel has one value whatever the window
+        r0 = round((cy - height * factor / 2.0) / factor) * factor
+        c0 = round((cx - width * factor / 2.0) / factor) * factor
         if not self.mosaic:
             h, w = self.tile_shapes[tile]
-            r0 = min(max(r0, 0.0), h - height * factor)
-            c0 = min(max(c0, 0.0), w - width * factor)
+            r0 = min(max(r0, 0.0), math.floor(h / factor - height + 1e-9) * factor)
+            c0 = min(max(c0, 0.0), math.floor(w / factor - width + 1e-9) * factor)
         return self._transforms[tile] @ Affine.translation(c0, r0) @ Affine.scale(factor), factor
 
     def _contributors(self, tile: int, crs: str, transform: Affine, height: int, width: int) -> List[int]:
-        """Tiles whose footprint meets the window: ``tile`` first, then the others in index order."""
+        """Tiles whose footprint meets the window grown by the resampling kernel's reach: ``tile`` first, then
+        the others in index order."""
         if not self.mosaic:
             return [tile]
         from shapely.geometry import box
 
         if self._index_crs is None:
             self._index_crs = crs_to_string(self.tile_index.crs)
-        geom = to_crs(box(*_window_bounds(transform, 0, 0, height, width)), crs, self._index_crs)
+        m = self.reader.reach(tile)  # the resampling kernel reaches this far past the window
+        geom = to_crs(box(*_window_bounds(transform, -m, -m, height + 2 * m, width + 2 * m)), crs, self._index_crs)
         if self._sindex is None:
             self._sindex = self.tile_index.sindex
         hits = sorted(int(i) for i in self._sindex.query(geom, predicate="intersects"))
