@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dataloaders.config import ConfigError
+from dataloaders.config import ConfigError, load_seg_config
 from dataloaders.errors import DataError, MissingDataError
-from dataloaders.segmentation import (GeoVectorSource, MaskPairSource, SegmentationDataset, TileShardSampler,
-                                      VectorLabels, grid_windows, load_seg_config, seg_collate)
+from dataloaders.seg_labels import VectorLabels
+from dataloaders.seg_sources import GeoVectorSource, MaskPairSource
+from dataloaders.segmentation import SegmentationDataset, TileShardSampler, grid_windows, seg_collate
 
 UTM = "EPSG:32633"
 X0, Y0 = 500000.0, 5000000.0  # top-left corner of the 10 x 10 px, 1 m raster
