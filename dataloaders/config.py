@@ -94,7 +94,7 @@ SCHEMA: dict[str, Field] = {
     "bands": Field("ints", GEO_TYPES, "1-based band indexes to read (GDAL order)"),
     "nodata": Field("float_or_floats", GEO_TYPES, "nodata overriding the files' own: one value or one per band"),
     "aoi": Field("path", GEO_TYPES, "area-of-interest polygon file (GeoJSON/GPKG/...)"),
-    "reference_gsd": Field("float", GEO_TYPES, "metres; res is multiplied by gsd / reference_gsd"),
+    "reference_gsd": Field("float", GEO_TYPES, "metres; res follows the window GSD against it (util/gsd.py)"),
     "scale": Field("float", GEO_TYPES, "raw DN divisor applied before mean/std (default 1.0)"),
     "glob": Field("str", GEO_TYPES, "file pattern under img_dir (default: *.tif/*.tiff, recursive)"),
     "min_valid": Field("float", GEO_TYPES, "minimum valid-pixel fraction of a window (default 0.0)"),

@@ -187,7 +187,8 @@ def test_seg_schema_type_and_class_names(tmp_path):
     cfg = tmp_path / "c.yaml"
     body = "data:\n  type: {}\n  img_dir: t\n  val_img_dir: v\n  labels: b.geojson\n  mean: [0.5]\n  std: [0.2]\n"
     cfg.write_text(body.format("fmow"))
-    with pytest.raises(ConfigError, match=r"data.type: expected one of geotiff, masks \(case-insensitive\), got 'fmow'"):
+    with pytest.raises(ConfigError, match=r"data.type: expected one of geotiff, masks \(case-insensitive\), "
+                                          r"got 'fmow'"):
         load_seg_config(cfg)
     cfg.write_text(body.format("GeoTIFF") + "  classes: roof\n")
     assert load_seg_config(cfg)["data"]["classes"] == ["roof"]  # one name is a list of one class
