@@ -138,7 +138,6 @@ class VectorLabels:
                          dtype="uint8")
 
 
-
 def mask_to_classes(raw: np.ndarray, mask_values: Optional[Sequence[int]], num_classes: int,
                     ignore_index: int = 255) -> np.ndarray:
     """uint8 class ids of a raw mask (any shape): the pixels holding ``mask_values[i]`` (background, class 1, ...)

@@ -36,7 +36,6 @@ def window_transform(tile_transform: Sequence[float], row: int, col: int):
     return Affine(*tuple(tile_transform)[:6]) @ Affine.translation(col, row)
 
 
-
 class GeoVectorSource:
     """Rasters (a :class:`~dataloaders.geotiff.GeoTiffDataset`) + :class:`VectorLabels`.
 
@@ -88,7 +87,6 @@ class GeoVectorSource:
         label = self.labels.rasterize(Affine(*sample["transform"]), (h, w), sample["crs"], self.all_touched)
         meta = {"transform": tuple(sample["transform"])[:6], "crs": sample["crs"], "gsd": float(sample["gsd"])}
         return sample["image"].numpy(), sample["mask"].numpy(), label, meta
-
 
 
 def _pair_files(img_dir: PathLike, mask_dir: PathLike, glob: Optional[str]) -> List[Tuple[str, str]]:
@@ -208,4 +206,3 @@ class MaskPairSource:
         rows = [{"path": p, "width": w, "height": h, "region_px": box(0, 0, w, h), "area_m2": float(w * h),
                  "geometry": box(0, 0, w, h)} for p, (h, w) in zip(self.paths, self.shapes)]
         return gpd.GeoDataFrame(rows, geometry="geometry")
-
