@@ -214,7 +214,8 @@ def make_writer(args: argparse.Namespace, out_dir: Path, val_ds, classes, ignore
 # ------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or ``--eval``); returns ``{"eval": last evaluation result, "best_miou", "history"}``."""
-    from dataloaders.segmentation import TileShardSampler, build_seg_datasets, load_seg_config, seg_collate
+    from dataloaders.config import load_seg_config
+    from dataloaders.segmentation import TileShardSampler, build_seg_datasets, seg_collate
     from util.seg_metrics import format_seg_table, save_seg_report
 
     validate_args(args)

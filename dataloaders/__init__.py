@@ -2,7 +2,8 @@
 
 Modules (import them directly; this package imports nothing heavy on its own):
 
-* ``config``      -- YAML dataset configs: ``load_config``, ``save_config``, ``ConfigError``.
+* ``config``      -- YAML data configs, one parser for both schemas: ``load_config`` (datasets),
+  ``load_seg_config`` (segmentation), ``save_config``, ``ConfigError``.
 * ``builders``    -- ``build_pretrain_dataset``, ``build_pretrain_sampler``, ``build_eval_datasets``,
   ``build_linprobe_datasets``, ``EVAL_STATS``.
 * ``transforms``  -- ``PretrainTransform`` (per sample, in DataLoader workers) and ``LinprobeTrainTransform``.
@@ -12,6 +13,10 @@ Modules (import them directly; this package imports nothing heavy on its own):
   (ground GSD in any CRS, band-file scenes, read grids, tile index, header cache, area of interest),
   ``geo_read`` (plain / decimated / warped window reads, mosaics) and ``geo_sampler``
   (``DistributedRandomWindowSampler``).
+* ``segmentation`` -- segmentation windows: ``SegmentationDataset``, ``grid_windows``, ``TileShardSampler``,
+  ``seg_collate``, ``build_seg_datasets``; with ``seg_sources`` (``GeoVectorSource``: GeoTIFFs + vector labels,
+  ``MaskPairSource``: image/mask pairs) and ``seg_labels`` (``VectorLabels``: polygons burnt on window grids,
+  ``mask_to_classes``). ``seg_synthetic``: the synthetic building scenes of the demo and tests.
 * ``splits``      -- writing split lists and SHA256SUMS (``tools/make_splits.py``).
 * ``synthetic``   -- deterministic synthetic scenes and GeoTIFFs for tests and the demo.
 * ``stats``, ``errors`` -- normalisation statistics; ``DataError`` / ``MissingDataError``.

@@ -1,6 +1,10 @@
-"""YAML dataset configs: loading, validation, path resolution, CLI overrides, saving.
+"""YAML data configs (datasets and segmentation): loading, validation, path resolution, CLI overrides, saving.
 
-A config file has one top-level key, ``data``, in the schema of the original Scale-MAE configs
+Two schemas share one parser, one set of checks and one wording of errors (``<file>: data.<key>: ...``):
+``schema="dataset"`` (:data:`SCHEMA`: pretraining, linear probe) and ``schema="segmentation"`` (:data:`SEG_SCHEMA`:
+``main_segment.py``), chosen by the caller of :func:`load_config` / :func:`validate_config`.
+
+Dataset configs. A config file has one top-level key, ``data``, in the schema of the original Scale-MAE configs
 (``type, img_dir, mean, std, oversample, vis_factor, length, size, base_resolution, input_size``) plus the
 keys of the GeoTIFF datasets (``bands, nodata, aoi, reference_gsd, scale, glob, min_valid, band_files,
 scene_glob, crs, target_gsd, resampling, downsampling, mosaic, gsd_range, nodata_mode, index_cache``) and of the
@@ -16,13 +20,39 @@ Rules
   expanded first.
 * Overrides are ``"data.key=value"`` strings (``"key=value"`` is accepted too); the value is parsed as YAML,
   so ``data.mean=[0.5,0.5,0.5]`` and ``data.length=100`` work. They are applied before validation.
+
+Segmentation configs (``config/seg_*.yaml``), one top-level ``data`` mapping::
+
+    data:
+      type: geotiff              # geotiff: rasters + a vector file; masks: image/mask file pairs
+      img_dir: tiles/            # training rasters (folder, recursive *.tif/*.tiff, or one file); masks: images
+      labels: buildings.geojson  # geotiff: any vector file geopandas reads (GeoJSON, GPKG, Shapefile, ...), or a
+                                 # folder of them (e.g. SpaceNet's one GeoJSON per tile), concatenated
+      mask_dir: masks/           # masks: the label images, matched to images by file stem
+      val_img_dir: val_tiles/    # validation rasters / images
+      val_labels: null           # geotiff: default = labels;  masks: val_mask_dir
+      classes: [building]        # foreground classes; class 0 is background, ids 1..K follow this list
+      class_column: null         # geotiff: attribute holding each polygon's class name (null: all polygons = class 1)
+      mask_values: null          # masks: raw mask value of [background, class 1, ...] (null: the value is the id)
+      all_touched: false         # burn every pixel a polygon touches (default: pixels whose centre is inside)
+      ignore_index: 255          # label of nodata / unlabelled pixels (excluded from loss and metrics)
+      mean: [...]; std: [...]    # per band, after dividing by scale
+      scale: 1.0; bands: null; nodata: null; glob: null; reference_gsd: null
+      # geotiff: the GeoTIFF reader's keys, same kind, meaning and checks as in dataset configs:
+      crs: null; target_gsd: null; resampling: null; downsampling: null; mosaic: false; gsd_range: null
+      nodata_mode: null; band_files: null; scene_glob: null; index_cache: null
+      size: 224                  # window side read from the rasters (px)
+      length: 1000               # training windows per epoch
+
+The same rules hold (case-insensitive ``type``, ``null`` = not set, paths, overrides); what the keys do with the
+data: ``dataloaders.segmentation`` (windows, builder), ``dataloaders.seg_labels``, ``dataloaders.seg_sources``.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -43,7 +73,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Field:
-    kind: str  # "str", "strs", "path", "path_or_false", "bool", "int", "float", "floats", "float_or_floats", "ints"
+    kind: str  # "str", "strs", "names", "path", "path_or_false", "bool", "int", "float", "floats", "float_or_floats",
+    #            "ints"
     types: tuple = ALL_TYPES  # dataset types the key applies to
     doc: str = ""
 
@@ -63,7 +94,7 @@ SCHEMA: dict[str, Field] = {
     "bands": Field("ints", GEO_TYPES, "1-based band indexes to read (GDAL order)"),
     "nodata": Field("float_or_floats", GEO_TYPES, "nodata overriding the files' own: one value or one per band"),
     "aoi": Field("path", GEO_TYPES, "area-of-interest polygon file (GeoJSON/GPKG/...)"),
-    "reference_gsd": Field("float", GEO_TYPES, "metres; res is multiplied by gsd / reference_gsd"),
+    "reference_gsd": Field("float", GEO_TYPES, "metres; res follows the window GSD against it (util/gsd.py)"),
     "scale": Field("float", GEO_TYPES, "raw DN divisor applied before mean/std (default 1.0)"),
     "glob": Field("str", GEO_TYPES, "file pattern under img_dir (default: *.tif/*.tiff, recursive)"),
     "min_valid": Field("float", GEO_TYPES, "minimum valid-pixel fraction of a window (default 0.0)"),
@@ -89,7 +120,39 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "demo": {"length": 256, "size": 96, "num_classes": 4, "seed": 0, "mean": list(DEMO_MEAN), "std": list(DEMO_STD)},
 }
 
-_TYPE_ALIASES = {t: t for t in ALL_TYPES}
+SEG_TYPES = ("geotiff", "masks")
+
+SEG_SCHEMA: dict[str, Field] = {
+    "type": Field("str", SEG_TYPES, "geotiff (rasters + vector labels) or masks (image/mask pairs)"),
+    "img_dir": Field("path", SEG_TYPES, "training rasters / images"),
+    "labels": Field("path", ("geotiff",), "vector file (or folder of vector files) of labelled polygons"),
+    "mask_dir": Field("path", ("masks",), "training masks (same file stems as the images)"),
+    "val_img_dir": Field("path", SEG_TYPES, "validation rasters / images"),
+    "val_labels": Field("path", ("geotiff",), "validation vector file (default: labels)"),
+    "val_mask_dir": Field("path", ("masks",), "validation masks"),
+    "classes": Field("names", SEG_TYPES, "foreground class names; ids 1..K in this order, 0 = background"),
+    "class_column": Field("str", ("geotiff",), "attribute with each polygon's class name"),
+    "mask_values": Field("ints", ("masks",), "raw mask value of background, class 1, ..."),
+    "all_touched": Field("bool", ("geotiff",), "burn all pixels a polygon touches"),
+    "ignore_index": Field("int", SEG_TYPES, "label of nodata / unlabelled pixels (default 255)"),
+    "mean": Field("floats", SEG_TYPES, "per-band mean (after scale)"),
+    "std": Field("floats", SEG_TYPES, "per-band std (after scale)"),
+    "scale": Field("float", SEG_TYPES, "raw values are divided by it (default 1)"),
+    "bands": Field("ints", SEG_TYPES, "1-based bands to read"),
+    "glob": Field("str", SEG_TYPES, "file pattern under img_dir / val_img_dir"),
+    "reference_gsd": Field("float", ("geotiff",), SCHEMA["reference_gsd"].doc),
+    "size": Field("int", SEG_TYPES, "window side (px, default 224)"),
+    "length": Field("int", SEG_TYPES, "training windows per epoch (default 1000)"),
+}
+# the GeoTIFF reader's keys: kind, meaning and checks of the dataset configs (one home: SCHEMA)
+SEG_SCHEMA.update({k: Field(SCHEMA[k].kind, ("geotiff",), SCHEMA[k].doc)
+                   for k in ("nodata", "nodata_mode", "band_files", "scene_glob", "crs", "target_gsd", "resampling",
+                             "downsampling", "mosaic", "gsd_range", "index_cache")})
+
+SEG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "*": {"classes": ["building"], "ignore_index": 255, "scale": 1.0, "size": 224, "length": 1000},
+    "geotiff": {"all_touched": False},
+}
 
 
 def _where(source: str, key: str) -> str:
@@ -121,6 +184,12 @@ def check_value(source: str, key: str, field: Field, value: Any) -> Any:
         if not isinstance(value, bool):
             raise fail("true or false")
         return value
+    if kind == "names":  # one name or a list of names (numbers are names too: classes [1, 2])
+        items = [value] if isinstance(value, str) else value
+        if (not isinstance(items, (list, tuple)) or not items
+                or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in items)):
+            raise fail("a non-empty list of class names")
+        return [str(v) for v in items]
     if kind == "strs":
         if (not isinstance(value, (list, tuple)) or not value
                 or not all(isinstance(v, str) and v.strip() for v in value)):
@@ -158,17 +227,20 @@ def resolve_path(value: str, base: Path) -> str:
     return str(p.resolve(strict=False))
 
 
-def validate_config(raw: Any, source: str = "<config>", base_dir: Optional[PathLike] = None) -> dict:
+def validate_config(raw: Any, source: str = "<config>", base_dir: Optional[PathLike] = None,
+                    schema: str = "dataset") -> dict:
     """Validate a parsed config mapping and return a new, normalised ``{"data": {...}}`` dict.
 
     Args:
         raw: the parsed YAML (must be a mapping with a ``data`` mapping).
         source: name used in error messages (normally the YAML file path).
         base_dir: folder that relative paths resolve against; ``None`` leaves them untouched.
+        schema: ``"dataset"`` (:data:`SCHEMA`) or ``"segmentation"`` (:data:`SEG_SCHEMA`).
 
     Raises:
         ConfigError: unknown or inapplicable key, wrong type, missing required key, inconsistent values.
     """
+    spec = _schema(schema)
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a mapping with a top-level 'data' key, got {type(raw).__name__}")
     extra = sorted(set(raw) - {"data"})
@@ -179,21 +251,20 @@ def validate_config(raw: Any, source: str = "<config>", base_dir: Optional[PathL
     data_in = {k: v for k, v in raw["data"].items() if v is not None}
 
     for key in data_in:
-        if key not in SCHEMA:
-            raise ConfigError(f"{_where(source, key)}: unknown key; allowed keys: {', '.join(SCHEMA)}")
+        if key not in spec.fields:
+            raise ConfigError(f"{_where(source, key)}: unknown key; allowed keys: {', '.join(spec.fields)}")
     if "type" not in data_in:
-        raise ConfigError(f"{_where(source, 'type')}: required key missing (one of {', '.join(ALL_TYPES)})")
-    dtype = check_value(source, "type", SCHEMA["type"], data_in["type"]).lower()
-    if dtype not in _TYPE_ALIASES:
-        raise ConfigError(f"{_where(source, 'type')}: expected one of {', '.join(ALL_TYPES)} "
+        raise ConfigError(f"{_where(source, 'type')}: required key missing (one of {', '.join(spec.types)})")
+    dtype = check_value(source, "type", spec.fields["type"], data_in["type"]).lower()
+    if dtype not in spec.types:
+        raise ConfigError(f"{_where(source, 'type')}: expected one of {', '.join(spec.types)} "
                           f"(case-insensitive), got {data_in['type']!r}")
-    dtype = _TYPE_ALIASES[dtype]
 
     out: dict[str, Any] = {"type": dtype}
     for key, value in data_in.items():
         if key == "type":
             continue
-        field = SCHEMA[key]
+        field = spec.fields[key]
         if dtype not in field.types:
             raise ConfigError(f"{_where(source, key)}: not valid for type {dtype!r} "
                               f"(only for {', '.join(field.types)})")
@@ -202,21 +273,51 @@ def validate_config(raw: Any, source: str = "<config>", base_dir: Optional[PathL
             value = resolve_path(value, Path(base_dir))
         out[key] = value
 
-    for key, value in {**DEFAULTS["*"], **DEFAULTS.get(dtype, {})}.items():
+    for key, value in {**spec.defaults.get("*", {}), **spec.defaults.get(dtype, {})}.items():
         out.setdefault(key, value)
 
-    _check_consistency(source, out)
+    spec.check(source, out)
     return {"data": out}
 
 
-def _check_consistency(source: str, d: dict) -> None:
+def _require(source: str, d: dict, keys: Iterable[str]) -> None:
+    for key in keys:
+        if key not in d:
+            raise ConfigError(f"{_where(source, key)}: required for type {d['type']!r}")
+
+
+def _check_dataset(source: str, d: dict) -> None:
+    """The dataset schema's required keys, then the shared checks."""
+    _require(source, d, () if d["type"] == "demo" else ("img_dir", "mean", "std"))
+    _check_common(source, d)
+
+
+def _check_segmentation(source: str, d: dict) -> None:
+    """The segmentation schema's required keys (filling ``val_labels`` with ``labels`` when unset), the shared
+    checks, then the label keys (``ignore_index`` above every class id, ``mask_values`` per class, a
+    ``class_column`` for several classes of polygons)."""
+    geotiff = d["type"] == "geotiff"
+    _require(source, d, ("img_dir", "val_img_dir", "mean", "std")
+             + (("labels",) if geotiff else ("mask_dir", "val_mask_dir")))
+    if geotiff:
+        d.setdefault("val_labels", d["labels"])
+    _check_common(source, d)
+    n = len(d["classes"])
+    if not 0 <= d["ignore_index"] <= 255 or d["ignore_index"] <= n:
+        raise ConfigError(f"{_where(source, 'ignore_index')}: expected a value in ({n}, 255], "
+                          f"got {d['ignore_index']}")
+    if "mask_values" in d and len(d["mask_values"]) != n + 1:
+        raise ConfigError(f"{_where(source, 'mask_values')}: expected {n + 1} values (background + {n} classes), "
+                          f"got {len(d['mask_values'])}")
+    if n > 1 and geotiff and "class_column" not in d:
+        raise ConfigError(f"{_where(source, 'class_column')}: required with {n} classes (which attribute names "
+                          f"each polygon's class?)")
+
+
+def _check_common(source: str, d: dict) -> None:
+    """The checks every schema shares, on the keys present: statistics (lengths, positive std, units), bands,
+    positive sizes and numbers, ``min_valid``, then :func:`check_geo_consistency`."""
     dtype = d["type"]
-    if dtype != "demo" and "img_dir" not in d:
-        raise ConfigError(f"{_where(source, 'img_dir')}: required for type {dtype!r}")
-    if dtype != "demo":
-        for key in ("mean", "std"):
-            if key not in d:
-                raise ConfigError(f"{_where(source, key)}: required for type {dtype!r}")
     if "mean" in d and "std" in d and len(d["mean"]) != len(d["std"]):
         raise ConfigError(f"{_where(source, 'std')}: expected {len(d['mean'])} values (as many as data.mean), "
                           f"got {len(d['std'])}")
@@ -241,6 +342,28 @@ def _check_consistency(source: str, d: dict) -> None:
     if "min_valid" in d and not 0.0 <= d["min_valid"] <= 1.0:
         raise ConfigError(f"{_where(source, 'min_valid')}: expected a fraction in [0, 1], got {d['min_valid']}")
     check_geo_consistency(source, d)
+
+
+@dataclass(frozen=True)
+class Schema:
+    """One config schema: its keys, its types, defaults (``"*"``: every type) and its check of the whole mapping."""
+
+    fields: Mapping[str, Field]
+    types: tuple
+    defaults: Mapping[str, Mapping[str, Any]]
+    check: Callable[[str, dict], None]
+
+
+SCHEMAS: dict[str, Schema] = {
+    "dataset": Schema(SCHEMA, ALL_TYPES, DEFAULTS, _check_dataset),
+    "segmentation": Schema(SEG_SCHEMA, SEG_TYPES, SEG_DEFAULTS, _check_segmentation),
+}
+
+
+def _schema(name: str) -> Schema:
+    if name not in SCHEMAS:
+        raise ValueError(f"schema must be one of {', '.join(SCHEMAS)}, got {name!r}")
+    return SCHEMAS[name]
 
 
 def check_stat_units(source: str, d: dict) -> None:
@@ -299,8 +422,9 @@ def check_geo_consistency(source: str, d: dict) -> None:
                               f"expected e.g. EPSG:32633") from None
 
 
-def apply_overrides(raw: Any, overrides: Iterable[str], source: str = "<config>") -> Any:
+def apply_overrides(raw: Any, overrides: Iterable[str], source: str = "<config>", schema: str = "dataset") -> Any:
     """Apply ``"data.key=value"`` strings (YAML-parsed values) to a parsed config; returns a new mapping."""
+    fields = _schema(schema).fields
     if not isinstance(raw, Mapping) or not isinstance(raw.get("data"), Mapping):
         return raw  # validate_config reports the structural problem
     data = dict(raw["data"])
@@ -311,9 +435,9 @@ def apply_overrides(raw: Any, overrides: Iterable[str], source: str = "<config>"
         key = key.strip()
         if key.startswith("data."):
             key = key[len("data."):]
-        if key not in SCHEMA:
+        if key not in fields:
             raise ConfigError(f"{source}: override {item!r}: unknown key data.{key}; allowed keys: "
-                              f"{', '.join(SCHEMA)}")
+                              f"{', '.join(fields)}")
         try:
             data[key] = yaml.safe_load(text) if text.strip() else None
         except yaml.YAMLError as exc:
@@ -322,13 +446,14 @@ def apply_overrides(raw: Any, overrides: Iterable[str], source: str = "<config>"
 
 
 def load_config(path: PathLike, data_root: Optional[PathLike] = None,
-                overrides: Optional[Sequence[str]] = None) -> dict:
-    """Load, override and validate a YAML dataset config.
+                overrides: Optional[Sequence[str]] = None, schema: str = "dataset") -> dict:
+    """Load, override and validate a YAML data config.
 
     Args:
         path: the YAML file.
         data_root: folder that relative paths in the config resolve against; default: the YAML file's folder.
         overrides: ``"data.key=value"`` strings applied before validation.
+        schema: ``"dataset"`` (pretraining / linear-probe configs) or ``"segmentation"`` (``main_segment.py``).
 
     Returns:
         ``{"data": {...}}`` with ``type`` lower-cased, defaults filled in and paths absolute.
@@ -349,9 +474,16 @@ def load_config(path: PathLike, data_root: Optional[PathLike] = None,
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: invalid YAML ({exc})") from None
     if overrides:
-        raw = apply_overrides(raw, overrides, source)
+        raw = apply_overrides(raw, overrides, source, schema)
     base = Path(data_root) if data_root is not None else path.resolve().parent
-    return validate_config(raw, source, base_dir=base)
+    return validate_config(raw, source, base_dir=base, schema=schema)
+
+
+def load_seg_config(path: PathLike, data_root: Optional[PathLike] = None,
+                    overrides: Optional[Sequence[str]] = None) -> dict:
+    """:func:`load_config` with the segmentation schema (:data:`SEG_SCHEMA`): ``{"data": {...}}`` with defaults
+    filled in (``val_labels`` = ``labels`` when unset) and paths absolute; raises :class:`ConfigError`."""
+    return load_config(path, data_root, overrides, schema="segmentation")
 
 
 def save_config(cfg: Mapping, path: PathLike) -> Path:

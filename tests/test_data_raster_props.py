@@ -26,7 +26,8 @@ from rasterio.features import rasterize
 from shapely.geometry import Polygon
 
 from dataloaders.geotiff import GeoTiffDataset, WindowSpec
-from dataloaders.segmentation import GeoVectorSource, VectorLabels
+from dataloaders.seg_labels import VectorLabels
+from dataloaders.seg_sources import GeoVectorSource
 from raster_reference import compare_windows, fake_values, whole_scene_warp, write_tile
 
 PROPS = settings(max_examples=30, deadline=None, derandomize=True, database=None, phases=(Phase.explicit, Phase.generate),

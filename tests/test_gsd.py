@@ -185,7 +185,9 @@ def test_segmentation_res_is_window_res_times_gsd_factor(tmp_path_factory, seed,
     reference_gsd_factor; evaluation windows: window_res of the window at its own size."""
     from dataloaders.geo_sampler import WindowSpec
     from dataloaders.geotiff import GeoTiffDataset
-    from dataloaders.segmentation import GeoVectorSource, SegmentationDataset, VectorLabels
+    from dataloaders.seg_labels import VectorLabels
+    from dataloaders.seg_sources import GeoVectorSource
+    from dataloaders.segmentation import SegmentationDataset
 
     tmp = tmp_path_factory.mktemp("seg")
     path = _utm_tile(tmp, 2.0)

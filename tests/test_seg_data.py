@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from dataloaders.config import ConfigError
+from dataloaders.config import ConfigError, load_seg_config
 from dataloaders.errors import DataError, MissingDataError
-from dataloaders.segmentation import (GeoVectorSource, MaskPairSource, SegmentationDataset, TileShardSampler,
-                                      VectorLabels, grid_windows, load_seg_config, seg_collate)
+from dataloaders.seg_labels import VectorLabels
+from dataloaders.seg_sources import GeoVectorSource, MaskPairSource
+from dataloaders.segmentation import SegmentationDataset, TileShardSampler, grid_windows, seg_collate
 
 UTM = "EPSG:32633"
 X0, Y0 = 500000.0, 5000000.0  # top-left corner of the 10 x 10 px, 1 m raster
@@ -155,6 +156,44 @@ def test_seg_config_validation(tmp_path):
         load_seg_config(cfg)
     with pytest.raises(ConfigError, match="data.all_touched: not valid for type 'masks'"):
         load_seg_config(cfg, overrides=["data.all_touched=true"])
+
+
+@pytest.mark.parametrize("extra, override, needle", [
+    ("  colour: red\n", None, "data.colour: unknown key; allowed keys: "),
+    ("  size: ten\n", None, "data.size: expected an integer, got 'ten' (str)"),
+    ("  std: [0.2, 0.2]\n", None, "data.std: expected 1 values (as many as data.mean), got 2"),
+    ("  bands: [0]\n", None, "data.bands: expected 1-based band indexes (>= 1), got [0]"),
+    ("  scale: 0\n", None, "data.scale: expected a positive number, got 0.0"),
+    ("  mean: [120.0]\n  scale: 255\n", None, "data.mean: [120.0] look like 0-255 units"),
+    ("", "data.size=[1, 2", "override 'data.size=[1, 2': value is not valid YAML"),
+    ("", "data.colour=1", "override 'data.colour=1': unknown key data.colour; allowed keys: "),
+])
+def test_seg_and_dataset_configs_share_one_parser_and_its_messages(tmp_path, extra, override, needle):
+    """The same fault in a segmentation config and in a GeoTIFF dataset config: the same check, the same line."""
+    from dataloaders.config import load_config
+
+    seg, geo = tmp_path / "seg.yaml", tmp_path / "geo.yaml"
+    seg.write_text("data:\n  type: geotiff\n  img_dir: t\n  val_img_dir: v\n  labels: b.geojson\n  mean: [0.5]\n"
+                   "  std: [0.2]\n" + extra)
+    geo.write_text("data:\n  type: geotiff\n  img_dir: t\n  mean: [0.5]\n  std: [0.2]\n" + extra)
+    overrides = [override] if override else None
+    for path, load in ((seg, load_seg_config), (geo, load_config)):
+        with pytest.raises(ConfigError) as err:
+            load(path, overrides=overrides)
+        assert str(err.value).startswith(f"{path}: ") and needle in str(err.value), str(err.value)
+
+
+def test_seg_schema_type_and_class_names(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    body = "data:\n  type: {}\n  img_dir: t\n  val_img_dir: v\n  labels: b.geojson\n  mean: [0.5]\n  std: [0.2]\n"
+    cfg.write_text(body.format("fmow"))
+    with pytest.raises(ConfigError, match=r"data.type: expected one of geotiff, masks \(case-insensitive\), "
+                                          r"got 'fmow'"):
+        load_seg_config(cfg)
+    cfg.write_text(body.format("GeoTIFF") + "  classes: roof\n")
+    assert load_seg_config(cfg)["data"]["classes"] == ["roof"]  # one name is a list of one class
+    with pytest.raises(ConfigError, match="data.classes: expected a non-empty list of class names"):
+        load_seg_config(cfg, overrides=["data.classes=[]"])
 
 
 def test_synthetic_scenes_labels_match_the_drawn_roofs(tmp_path):

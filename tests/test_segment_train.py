@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 import main_segment
 import models_seg
 import models_vit
-from dataloaders.segmentation import TileShardSampler, build_seg_datasets, load_seg_config, seg_collate
+from dataloaders.config import load_seg_config
+from dataloaders.segmentation import TileShardSampler, build_seg_datasets, seg_collate
 from engine_segment import evaluate, train_one_epoch
 from util.amp import AmpConfig
 

@@ -302,7 +302,8 @@ SEG_WARNINGS = [
 
 @pytest.mark.parametrize("case,config,overrides,culprit", SEG_WARNINGS, ids=[c[0] for c in SEG_WARNINGS])
 def test_segmentation_warning_census(world, case, config, overrides, culprit, capsys):
-    from dataloaders.segmentation import build_seg_datasets, load_seg_config
+    from dataloaders.config import load_seg_config
+    from dataloaders.segmentation import build_seg_datasets
 
     cfg = load_seg_config(world / config, overrides=[o.replace("{root}", str(world)) for o in overrides])
     build_seg_datasets(cfg, input_size=32)  # goes on: no exception
