@@ -400,7 +400,7 @@ def test_probe_and_segment_launchers_take_the_same_lock(tmp_path, live_pid, caps
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is used by another run" in err, err
     assert _snapshot(out) == before
-    assert "CheckpointKeeper(out_dir, WRITER)" in (REPO / f"{launcher}.py").read_text()
+    assert "harness.TrainingRun(args, out_dir, WRITER" in (REPO / f"{launcher}.py").read_text()  # its keeper
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
