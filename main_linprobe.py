@@ -119,14 +119,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_reference_resolution", default=224, type=float, help="see --eval_gsd (default 224)")
     g.add_argument("--eval", action="store_true", help="evaluate (the resumed model) and exit")
 
-    g = harness.add_run_args(p, output_dir_default=None,
-                             output_dir_help="checkpoints, log.txt, config.yaml: ./output_dir/linprobe, or "
-                                             "./output_dir/finetune with --finetune; never the pretraining folder",
-                             resume_help="checkpoint of this script to resume from (path or URL)")
-    g.add_argument("--checkpoint_interval", default=20, type=int,
-                   help="keep checkpoint-{epoch}.pth every n epochs and the last; checkpoint-latest.pth always "
-                        "(default 20)")
-    g.add_argument("--print_freq", default=20, type=int, help="progress line every n steps (default 20)")
+    harness.add_run_args(p, output_dir_default=None,
+                         output_dir_help="checkpoints, log.txt, config.yaml: ./output_dir/linprobe, or "
+                                         "./output_dir/finetune with --finetune; never the pretraining folder",
+                         resume_help="checkpoint of this script to resume from (path or URL)",
+                         checkpoint_interval=20)
 
     harness.add_distributed_args(p)
 

@@ -122,13 +122,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = harness.add_run_args(p, output_dir_default="./output_dir",
                              output_dir_help="checkpoints, log.txt, config.yaml, figures",
-                             resume_help="checkpoint path or URL to resume from (or to evaluate with --eval_only)")
-    g.add_argument("--checkpoint_interval", default=20, type=int,
-                   help="keep checkpoint-{epoch}.pth every n epochs (default 20)")
+                             resume_help="checkpoint path or URL to resume from (or to evaluate with --eval_only)",
+                             checkpoint_interval=20, print_help="log every n steps; also the reconstruction figure")
     g.add_argument("--save_every_steps", default=0, type=int,
                    help="also save checkpoint-latest.pth every n optimizer steps, resumable mid-epoch (default 0: off)")
-    g.add_argument("--print_freq", default=20, type=int,
-                   help="log every n steps; also the reconstruction figure (default 20)")
 
     harness.add_distributed_args(p)
 

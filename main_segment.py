@@ -104,13 +104,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlays", action="store_true", help="also write overlay PNGs (prediction + label outline)")
     g.add_argument("--eval", action="store_true", help="evaluate (--resume or --checkpoint_path) and exit")
 
-    g = harness.add_run_args(p, output_dir_default="./output_dir/segment",
-                             output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
-                             resume_help="segmentation checkpoint of this script to resume from")
-    g.add_argument("--checkpoint_interval", default=10, type=int,
-                   help="keep checkpoint-{epoch}.pth every n epochs and the last; checkpoint-latest.pth always "
-                        "(default 10)")
-    g.add_argument("--print_freq", default=20, type=int, help="progress line every n steps (default 20)")
+    harness.add_run_args(p, output_dir_default="./output_dir/segment",
+                         output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
+                         resume_help="segmentation checkpoint of this script to resume from",
+                         checkpoint_interval=10)
     harness.add_distributed_args(p)
     return p
 

@@ -69,7 +69,7 @@ def resolve_model_name(name: str, quiet: bool = False) -> str:
                 print(f"NOTE: --model {name} is a pretraining model; using its encoder {encoder}")
             return encoder
     raise UserError(f"--model {name!r} is not an encoder; choose from {sorted(models_vit.MODELS)} "
-                            f"(or an MAE name such as mae_vit_large_patch16)")
+                    f"(or an MAE name such as mae_vit_large_patch16)")
 
 
 def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, source: str) -> str:
@@ -81,13 +81,13 @@ def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, sour
     weight = state.get("patch_embed.proj.weight")
     if weight is None:
         raise UserError(f"{source}: no encoder tensors (patch_embed.proj.weight is missing); is it a "
-                                f"Scale-MAE checkpoint?")
+                        f"Scale-MAE checkpoint?")
     key = (int(weight.shape[-1]), int(weight.shape[0]), count_blocks(state))
     name = encoder_name(*key)
     if name is None:
         known = sorted(v[1] for v in KNOWN_ARCHS.values() if v[1] is not None)
         raise UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
-                                f"model in {known}; pass --model")
+                        f"model in {known}; pass --model")
     return name
 
 
@@ -105,9 +105,9 @@ def read_start(args: argparse.Namespace, out_dir: Path, writer: str
         kind = checkpoint_kind(resumed)
         if "model" not in resumed or written_by not in (None, writer):
             raise UserError(f"{flag} {resume}: not a checkpoint of {writer}.py ("
-                                    + (kind if kind else f"keys: {sorted(resumed)[:8]}")
-                                    + f"); {flag} continues a run of {writer}.py, pretrained weights go to "
-                                      f"--checkpoint_path")
+                            + (kind if kind else f"keys: {sorted(resumed)[:8]}")
+                            + f"); {flag} continues a run of {writer}.py, pretrained weights go to "
+                              f"--checkpoint_path")
     if resumed is not None and args.checkpoint_path:
         saved = resumed.get("args") if isinstance(resumed.get("args"), Mapping) else {}
         started_from = saved.get("checkpoint_path")
@@ -120,8 +120,8 @@ def read_start(args: argparse.Namespace, out_dir: Path, writer: str
     if args.checkpoint_path and resumed is None:
         pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
     require(resumed is not None or pretrained is not None or args.allow_random_init,
-                    "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
-                    "--allow_random_init trains a randomly initialised encoder)")
+            "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
+            "--allow_random_init trains a randomly initialised encoder)")
     return resume, resumed, pretrained, pretrained_args
 
 

@@ -11,8 +11,8 @@ from typing import ContextManager, Iterable, Optional
 
 import torch
 
-__all__ = ["NonFiniteLossError", "check_finite_loss", "AMP_MODES", "add_amp_arg", "AmpConfig", "amp_dtype", "autocast_context",
-           "grad_norm"]
+__all__ = ["NonFiniteLossError", "check_finite_loss", "AMP_MODES", "add_amp_arg", "AmpConfig", "amp_dtype",
+           "autocast_context", "grad_norm"]
 
 _DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 AMP_MODES = ("auto", "none", "fp16", "bf16")
