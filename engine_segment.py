@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from util import dist as dist_util
-from util.amp import AmpConfig, NonFiniteLossError, autocast_context, check_finite_loss
+from util.amp import AmpConfig, autocast_context, check_finite_loss
 from util.gsd import rescale_res
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, SmoothedValue
