@@ -3,7 +3,7 @@ distributed; and the warning for flags kept only so that original command lines 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 from util.amp import add_amp_arg
 from util.cpu_memory import ALLOCATOR_CHOICES
@@ -15,10 +15,11 @@ __all__ = ["add_run_args", "add_schedule_args", "add_data_args", "add_loader_arg
 
 
 def add_run_args(parser: argparse.ArgumentParser, *, output_dir_default: str, output_dir_help: str,
-                 resume_help: str, checkpoint_interval: int,
+                 resume_help: str, checkpoint_interval: Optional[int] = None,
                  print_help: str = "progress line every n steps") -> argparse._ArgumentGroup:
-    """The "run" group: output/log dirs, device, seed, CPU allocator, resume, ``--debug``, ``--checkpoint_interval``
-    (the launcher's default) and ``--print_freq``. Returns the group."""
+    """The "run" group: output/log dirs, device, seed, CPU allocator, resume, ``--debug``; for a training launcher
+    (``checkpoint_interval`` given: its default) also ``--checkpoint_interval`` and ``--print_freq``. Returns the
+    group."""
     g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default=output_dir_default,
                    help=output_dir_help + (f" (default {output_dir_default})" if output_dir_default else ""))
@@ -36,6 +37,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, output_dir_default: str, ou
     g.add_argument("--start_epoch", default=0, type=int, help="overwritten by resume (default 0)")
     g.add_argument("--debug", action="store_true",
                    help=f"show the traceback of errors (also: environment variable {DEBUG_ENV}=1)")
+    if checkpoint_interval is None:
+        return g
     g.add_argument("--checkpoint_interval", default=checkpoint_interval, type=int,
                    help=f"keep checkpoint-{{epoch}}.pth every n epochs and the last; {LATEST} always "
                         f"(default {checkpoint_interval})")
