@@ -12,14 +12,16 @@ One module per concern:
 * ``harness.pretrained`` -- what a launcher starting from pretrained weights starts from (``read_start``);
 * ``harness.skeleton`` -- the training-run skeleton (``TrainingRun``, ``start_optimizer``, ``evaluate_only``).
 
-The names below are the ones launchers use; ``import harness`` then ``harness.run(main, parser)``.
+The names below are the ones launchers use (every public name of the former ``util/harness.py`` among them);
+``import harness`` then ``harness.run(main, parser)``.
 """
 from harness.run_control import EXIT_PREEMPTED, LATEST, LockRefused, StopRequest, release_output_lock
 from harness.errors import (DEBUG_ENV, ArgumentParser, UserError, check_positive, debug_enabled, report_error,
                             require, run)
 from harness.flags import (add_data_args, add_distributed_args, add_loader_args, add_run_args, add_schedule_args,
                            explicit_flags, warn_dead_flags)
-from harness.devices import build_optimizer, default_num_workers, setup, wrap_ddp
+from harness.devices import (build_optimizer, default_num_workers, limit_cpu_threads, local_processes, resolve_device,
+                             seed_everything, setup, usable_cores, wrap_ddp)
 from harness.checkpoints import (OLD_ASIDE, VERIFIED, CheckpointKeeper, checkpoint_kind, checkpoint_writer,
                                  find_resume, load_resumed_weights, nothing_left, read_checkpoint,
                                  remove_stale_temp_files, restore_training_state, rng_state, set_rng_state,
@@ -32,7 +34,8 @@ __all__ = [
     "DEBUG_ENV", "ArgumentParser", "UserError", "check_positive", "debug_enabled", "report_error", "require", "run",
     "add_data_args", "add_distributed_args", "add_loader_args", "add_run_args", "add_schedule_args",
     "explicit_flags", "warn_dead_flags",
-    "build_optimizer", "default_num_workers", "setup", "wrap_ddp",
+    "build_optimizer", "default_num_workers", "limit_cpu_threads", "local_processes", "resolve_device",
+    "seed_everything", "setup", "usable_cores", "wrap_ddp",
     "OLD_ASIDE", "VERIFIED", "CheckpointKeeper", "checkpoint_kind", "checkpoint_writer", "find_resume",
     "load_resumed_weights", "nothing_left", "read_checkpoint", "remove_stale_temp_files", "restore_training_state",
     "rng_state", "set_rng_state", "state_is_finite",
