@@ -15,8 +15,6 @@ per-sample ``input_res`` supplied by the caller (``eval_res``). The model is cal
 """
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 from typing import Any, Iterable, Optional
 
@@ -25,17 +23,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from util import dist as dist_util
-from util.amp import AmpConfig, NonFiniteLossError, autocast_context
+from util.amp import AmpConfig, NonFiniteLossError, autocast_context, check_finite_loss
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, SmoothedValue
 
 __all__ = ["AmpConfig", "NonFiniteLossError", "train_one_epoch", "evaluate", "autocast_context"]
-
-
-def _no_sync(model: nn.Module, skip_sync: bool):
-    if skip_sync and isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
 
 
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
@@ -48,7 +40,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     TensorBoard (``log_writer``, rank 0): ``train/loss`` (mean over ranks) and ``train/lr`` at
     x = ``int(1000 * fractional epoch)``, at every optimizer step. ``on_finite_loss()`` is called once each step's
     loss (mean over ranks) is known to be finite; a non-finite one raises ``NonFiniteLossError`` on every rank.
-    ``stop`` (``util.run_control.StopRequest``): its flag rides on the per-step loss all-reduce; once any rank was
+    ``stop`` (``harness.run_control.StopRequest``): its flag rides on the per-step loss all-reduce; once any rank was
     signalled, every rank sets ``stop.agreed`` and the epoch ends after that optimizer step.
     """
     model.train(True)
@@ -71,7 +63,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         targets = targets.to(device, non_blocking=True)
         update = (step + 1) % accum_iter == 0 or step + 1 == num_steps
 
-        with _no_sync(model, not update):
+        with dist_util.no_sync(model, not update):
             with amp.autocast():
                 outputs = model(samples, input_res=input_res)
                 loss = criterion(outputs.float(), targets)
@@ -79,8 +71,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             loss_reduced, stop_all = dist_util.all_reduce_means([loss_value, stop.flag() if stop else 0.0])
             if stop_all > 0:
                 stop.agreed = True
-            if not math.isfinite(loss_reduced):
-                raise NonFiniteLossError(f"loss is {loss_reduced} at epoch {epoch}, step {step}; training stopped.")
+            check_finite_loss(loss_reduced, epoch, step, loss_value)
             if on_finite_loss is not None:
                 on_finite_loss()
             amp.backward_step(loss / accum_iter, optimizer, params, update_grad=update, clip_grad=max_norm)

@@ -1,7 +1,6 @@
 """One pretraining epoch: warmup/cosine lr per step, AMP, gradient accumulation, logging, mid-epoch checkpoints."""
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any, Callable, Iterable, Optional
@@ -11,7 +10,7 @@ import torch
 
 from dataloaders.seeding import sample_seed
 from util import dist as dist_util
-from util.amp import AmpConfig, NonFiniteLossError
+from util.amp import AmpConfig, NonFiniteLossError, check_finite_loss
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, SmoothedValue
 
@@ -60,7 +59,7 @@ def train_one_epoch(
     every ``args.print_freq`` steps on rank 0; ``on_finite_loss()`` once the losses (mean over ranks) since the last
     check are known to be finite -- checks run at print steps, before every ``--save_every_steps`` save and at the
     end of the epoch, so the latest saved state produced a finite loss (``CheckpointKeeper.verify``).
-    ``stop`` (a ``util.run_control.StopRequest``, set by SIGTERM/SIGUSR1 on any rank): its flag rides on the
+    ``stop`` (a ``harness.run_control.StopRequest``, set by SIGTERM/SIGUSR1 on any rank): its flag rides on the
     flush's collective, so every rank sets ``stop.agreed`` at the same flush (single process: the flush is made at
     the signalled step); the epoch then ends after the next optimizer step, once ``on_step_end`` (which saves the
     resumable checkpoint) has run. Returns the epoch's averaged metrics. Raises ``NonFiniteLossError`` naming the
@@ -97,9 +96,7 @@ def train_one_epoch(
                 pending, losses, losses_all):
             if not math.isfinite(loss_all):
                 pending.clear()
-                raise NonFiniteLossError(
-                    f"loss is {loss_value if not math.isfinite(loss_value) else loss_all} at epoch {epoch}, step "
-                    f"{step_} (global step {epoch * steps_per_epoch + step_}); training stopped.")
+            check_finite_loss(loss_all, epoch, step_, loss_value, f" (global step {epoch * steps_per_epoch + step_})")
             norm_value = next(norms) if norm_t is not None else None
             logger.update(loss=loss_value, lr=lr_, input_res=res_mean_)
             if norm_value is not None:
@@ -128,7 +125,7 @@ def train_one_epoch(
         imgs, input_res, targets, target_res = (t.to(device, non_blocking=True) for t in batch)
         update = (step + 1) % accum_iter == 0 or step + 1 == steps_per_epoch
         # DDP: only the last micro-step of an accumulation window all-reduces gradients
-        sync = model.no_sync() if (not update and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        sync = dist_util.no_sync(model, not update)
         source_size = pick_source_size(args)
         side = source_size or imgs.shape[-1]
         noise = mask_noise(args, epoch, step, imgs.shape[0], (side // args.patch_size) ** 2, device)

@@ -17,8 +17,6 @@ both [N, K, S, S].
 """
 from __future__ import annotations
 
-import contextlib
-import math
 from collections import Counter
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -28,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from util import dist as dist_util
-from util.amp import AmpConfig, NonFiniteLossError, autocast_context
+from util.amp import AmpConfig, autocast_context, check_finite_loss
 from util.gsd import rescale_res
 from util.lr_sched import adjust_learning_rate
 from util.metrics import MetricLogger, SmoothedValue
@@ -60,12 +58,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255
     return loss
 
 
-def _no_sync(model: nn.Module, skip: bool):
-    if skip and isinstance(model, nn.parallel.DistributedDataParallel):
-        return model.no_sync()
-    return contextlib.nullcontext()
-
-
 def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, amp: AmpConfig, args: Any, log_writer: Any = None,
                     on_finite_loss: Optional[Callable[[], None]] = None, stop: Any = None) -> dict[str, float]:
@@ -73,8 +65,9 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
 
     ``args``: ``accum_iter, lr, min_lr, warmup_epochs, epochs, print_freq, ignore_index, dice_weight, aux_weight,
     clip_grad``. TensorBoard (rank 0): ``train/loss``, ``train/loss_aux``, ``train/lr`` at x = 1000 * epoch.
-    ``on_finite_loss`` is called after each step whose loss was finite (checkpoint verification hook). ``stop``
-    (``util.run_control.StopRequest``): its flag rides on the per-step loss all-reduce; once any rank was signalled,
+    ``on_finite_loss`` is called once each step's loss (mean over ranks) is known to be finite (checkpoint
+    verification hook); a non-finite one raises ``NonFiniteLossError`` on every rank. ``stop``
+    (``harness.run_control.StopRequest``): its flag rides on the per-step loss all-reduce; once any rank was signalled,
     every rank sets ``stop.agreed`` and the epoch ends after that optimizer step.
     """
     model.train(True)
@@ -93,28 +86,26 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
         target = batch["mask"].to(device, non_blocking=True)
         res = batch["res"].to(device, non_blocking=True)
         update = (step + 1) % accum == 0 or step + 1 == num_steps
-        with _no_sync(model, not update):
+        with dist_util.no_sync(model, not update):
             with amp.autocast():
                 logits, aux = model(images, input_res=res, return_aux=True)
             loss_main = seg_loss(logits, target, ignore, dice_w)
             loss_aux = F.cross_entropy(aux.float(), target, ignore_index=ignore) if aux is not None and aux_w else None
             loss = loss_main + aux_w * loss_aux if loss_aux is not None else loss_main
             loss_value = float(loss.item())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}, step {step}: stopping training "
-                                         f"(try a lower --blr, --amp bf16/none, or check the labels)")
+            # every rank: one collective, which also tells every rank whether any rank was asked to stop
+            loss_reduced, stop_all = dist_util.all_reduce_means([loss_value, stop.flag() if stop else 0.0])
+            if stop_all > 0:
+                stop.agreed = True
+            check_finite_loss(loss_reduced, epoch, step, loss_value)  # all ranks together
+            if on_finite_loss is not None:
+                on_finite_loss()
             amp.backward_step(loss / accum, optimizer, params, update_grad=update, clip_grad=args.clip_grad)
         if update:
             optimizer.zero_grad(set_to_none=True)
-        if on_finite_loss is not None:
-            on_finite_loss()
         lr = max(g["lr"] for g in optimizer.param_groups)
         aux_value = float(loss_aux.item()) if loss_aux is not None else 0.0
         metric_logger.update(loss=loss_value, loss_main=float(loss_main.item()), loss_aux=aux_value, lr=lr)
-        # every rank: one collective, which also tells every rank whether any rank was asked to stop
-        loss_reduced, stop_all = dist_util.all_reduce_means([loss_value, stop.flag() if stop else 0.0])
-        if stop_all > 0:
-            stop.agreed = True
         if log_writer is not None and update:
             x = int((step / num_steps + epoch) * 1000)
             log_writer.add_scalar("train/loss", loss_reduced, x)

@@ -31,20 +31,17 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+import harness
 import models_vit
 from engine_finetune import evaluate, train_one_epoch
+from harness.pretrained import choose_encoder, read_pretrained, read_start, resolve_model_name
 from util import dist as dist_util
-from util import harness
 from util.accel import add_compile_args, maybe_compile
 from util.amp import AmpConfig
-from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
+from util.checkpoint import args_to_plain
 from util.dist import ShardSampler
 from util.gsd import crop_res, eval_res
-from util.harness import warn_dead_flags
 from util.lr_decay import apply_linear_layer_scale, param_groups_lrd, param_groups_weight_decay
-from util.lr_sched import effective_lr
-from util.metrics import JsonlLogger
-from util.pretrained import architecture_of, read_pretrained, read_start, resolve_model_name
 from util.weights import factory_patch_size
 
 # Flags kept so that original command lines still parse; they change nothing (as in the original).
@@ -97,21 +94,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow_random_init", action="store_true",
                    help="train or --eval without --checkpoint_path / --resume (a randomly initialised encoder)")
 
-    g = p.add_argument_group("data")
-    g.add_argument("--config", default=None, type=str,
-                   help="YAML data config of the TRAIN set (default config/resisc.yaml: "
-                        "data/resisc45/train-resisc.txt)")
-    g.add_argument("--data_root", default=None, type=str,
-                   help="folder that relative paths in --config and --eval_path resolve against (default: the "
-                        "repository's data/ for the shipped fmow/resisc/eurosat configs, else the config "
-                        "file's folder)")
-    g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE",
-                   help="override config entries, e.g. data.img_dir=/data/resisc45/train.txt")
+    g = harness.add_data_args(p, default_config=DEFAULT_CONFIG, root_also=" and --eval_path",
+                              config_help="YAML data config of the TRAIN set (data/resisc45/train-resisc.txt)")
     g.add_argument("--scale_min", default=0.5, type=float, help="random resized crop: min area fraction (default 0.5)")
     g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction (default 1.0)")
     g.add_argument("--base_resolution", default=2.5, type=float,
                    help="train res = (crop - 1) / input_size * base_resolution (default 2.5)")
-    harness.add_loader_args(g)
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_dataset", default=None, type=str,
@@ -131,14 +119,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_reference_resolution", default=224, type=float, help="see --eval_gsd (default 224)")
     g.add_argument("--eval", action="store_true", help="evaluate (the resumed model) and exit")
 
-    g = harness.add_run_args(p, output_dir_default=None,
-                             output_dir_help="checkpoints, log.txt, config.yaml: ./output_dir/linprobe, or "
-                                             "./output_dir/finetune with --finetune; never the pretraining folder",
-                             resume_help="checkpoint of this script to resume from (path or URL)")
-    g.add_argument("--checkpoint_interval", default=20, type=int,
-                   help="keep checkpoint-{epoch}.pth every n epochs and the last; checkpoint-latest.pth always "
-                        "(default 20)")
-    g.add_argument("--print_freq", default=20, type=int, help="progress line every n steps (default 20)")
+    harness.add_run_args(p, output_dir_default=None,
+                         output_dir_help="checkpoints, log.txt, config.yaml: ./output_dir/linprobe, or "
+                                         "./output_dir/finetune with --finetune; never the pretraining folder",
+                         resume_help="checkpoint of this script to resume from (path or URL)",
+                         checkpoint_interval=20)
 
     harness.add_distributed_args(p)
 
@@ -323,21 +308,6 @@ def build_param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict[
     return apply_linear_layer_scale(groups, args.linear_layer_scale)
 
 
-def load_resumed_weights(model: nn.Module, ckpt: Mapping, resume: str) -> float:
-    """Weights (strict) of this script's checkpoint; returns the best acc1 so far."""
-    state = dict(strip_module_prefix(ckpt["model"]))
-    own = model.state_dict()
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        state["pos_embed"] = own["pos_embed"]  # never used in forward (the GSD table is recomputed): any input size
-    problem = describe_state_dict_mismatch(own, state)
-    if problem:
-        raise harness.UserError(f"resume checkpoint {resume} does not match the model (check --model, "
-                                f"--global_pool, --nb_classes): {problem}")
-    model.load_state_dict(state, strict=True)
-    print(f"resumed model weights from {resume}")
-    return float(ckpt.get("best_acc1", 0.0) or 0.0)
-
-
 def validate_args(args: argparse.Namespace) -> None:
     """Start-up checks (nothing is read or written yet)."""
     harness.check_positive(args, "batch_size", "epochs", "accum_iter", "input_size", "checkpoint_interval",
@@ -356,6 +326,89 @@ def validate_args(args: argparse.Namespace) -> None:
               f"reaches --blr/--lr (it stays in the linear warmup for the whole run)")
 
 
+def check_encoder(args: argparse.Namespace, device: torch.device) -> None:
+    """``--input_size`` against the encoder's patch size (read from the model, not its name); a note on fp16 on
+    CPU."""
+    patch = factory_patch_size(models_vit.MODELS[args.model])
+    harness.require(args.input_size % patch == 0,
+                    f"--input_size {args.input_size}: must be a multiple of the patch size {patch} of {args.model}")
+    if AmpConfig(args.amp, device).dtype == torch.float16 and device.type != "cuda":
+        print("NOTE: fp16 autocast on CPU is slow and loses precision; --amp bf16 is the CPU choice")
+
+
+def set_num_classes(args: argparse.Namespace, num_classes: int) -> None:
+    """``--nb_classes`` (default: the data's ``num_classes``); fewer than the data has is an error."""
+    if args.nb_classes is None:
+        args.nb_classes = num_classes
+    elif args.nb_classes < num_classes:
+        raise harness.UserError(f"--nb_classes {args.nb_classes} is smaller than the {num_classes} classes of the "
+                                f"data")
+    elif args.nb_classes > num_classes:
+        print(f"WARNING: --nb_classes {args.nb_classes} > {num_classes} classes in the data (unused outputs)")
+
+
+def load_resumed(model: nn.Module, resumed: Optional[Mapping], resume: Optional[str]) -> float:
+    """The resumed run's weights (strict; its unused ``pos_embed`` may differ in size: any ``--input_size``).
+    Returns its best acc1 (0 when not resuming)."""
+    if resumed is None:
+        return 0.0
+    harness.load_resumed_weights(model, resumed["model"], f"resume checkpoint {resume}",
+                                 check="--model, --global_pool, --nb_classes", unused=("pos_embed",))
+    print(f"resumed model weights from {resume}")
+    return float(resumed.get("best_acc1", 0.0) or 0.0)
+
+
+class ProbeEvaluation:
+    """Top-1/top-5 of ``model`` on the validation set (sharded over ranks) at the eval ``res``; keeps the best acc1
+    and the last stats. ``model`` is the module that trains (set it again once compiled / wrapped in DDP)."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, val_ds: Dataset, device: torch.device,
+                 res: float, best_acc1: float) -> None:
+        self.args, self.model, self.device, self.res, self.best_acc1 = args, model, device, res, best_acc1
+        self.amp_dtype = AmpConfig(args.amp, device).dtype
+        self.last: dict[str, float] = {}
+        self.loader = DataLoader(val_ds, sampler=ShardSampler(val_ds, dist_util.get_world_size(),
+                                                              dist_util.get_rank()),
+                                 batch_size=args.batch_size, num_workers=args.num_workers,
+                                 pin_memory=args.pin_mem and device.type == "cuda", drop_last=False,
+                                 collate_fn=ValCollate(args.eval_scale))
+
+    def __call__(self) -> dict[str, float]:
+        self.last = evaluate(self.loader, self.model, self.device, self.res, self.amp_dtype, self.args.print_freq)
+        self.best_acc1 = max(self.best_acc1, self.last["acc1"])
+        return self.last
+
+    def once(self) -> dict[str, float]:
+        """``--eval``: the stats ``{'acc1', 'acc5', 'loss', 'n'}``, with the accuracy line."""
+        stats = self()
+        print(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f} %")
+        return stats
+
+    def after_epoch(self, epoch: int, log_writer: Any, n_train: int) -> dict[str, float]:
+        """The evaluation of an epoch: the accuracy line, ``perf/test_*`` in TensorBoard, the log entries."""
+        stats = self()
+        print(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f} % "
+              f"(best {self.best_acc1:.2f} %)")
+        if log_writer is not None:
+            for key in ("acc1", "acc5", "loss"):
+                log_writer.add_scalar(f"perf/test_{key}", stats[key], epoch)
+        return {**{f"test_{k}": v for k, v in stats.items()}, "n_parameters": n_train, "max_accuracy": self.best_acc1}
+
+
+def train_loader(args: argparse.Namespace, train_ds: Dataset, cfg: Optional[Mapping],
+                 device: torch.device) -> tuple[DataLoader, DistributedSampler]:
+    """The training loader (batch: ``--batch_size`` times the config's ``data.oversample``) and its sampler."""
+    oversample = float(((cfg or {}).get("data") or {}).get("oversample", 1.0) or 1.0)
+    batch = max(1, int(args.batch_size * oversample))
+    sampler = DistributedSampler(train_ds, num_replicas=dist_util.get_world_size(), rank=dist_util.get_rank(),
+                                 shuffle=True, seed=args.seed)
+    loader = DataLoader(train_ds, sampler=sampler, batch_size=batch, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True)
+    harness.require(len(loader) > 0, f"the training set gives {len(sampler)} samples per process, fewer than the "
+                                     f"batch size {batch}: lower --batch_size or add data")
+    return loader, sampler
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run a linear probe / finetune (or ``--eval``). Returns ``{'test': last stats, 'best_acc1', 'history'}``
@@ -364,121 +417,53 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.output_dir = "./output_dir/finetune" if args.finetune else "./output_dir/linprobe"
     device = harness.setup(args)
     validate_args(args)
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
     out_dir = harness.prepare_output(args, training=not args.eval)
-
-    # --- what to start from
     resume, resumed, pretrained, pretrained_args = read_start(args, out_dir, WRITER)
-    if args.model is not None:
-        args.model = resolve_model_name(args.model)
-    elif resumed is not None:
-        args.model = architecture_of(strip_module_prefix(resumed["model"]), resumed.get("args") or {}, resume)
-        print(f"--model not given: {args.model}, from {resume}")
-    elif pretrained is not None:
-        args.model = architecture_of(pretrained, pretrained_args, args.checkpoint_path)
-        print(f"--model not given: {args.model}, from {args.checkpoint_path}")
-    else:
-        args.model = DEFAULT_MODEL
-    patch = factory_patch_size(models_vit.MODELS[args.model])  # read from the model, not its name
-    harness.require(args.input_size % patch == 0,
-                    f"--input_size {args.input_size}: must be a multiple of the patch size {patch} of {args.model}")
-    amp_dtype = AmpConfig(args.amp, device).dtype
-    if amp_dtype == torch.float16 and device.type != "cuda":
-        print("NOTE: fp16 autocast on CPU is slow and loses precision; --amp bf16 is the CPU choice")
+    choose_encoder(args, resume, resumed, pretrained, pretrained_args, DEFAULT_MODEL)
+    check_encoder(args, device)
 
-    # --- data
+    # --- data, model, evaluation
     train_ds, val_ds, num_classes, cfg = build_datasets(args)
-    if args.nb_classes is None:
-        args.nb_classes = num_classes
-    elif args.nb_classes < num_classes:
-        raise harness.UserError(f"--nb_classes {args.nb_classes} is smaller than the {num_classes} classes of the "
-                                f"data")
-    elif args.nb_classes > num_classes:
-        print(f"WARNING: --nb_classes {args.nb_classes} > {num_classes} classes in the data (unused outputs)")
+    set_num_classes(args, num_classes)
     res_info = report_resolutions(args)
-    eval_res = res_info["eval_res"]
-
-    # --- model, optimizer
     model = build_model(args, args.nb_classes, resuming=resumed is not None, pretrained=pretrained).to(device)
-    best_acc1 = load_resumed_weights(model, resumed, resume) if resumed is not None else 0.0
-    pin = args.pin_mem and device.type == "cuda"
-    val_loader = DataLoader(val_ds, sampler=ShardSampler(val_ds, world, rank), batch_size=args.batch_size,
-                            num_workers=args.num_workers, pin_memory=pin, drop_last=False,
-                            collate_fn=ValCollate(args.eval_scale))
+    probe = ProbeEvaluation(args, model, val_ds, device, res_info["eval_res"], load_resumed(model, resumed, resume))
     if args.eval:
-        harness.save_run_config(out_dir, args, cfg, evaluating=True, resolution=res_info)
-        stats = evaluate(val_loader, model, device, eval_res, amp_dtype, args.print_freq)
-        print(f"Accuracy of the network on the {stats['n']} test images: {stats['acc1']:.2f} %")
-        dist_util.cleanup()
-        return stats
+        return harness.evaluate_only(out_dir, args, cfg, probe.once, resolution=res_info)
 
+    # --- optimizer, resumed training state
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if args.lr is None:
-        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
-    optimizer, amp = harness.build_optimizer(build_param_groups(model, args), args, device, keep_names=True)
-    harness.restore_training_state(resumed, optimizer, amp, args, source=str(resume))
+    optimizer, amp, start_step = harness.start_optimizer(build_param_groups(model, args), args, device, resumed,
+                                                         resume, keep_names=True)
     if resumed is not None and "optimizer" in resumed:
-        print(f"best acc1 so far {best_acc1:.2f}")
-    if harness.nothing_left(args, resume):
+        print(f"best acc1 so far {probe.best_acc1:.2f}")
+    if start_step is None:
         dist_util.cleanup()
-        return {"test": {}, "best_acc1": best_acc1, "history": []}
-
+        return {"test": {}, "best_acc1": probe.best_acc1, "history": []}
     assert train_ds is not None
-    oversample = float(((cfg or {}).get("data") or {}).get("oversample", 1.0) or 1.0)
-    train_batch = max(1, int(args.batch_size * oversample))
-    train_sampler = DistributedSampler(train_ds, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    train_loader = DataLoader(train_ds, sampler=train_sampler, batch_size=train_batch, num_workers=args.num_workers,
-                              pin_memory=pin, drop_last=True)
-    if len(train_loader) == 0:
-        raise harness.UserError(f"the training set gives {len(train_sampler)} samples per process, fewer than the "
-                                f"batch size {train_batch}: lower --batch_size or add data")
+    loader, sampler = train_loader(args, train_ds, cfg, device)
     print(f"model {args.model} ({'finetune' if args.finetune else 'linear probe'}): {n_params / 1e6:.2f} M "
           f"parameters, {n_train / 1e6:.3f} M trainable; {args.nb_classes} classes; effective batch "
-          f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g} (blr {args.blr:.3g})")
-
+          f"{args.batch_size * args.accum_iter * dist_util.get_world_size()}; lr {args.lr:.3g} (blr {args.blr:.3g})")
     model_without_ddp = model
-    model = maybe_compile(model, args)
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    model = probe.model = harness.wrap_ddp(maybe_compile(model, args), args, device)
 
     # --- the run starts: from here on the output folder describes it
-    harness.save_run_config(out_dir, args, cfg, resolution=res_info)
-    warn_dead_flags(args, get_args_parser(), DEAD_FLAGS)
-    log_writer = harness.open_log_writer(args.log_dir) if dist_util.is_main_process() else None
-    keeper = harness.CheckpointKeeper(out_dir, WRITER)
-    jsonl = JsonlLogger(out_dir)
+    run = harness.TrainingRun(args, out_dir, WRITER, cfg, parser=get_args_parser(), dead_flags=DEAD_FLAGS,
+                              resolution=res_info)
 
-    history: list[dict[str, Any]] = []
-    test_stats: dict[str, float] = {}
-    print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
-    with harness.training_run(log_writer, keeper) as stop:
-        for epoch in range(args.start_epoch, args.epochs):
-            train_sampler.set_epoch(epoch)
-            train_stats = train_one_epoch(model, nn.CrossEntropyLoss(), train_loader, optimizer, device, epoch,
-                                          amp, args, log_writer=log_writer, max_norm=args.clip_grad,
-                                          on_finite_loss=keeper.verify, stop=stop)
-            if stop.agreed:  # no mid-epoch state here: resume redoes this epoch from the last epoch's save
-                harness.stop_preempted(stop, f"{keeper.holding()}; epoch {epoch} starts over")
-            test_stats = evaluate(val_loader, model, device, eval_res, amp_dtype, args.print_freq)
-            best_acc1 = max(best_acc1, test_stats["acc1"])
-            print(f"Accuracy of the network on the {test_stats['n']} test images: {test_stats['acc1']:.2f} % "
-                  f"(best {best_acc1:.2f} %)")
-            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args), "best_acc1": best_acc1}
-            keeper.save(state, f"the end of epoch {epoch}", epoch=epoch, args=args)
-            if log_writer is not None:
-                log_writer.add_scalar("perf/test_acc1", test_stats["acc1"], epoch)
-                log_writer.add_scalar("perf/test_acc5", test_stats["acc5"], epoch)
-                log_writer.add_scalar("perf/test_loss", test_stats["loss"], epoch)
-                log_writer.flush()
-            log_stats = {**{f"train_{k}": v for k, v in train_stats.items()},
-                         **{f"test_{k}": v for k, v in test_stats.items()},
-                         "epoch": epoch, "n_parameters": n_train, "max_accuracy": best_acc1}
-            history.append(log_stats)
-            jsonl.log(log_stats)
-    dist_util.cleanup()
-    return {"test": test_stats, "best_acc1": best_acc1, "history": history}
+    def train_epoch(epoch: int, stop: harness.StopRequest) -> dict[str, float]:
+        sampler.set_epoch(epoch)
+        return train_one_epoch(model, nn.CrossEntropyLoss(), loader, optimizer, device, epoch, amp, args,
+                               log_writer=run.log_writer, max_norm=args.clip_grad, on_finite_loss=run.keeper.verify,
+                               stop=stop)
+
+    history = run.train(train_epoch, lambda epoch: {
+        "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+        "scaler": amp.state_dict(), "args": args_to_plain(args), "best_acc1": probe.best_acc1},
+        evaluate=lambda epoch: probe.after_epoch(epoch, run.log_writer, n_train))
+    return {"test": probe.last, "best_acc1": probe.best_acc1, "history": history}
 
 
 if __name__ == "__main__":

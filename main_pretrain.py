@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
+import harness
 import models_mae
 from engine_pretrain import train_one_epoch
 from util import dist as dist_util
-from util import harness
 from util.accel import add_compile_args, apply_model_options, maybe_compile
 from util.amp import amp_dtype
-from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
-from util.harness import warn_dead_flags
+from util.checkpoint import args_to_plain, strip_module_prefix
 from util.lr_decay import param_groups_weight_decay
-from util.lr_sched import effective_lr
-from util.metrics import JsonlLogger
 from util.weights import factory_patch_size
 
 # Flags kept so that old command lines still parse; they change nothing (as in the original).
@@ -88,20 +85,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(default 7 56)")
     g.add_argument("--progressive", action="store_true", default=None, help="FPN shares its first upsampling")
 
-    g = p.add_argument_group("data")
-    g.add_argument("--config", default=None, type=str,
-                   help="YAML data config (default config/fmow.yaml: fMoW-rgb under the repository's data/ folder, "
-                        "the original README's `ln -s ~/data/fmow-rgb data`)")
-    g.add_argument("--data_root", default=None, type=str,
-                   help="root for relative paths in the config (default: the repository's data/ for the shipped "
-                        "fmow/resisc/eurosat configs, else the config file's folder)")
-    g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE",
-                   help="override config entries, e.g. data.img_dir=/data/fmow/train")
+    g = harness.add_data_args(p, default_config="fmow.yaml",
+                              config_help="YAML data config (fMoW-rgb under the repository's data/ folder, the "
+                                          "original README's `ln -s ~/data/fmow-rgb data`)")
     g.add_argument("--scale_min", default=0.2, type=float, help="random resized crop: min area fraction (default 0.2)")
     g.add_argument("--scale_max", default=1.0, type=float, help="random resized crop: max area fraction (default 1.0)")
     g.add_argument("--base_resolution", default=2.5, type=float,
                    help="res = (crop - 1) / target * base_resolution (default 2.5)")
-    harness.add_loader_args(g)
     g.add_argument("--gpu_pipeline", action="store_true",
                    help="JPEG decode (nvJPEG) and crops/resizes on the training device; CPU workers only read bytes "
                         "and draw the random crops (same seeding and maths; decoder differences on CUDA)")
@@ -132,13 +122,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = harness.add_run_args(p, output_dir_default="./output_dir",
                              output_dir_help="checkpoints, log.txt, config.yaml, figures",
-                             resume_help="checkpoint path or URL to resume from (or to evaluate with --eval_only)")
-    g.add_argument("--checkpoint_interval", default=20, type=int,
-                   help="keep checkpoint-{epoch}.pth every n epochs (default 20)")
+                             resume_help="checkpoint path or URL to resume from (or to evaluate with --eval_only)",
+                             checkpoint_interval=20, print_help="log every n steps; also the reconstruction figure")
     g.add_argument("--save_every_steps", default=0, type=int,
                    help="also save checkpoint-latest.pth every n optimizer steps, resumable mid-epoch (default 0: off)")
-    g.add_argument("--print_freq", default=20, type=int,
-                   help="log every n steps; also the reconstruction figure (default 20)")
 
     harness.add_distributed_args(p)
 
@@ -211,16 +198,9 @@ UNUSED_TABLES = ("pos_embed", "decoder_pos_embed")
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    state_dict = strip_module_prefix(state_dict)
-    own = model.state_dict()
-    for key in UNUSED_TABLES:  # never read in forward: take the checkpoint's, whatever --input_size it was made at
-        if key in state_dict and key in own and state_dict[key].shape != own[key].shape:
-            getattr(model, key).data = torch.zeros_like(state_dict[key], device=own[key].device)
-    problem = describe_state_dict_mismatch(model.state_dict(), state_dict)
-    if problem:
-        raise harness.UserError(f"checkpoint {source} does not match the model (check --model and the model "
-                                f"options): {problem}")
-    model.load_state_dict(state_dict, strict=True)
+    """A checkpoint's weights, strictly; its positional tables (never read in forward) are taken whatever
+    ``--input_size`` they were made at."""
+    harness.load_resumed_weights(model, state_dict, f"checkpoint {source}", unused=UNUSED_TABLES, adopt_unused=True)
 
 
 def validate_args(args: argparse.Namespace) -> None:
@@ -368,6 +348,81 @@ def load_data_config(args: argparse.Namespace) -> dict:
     return cfg
 
 
+def read_resume(args: argparse.Namespace, out_dir: Path) -> tuple[Optional[str], Optional[dict]]:
+    """``(path, checkpoint)`` to resume (or evaluate) from: ``--resume``, else autoresume; a file that is not a
+    pretraining checkpoint is an error (read before anything is written)."""
+    resume = harness.find_resume(args, out_dir, WRITER)
+    flag = "--resume" if args.resume else "autoresume"
+    checkpoint = harness.read_checkpoint(resume, flag) if resume else None
+    if checkpoint is not None and ("model" not in checkpoint
+                                   or harness.checkpoint_writer(checkpoint) not in (None, WRITER)):
+        kind = harness.checkpoint_kind(checkpoint)
+        raise harness.UserError(f"{flag} {resume}: not a pretraining checkpoint ("
+                                + (kind if kind else f"keys: {sorted(checkpoint)[:8]}")
+                                + "); --resume takes a checkpoint of main_pretrain.py (or the original release)")
+    return resume, checkpoint
+
+
+def build_loader(args: argparse.Namespace, cfg: dict, device: torch.device):
+    """The training loader (``--gpu_pipeline``: decoding on the device), its sampler and the steps per epoch; too
+    few samples for a batch is an error."""
+    if args.gpu_pipeline:
+        from dataloaders.gpu_pipeline import build_gpu_pipeline_loader
+
+        loader, sampler, steps_per_epoch = build_gpu_pipeline_loader(args, cfg, device)
+    else:
+        loader, sampler, steps_per_epoch = build_train_loader(args, cfg, device)
+    harness.require(steps_per_epoch > 0, f"the dataset gives {len(sampler)} samples per process, fewer than "
+                                         f"--batch_size {args.batch_size}: lower the batch size or add data")
+    return loader, sampler, steps_per_epoch
+
+
+class ReconstructionFigures:
+    """The reconstruction figure every ``--print_freq`` steps (rank 0): host copies of the first samples are taken
+    at the step; drawing and saving run on a background thread (``util.visualize.BackgroundFigures``, the context
+    to enter), off the step."""
+
+    def __init__(self, model: torch.nn.Module, cfg: dict, out_dir: Path, log_writer: Any) -> None:
+        from util.visualize import BackgroundFigures
+
+        self.model, self.out_dir, self.log_writer = model, out_dir, log_writer
+        self.mean, self.std = cfg["data"]["mean"], cfg["data"]["std"]
+        self.vis_factor = float(cfg["data"].get("vis_factor", 1.0) or 1.0)
+        self.thread = BackgroundFigures()
+
+    def _draw(self, global_step: int, imgs, targets, preds, mask) -> None:
+        from util.visualize import reconstruction_grid, save_reconstruction
+
+        fig = reconstruction_grid(self.model, imgs, targets, preds, mask, self.mean, self.std, self.vis_factor)
+        save_reconstruction(fig, self.out_dir / "vis" / f"step{global_step:08d}.png", self.log_writer,
+                            "reconstruction", global_step)
+
+    def __call__(self, global_step: int, batch_out) -> None:
+        imgs, targets, outputs = batch_out
+        host = [t[:4].detach().float().cpu() for t in (imgs, targets, *outputs[1], outputs[2])]
+        self.thread.submit(self._draw, global_step, host[0], host[1], host[2:5], host[5])
+
+
+def mid_epoch_saver(args: argparse.Namespace, run: harness.TrainingRun, stop: harness.StopRequest, epoch: int,
+                    steps_per_epoch: int, state: Callable[[int], dict], stopped_at: list[str]) -> Callable[[int], None]:
+    """The engine's ``on_step_end``: a resumable save (``resume_epoch``/``resume_step`` + RNG) every
+    ``--save_every_steps`` optimizer steps and when a stop is agreed (its label appended to ``stopped_at``);
+    the last step of the epoch is left to the end-of-epoch save."""
+
+    def save(step: int) -> None:
+        every = args.save_every_steps and (step + 1) % args.save_every_steps == 0
+        if (every or stop.agreed) and step + 1 < steps_per_epoch:
+            checkpoint = state(epoch - 1)
+            if dist_util.is_main_process():
+                checkpoint.update(resume_epoch=epoch, resume_step=step + 1, rng=harness.rng_state())
+            label = f"epoch {epoch} after {step + 1} step(s)"
+            run.keeper.save(checkpoint, label)
+            if stop.agreed:
+                stopped_at.append(label)
+
+    return save
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
     """Pretrain (or, with --eval_only, evaluate by kNN). Returns ``{'history': [...], 'knn_epochN': ...}`` or the
@@ -375,17 +430,7 @@ def main(args: argparse.Namespace) -> dict:
     device = harness.setup(args)
     validate_args(args)
     out_dir = harness.prepare_output(args, training=not args.eval_only)
-
-    # --- what to resume from (read before anything is written)
-    resume = harness.find_resume(args, out_dir, WRITER)
-    checkpoint = harness.read_checkpoint(resume, "--resume" if args.resume else "autoresume") if resume else None
-    if checkpoint is not None and ("model" not in checkpoint
-                                   or harness.checkpoint_writer(checkpoint) not in (None, WRITER)):
-        kind = harness.checkpoint_kind(checkpoint)
-        flag = "--resume" if args.resume else "autoresume"
-        raise harness.UserError(f"{flag} {resume}: not a pretraining checkpoint ("
-                                + (kind if kind else f"keys: {sorted(checkpoint)[:8]}")
-                                + "); --resume takes a checkpoint of main_pretrain.py (or the original release)")
+    resume, checkpoint = read_resume(args, out_dir)
 
     # --- data config, model, sizes
     cfg = None if args.eval_only else load_data_config(args)
@@ -393,13 +438,11 @@ def main(args: argparse.Namespace) -> dict:
     in_chans = overrides.pop("in_chans", 3) if cfg is None else len(cfg["data"]["mean"])
     overrides.pop("in_chans", None)
     args.model = name
-    patch = factory_patch_size(models_mae.MODELS[name])  # read from the model, not its name
-    args.patch_size = patch
-    validate_sizes(args, patch)
+    args.patch_size = factory_patch_size(models_mae.MODELS[name])  # read from the model, not its name
+    validate_sizes(args, args.patch_size)
     if args.eval_batch_size is None:
         args.eval_batch_size = 64 if args.eval_only else 32
     knn_sets = build_knn_sets(args) if (args.eval_only or not args.skip_knn_eval) else None
-
     model = build_model(args, name, overrides, in_chans).to(device)
     apply_model_options(model, args, device)
     n_params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -407,115 +450,55 @@ def main(args: argparse.Namespace) -> dict:
         load_model_weights(model, checkpoint["model"], resume)
         print(f"loaded model weights from {resume}")
     eval_model = maybe_compile(model, args)  # kNN features (the same wrapper trains below)
-
     if args.eval_only:
         print(f"model {name}: {n_params:.1f} M parameters")
         if checkpoint is None:
             print("WARNING: --allow_random_init: evaluating a randomly initialised model")
-        if dist_util.is_main_process():
-            harness.save_run_config(out_dir, args, cfg, evaluating=True)
-        result = run_knn(args, eval_model, knn_sets, device, None, None)
-        dist_util.cleanup()
-        return result
+        return harness.evaluate_only(out_dir, args, cfg, lambda: run_knn(args, eval_model, knn_sets, device, None,
+                                                                         None))
 
-    eff_batch = args.batch_size * args.accum_iter * args.world_size
-    if args.lr is None:
-        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, args.world_size)
-    optimizer, amp = harness.build_optimizer(param_groups_weight_decay(model, args.weight_decay), args, device)
-    start_step = harness.restore_training_state(checkpoint if not args.eval_only else None, optimizer, amp, args,
-                                                source=str(resume))
-    if harness.nothing_left(args, resume, start_step):
+    # --- optimizer, resumed training state, data
+    optimizer, amp, start_step = harness.start_optimizer(param_groups_weight_decay(model, args.weight_decay), args,
+                                                         device, checkpoint, resume)
+    if start_step is None:
         dist_util.cleanup()
         return {"history": []}
-    if args.gpu_pipeline:
-        from dataloaders.gpu_pipeline import build_gpu_pipeline_loader
-
-        loader, sampler, steps_per_epoch = build_gpu_pipeline_loader(args, cfg, device)
-    else:
-        loader, sampler, steps_per_epoch = build_train_loader(args, cfg, device)
-    if steps_per_epoch == 0:
-        raise harness.UserError(f"the dataset gives {len(sampler)} samples per process, fewer than --batch_size "
-                                f"{args.batch_size}: lower the batch size or add data")
-    print(f"model {name}: {n_params:.1f} M parameters; effective batch {eff_batch}; lr {args.lr:.3g} "
-          f"(blr {args.blr:.3g}); {steps_per_epoch} steps per epoch")
-
+    loader, sampler, steps_per_epoch = build_loader(args, cfg, device)
+    print(f"model {name}: {n_params:.1f} M parameters; effective batch "
+          f"{args.batch_size * args.accum_iter * args.world_size}; lr {args.lr:.3g} (blr {args.blr:.3g}); "
+          f"{steps_per_epoch} steps per epoch")
     model_without_ddp = model
-    model = eval_model
-    if args.distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=True,
-        )
+    model = harness.wrap_ddp(eval_model, args, device, find_unused_parameters=True)
 
     # --- the run starts: from here on the output folder describes it
-    harness.save_run_config(out_dir, args, cfg)
-    warn_dead_flags(args, get_args_parser(), DEAD_FLAGS)
-    log_writer = harness.open_log_writer(args.log_dir) if dist_util.is_main_process() else None
-    keeper = harness.CheckpointKeeper(out_dir, WRITER)
+    run = harness.TrainingRun(args, out_dir, WRITER, cfg, parser=get_args_parser(), dead_flags=DEAD_FLAGS,
+                              start_step=start_step)
     sampler.set_epoch(args.start_epoch)
     sampler.skip = start_step * args.batch_size
-    mean, std = cfg["data"]["mean"], cfg["data"]["std"]
-    vis_factor = float(cfg["data"].get("vis_factor", 1.0) or 1.0)
+    figures = ReconstructionFigures(model_without_ddp, cfg, out_dir, run.log_writer)
+    results: dict[str, Any] = {}
 
-    from util.visualize import BackgroundFigures, reconstruction_grid, save_reconstruction
+    def knn_monitor(epoch: int) -> None:
+        if knn_sets is not None and run.start_step == 0 and (epoch % args.knn_eval_freq == 0 or epoch == args.epochs):
+            results[f"knn_epoch{epoch}"] = run_knn(args, eval_model, knn_sets, device, epoch, run.log_writer)
 
-    figures = BackgroundFigures()
-
-    def draw(global_step: int, imgs, targets, preds, mask) -> None:
-        fig = reconstruction_grid(model_without_ddp, imgs, targets, preds, mask, mean, std, vis_factor)
-        save_reconstruction(fig, out_dir / "vis" / f"step{global_step:08d}.png", log_writer, "reconstruction",
-                            global_step)
-
-    def visualize(global_step: int, batch_out) -> None:
-        """Host copies of the first samples now; drawing and saving on the figure thread, off the step."""
-        imgs, targets, outputs = batch_out
-        host = [t[:4].detach().float().cpu() for t in (imgs, targets, *outputs[1], outputs[2])]
-        figures.submit(draw, global_step, host[0], host[1], host[2:5], host[5])
-
-    def checkpoint_state(epoch_done: int) -> dict:
+    def state(epoch_done: int) -> dict:
         return {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done,
                 "scaler": amp.state_dict(), "args": args_to_plain(args)}
 
-    history = []
-    epoch_log = JsonlLogger(out_dir)
-    results: dict[str, Any] = {}
-    with harness.training_run(log_writer, keeper) as stop, figures:
-        for epoch in range(args.start_epoch, args.epochs + 1):
-            if knn_sets is not None and start_step == 0 and (epoch % args.knn_eval_freq == 0 or epoch == args.epochs):
-                results[f"knn_epoch{epoch}"] = run_knn(args, eval_model, knn_sets, device, epoch, log_writer)
-            if epoch == args.epochs:
-                break
-            sampler.set_epoch(epoch)
+    def train_epoch(epoch: int, stop: harness.StopRequest) -> dict:
+        sampler.set_epoch(epoch)
+        stopped_at: list[str] = []
+        stats = train_one_epoch(model, loader, optimizer, device, epoch, amp, args, run.log_writer,
+                                start_step=run.start_step, steps_per_epoch=steps_per_epoch,
+                                on_step_end=mid_epoch_saver(args, run, stop, epoch, steps_per_epoch, state, stopped_at),
+                                on_visualize=figures, on_finite_loss=run.keeper.verify, stop=stop)
+        if stopped_at:  # SIGTERM/SIGUSR1: the resumable state is saved; this epoch's stats stay unlogged
+            harness.stop_preempted(stop, f"saved {run.keeper.latest} at {stopped_at[0]}")
+        return stats
 
-            stopped_at: list[str] = []
-
-            def save_mid_epoch(step: int, epoch=epoch) -> None:
-                every = args.save_every_steps and (step + 1) % args.save_every_steps == 0
-                if (every or stop.agreed) and step + 1 < steps_per_epoch:
-                    state = checkpoint_state(epoch - 1)
-                    if dist_util.is_main_process():
-                        state.update(resume_epoch=epoch, resume_step=step + 1, rng=harness.rng_state())
-                    label = f"epoch {epoch} after {step + 1} step(s)"
-                    keeper.save(state, label)
-                    if stop.agreed:
-                        stopped_at.append(label)
-
-            stats = train_one_epoch(model, loader, optimizer, device, epoch, amp, args, log_writer,
-                                    start_step=start_step, steps_per_epoch=steps_per_epoch,
-                                    on_step_end=save_mid_epoch, on_visualize=visualize, on_finite_loss=keeper.verify,
-                                    stop=stop)
-            if stopped_at:  # SIGTERM/SIGUSR1: the resumable state is saved; this epoch's stats stay unlogged
-                harness.stop_preempted(stop, f"saved {keeper.latest} at {stopped_at[0]}")
-            start_step = 0
-            keeper.save(checkpoint_state(epoch), f"the end of epoch {epoch}", epoch=epoch, args=args)
-            log_stats = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
-            history.append(log_stats)
-            epoch_log.log(log_stats)  # rank 0 only
-            if log_writer is not None:
-                log_writer.flush()
-            if stop.agreed and epoch + 1 < args.epochs:
-                harness.stop_preempted(stop, f"saved {keeper.latest} at the end of epoch {epoch}")
-    dist_util.cleanup()
-    results["history"] = history
+    results["history"] = run.train(train_epoch, state, before_epoch=knn_monitor, context=figures.thread,
+                                   mid_epoch_saves=True, announce=False)
     return results
 
 

@@ -34,18 +34,16 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
+import harness
 import models_seg
 import models_vit
 from engine_segment import evaluate, scale_key, train_one_epoch
+from harness.pretrained import choose_encoder, read_start, resolve_model_name
 from util import dist as dist_util
-from util import harness
 from util.accel import add_compile_args, maybe_compile
 from util.amp import AmpConfig
-from util.checkpoint import args_to_plain, describe_state_dict_mismatch, strip_module_prefix
+from util.checkpoint import args_to_plain
 from util.lr_decay import param_groups_lrd, param_groups_weight_decay
-from util.lr_sched import effective_lr
-from util.metrics import JsonlLogger
-from util.pretrained import architecture_of, read_start, resolve_model_name
 
 WRITER = "main_segment"
 DEFAULT_MODEL = "vit_large_patch16"
@@ -85,16 +83,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="SyncBatchNorm in the neck and heads under DDP on CUDA (default on)")
     g.add_argument("--no_sync_bn", action="store_false", dest="sync_bn")
 
-    g = p.add_argument_group("data")
-    g.add_argument("--config", default=None, help=f"segmentation data config (YAML; default config/{DEFAULT_CONFIG})")
-    g.add_argument("--data_root", default=None, help="folder that relative paths in --config resolve against")
-    g.add_argument("--data_override", nargs="*", default=[], metavar="data.KEY=VALUE")
+    g = harness.add_data_args(p, default_config=DEFAULT_CONFIG, config_help="segmentation data config (YAML)")
     g.add_argument("--base_resolution", default=1.0, type=float,
                    help="res of a window shown at its native pixel count, see the module docstring (default 1.0)")
     g.add_argument("--crop_scale", nargs=2, type=float, default=[1.0, 1.0], metavar=("MIN", "MAX"),
                    help="scale augmentation: train on a random square crop of MIN..MAX of the window side, resized "
                         "to --input_size (res follows the crop); default 1 1 = off")
-    harness.add_loader_args(g)
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval_scales", nargs="+", type=float, default=[1.0],
@@ -110,13 +104,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlays", action="store_true", help="also write overlay PNGs (prediction + label outline)")
     g.add_argument("--eval", action="store_true", help="evaluate (--resume or --checkpoint_path) and exit")
 
-    g = harness.add_run_args(p, output_dir_default="./output_dir/segment",
-                             output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
-                             resume_help="segmentation checkpoint of this script to resume from")
-    g.add_argument("--checkpoint_interval", default=10, type=int,
-                   help="keep checkpoint-{epoch}.pth every n epochs and the last; checkpoint-latest.pth always "
-                        "(default 10)")
-    g.add_argument("--print_freq", default=20, type=int, help="progress line every n steps (default 20)")
+    harness.add_run_args(p, output_dir_default="./output_dir/segment",
+                         output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
+                         resume_help="segmentation checkpoint of this script to resume from",
+                         checkpoint_interval=10)
     harness.add_distributed_args(p)
     return p
 
@@ -183,20 +174,22 @@ def build_param_groups(model: models_seg.SegmentationModel, args: argparse.Names
     return [g for g in groups if g["params"]]
 
 
-def load_resumed_weights(model: nn.Module, ckpt: Mapping, resume: str) -> float:
-    """Weights (strict) of this script's checkpoint; returns the best mIoU so far."""
-    state = dict(strip_module_prefix(ckpt["model"]))
-    own = model.state_dict()
-    key = "backbone.pos_embed"
-    if key in state and key in own and state[key].shape != own[key].shape:
-        state[key] = own[key]  # never used in forward (the GSD table is recomputed): evaluate at any --input_size
-    problem = describe_state_dict_mismatch(own, state)
-    if problem:
-        raise harness.UserError(f"--resume {resume} does not match the model (check --model, --out_indices, "
-                                f"--head_channels, --aux_channels and the classes): {problem}")
-    model.load_state_dict(state, strict=True)
+RESUME_CHECK = "--model, --out_indices, --head_channels, --aux_channels and the classes"
+
+
+def load_resumed(model: nn.Module, resumed: Optional[Mapping], resume: Optional[str], classes: list,
+                 config: str) -> float:
+    """The resumed run's weights (strict; its unused ``backbone.pos_embed`` may differ in size: evaluate at any
+    ``--input_size``), after checking its classes. Returns its best mIoU (0 when not resuming)."""
+    if resumed is None:
+        return 0.0
+    if resumed.get("classes") not in (None, classes):
+        raise harness.UserError(f"--resume {resume} was trained on classes {resumed['classes']}, but --config "
+                                f"{config} gives {classes}")
+    harness.load_resumed_weights(model, resumed["model"], f"--resume {resume}", check=RESUME_CHECK,
+                                 unused=("backbone.pos_embed",))
     print(f"resumed model weights from {resume}")
-    return float(ckpt.get("best_miou", 0.0) or 0.0)
+    return float(resumed.get("best_miou", 0.0) or 0.0)
 
 
 def make_writer(args: argparse.Namespace, out_dir: Path, val_ds, classes, ignore_index: int):
@@ -211,30 +204,77 @@ def make_writer(args: argparse.Namespace, out_dir: Path, val_ds, classes, ignore
                             ignore_index=ignore_index)
 
 
+class SegEvaluation:
+    """Per-scale IoU of ``model`` on the validation windows (``engine_segment.evaluate``), printed and saved as
+    ``<tag>.{md,json,png}``; keeps the best mIoU at the first ``--eval_scales`` entry and the last result.
+    ``model`` is the module that trains (set it again once wrapped in DDP)."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, val_ds, classes: list, out_dir: Path,
+                 device: torch.device, best_miou: float) -> None:
+        from dataloaders.segmentation import TileShardSampler, seg_collate
+
+        self.args, self.model, self.val_ds, self.classes, self.out_dir = args, model, val_ds, classes, out_dir
+        self.device, self.best_miou, self.last, self.patch = device, best_miou, {}, model.patch_size
+        self.loader = DataLoader(val_ds, sampler=TileShardSampler(val_ds.windows, dist_util.get_world_size(),
+                                                                  dist_util.get_rank()),
+                                 batch_size=args.eval_batch_size or args.batch_size, num_workers=args.num_workers,
+                                 pin_memory=args.pin_mem and device.type == "cuda", collate_fn=seg_collate)
+
+    def __call__(self, tag: str, final: bool) -> dict[str, Any]:
+        from util.seg_metrics import format_seg_table, save_seg_report
+
+        args = self.args
+        writer = make_writer(args, self.out_dir, self.val_ds, self.classes, args.ignore_index) if final else None
+        self.last = evaluate(self.model, self.loader, self.device, args.eval_scales, self.classes, args.ignore_index,
+                             AmpConfig(args.amp, self.device).dtype, 1 if args.object_f1 else None, writer,
+                             self.patch, args.print_freq)
+        if dist_util.is_main_process():
+            print(format_seg_table(self.last))
+            save_seg_report(self.last, self.out_dir, tag)
+            if writer is not None:
+                print(f"predictions written to {writer.out_dir} ({len(writer.written)} files on rank 0)")
+        return self.last
+
+    def after_epoch(self, epoch: int, log_writer: Any) -> dict[str, float]:
+        """The evaluation of an epoch (every ``--eval_freq`` and the last; the last writes predictions): the log
+        entries, and ``perf/miou_scale<s>`` in TensorBoard."""
+        last = epoch + 1 == self.args.epochs
+        if not (last or (epoch + 1) % self.args.eval_freq == 0):
+            return {}
+        result = self(f"seg-epoch{epoch + 1:04d}", final=last)
+        first = result["scales"][scale_key(self.args.eval_scales[0])]
+        self.best_miou = max(self.best_miou, first["miou"])
+        if log_writer is not None:
+            for key, r in result["scales"].items():
+                log_writer.add_scalar(f"perf/miou_scale{key}", r["miou"], epoch)
+        return {"test_miou": first["miou"], "test_pixel_acc": first["pixel_acc"],
+                "test_mean_miou": result["mean"]["miou"], "best_miou": self.best_miou}
+
+
+def train_loader(args: argparse.Namespace, train_ds, device: torch.device, length: int) -> tuple[DataLoader, Any]:
+    """The training loader and its sampler (``set_epoch`` each epoch); too few windows for a batch is an error."""
+    from dataloaders.segmentation import seg_collate
+
+    sampler = train_ds.make_sampler(dist_util.get_world_size(), dist_util.get_rank(), args.seed)
+    loader = DataLoader(train_ds, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, collate_fn=seg_collate)
+    harness.require(len(loader) > 0, f"data.length {length} gives {len(sampler)} windows per process, "
+                                     f"fewer than --batch_size {args.batch_size}")
+    return loader, sampler
+
+
 # ------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or ``--eval``); returns ``{"eval": last evaluation result, "best_miou", "history"}``."""
     from dataloaders.config import load_seg_config
-    from dataloaders.segmentation import TileShardSampler, build_seg_datasets, seg_collate
-    from util.seg_metrics import format_seg_table, save_seg_report
+    from dataloaders.segmentation import build_seg_datasets
 
     validate_args(args)
     harness.resolve_data_config(args, DEFAULT_CONFIG)
     device = harness.setup(args)
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
     out_dir = harness.prepare_output(args, training=not args.eval)
-
-    # --- what to start from
     resume, resumed, pretrained, pretrained_args = read_start(args, out_dir, WRITER)
-    if args.model is not None:
-        args.model = resolve_model_name(args.model)
-    elif resumed is not None and isinstance((resumed.get("args") or {}).get("model"), str):
-        args.model = resolve_model_name(resumed["args"]["model"], quiet=True)
-    elif pretrained is not None:
-        args.model = architecture_of(pretrained, pretrained_args, args.checkpoint_path)
-        print(f"--model not given: {args.model}, from {args.checkpoint_path}")
-    else:
-        args.model = DEFAULT_MODEL
+    choose_encoder(args, resume, resumed, pretrained, pretrained_args, DEFAULT_MODEL, prefix="backbone.")
 
     # --- data
     cfg = load_seg_config(args.config, data_root=args.data_root, overrides=args.data_override)
@@ -246,99 +286,47 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"per epoch shown at {args.input_size} px; validation {len(val_ds.source.paths)} raster(s), "
           f"{len(val_ds.windows)} windows")
 
-    # --- model
+    # --- model, evaluation
     model = build_model(args, len(classes), len(d["mean"]), pretrained).to(device)
-    if resumed is not None and resumed.get("classes") not in (None, classes):
-        raise harness.UserError(f"--resume {resume} was trained on classes {resumed['classes']}, but --config "
-                                f"{args.config} gives {classes}")
-    best_miou = load_resumed_weights(model, resumed, resume) if resumed is not None else 0.0
+    best_miou = load_resumed(model, resumed, resume, classes, args.config)
     if args.distributed and args.sync_bn and device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model_without_ddp = model
     model = maybe_compile(model, args)  # evaluation and training (under DDP below) share the wrapper
-    pin = args.pin_mem and device.type == "cuda"
-    val_loader = DataLoader(val_ds, sampler=TileShardSampler(val_ds.windows, world, rank),
-                            batch_size=args.eval_batch_size or args.batch_size, num_workers=args.num_workers,
-                            pin_memory=pin, collate_fn=seg_collate)
-    amp_dtype = AmpConfig(args.amp, device).dtype
-    object_class = 1 if args.object_f1 else None
-
-    def run_eval(tag: str, final: bool) -> dict[str, Any]:
-        writer = make_writer(args, out_dir, val_ds, classes, args.ignore_index) if final else None
-        result = evaluate(model, val_loader, device, args.eval_scales, classes, args.ignore_index, amp_dtype,
-                          object_class, writer, model_without_ddp.patch_size, args.print_freq)
-        if dist_util.is_main_process():
-            print(format_seg_table(result))
-            save_seg_report(result, out_dir, tag)
-            if writer is not None:
-                print(f"predictions written to {writer.out_dir} ({len(writer.written)} files on rank 0)")
-        return result
-
+    scores = SegEvaluation(args, model, val_ds, classes, out_dir, device, best_miou)
     if args.eval:
-        harness.save_run_config(out_dir, args, cfg, evaluating=True, classes=classes)
-        result = run_eval("seg-eval", final=True)
-        dist_util.cleanup()
+        result = harness.evaluate_only(out_dir, args, cfg, lambda: scores("seg-eval", final=True), classes=classes)
         return {"eval": result, "best_miou": best_miou, "history": []}
 
     # --- optimizer, resumed training state
-    if args.lr is None:
-        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, world)
+    optimizer, amp, start_step = harness.start_optimizer(build_param_groups(model_without_ddp, args), args, device,
+                                                         resumed, resume, keep_names=True)
+    if start_step is None:
+        result = scores(f"seg-epoch{args.start_epoch:04d}", final=True)
+        dist_util.cleanup()
+        return {"eval": result, "best_miou": best_miou, "history": []}
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model {args.model} + UPerNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({n_train / 1e6:.2f} M trainable), blocks {list(model_without_ddp.out_indices)}; effective batch "
-          f"{args.batch_size * args.accum_iter * world}; lr {args.lr:.3g}; layer decay {args.layer_decay}")
-    optimizer, amp = harness.build_optimizer(build_param_groups(model_without_ddp, args), args, device,
-                                         keep_names=True)
-    harness.restore_training_state(resumed, optimizer, amp, args, source=str(resume))
-    if harness.nothing_left(args, resume):
-        result = run_eval(f"seg-epoch{args.start_epoch:04d}", final=True)
-        dist_util.cleanup()
-        return {"eval": result, "best_miou": best_miou, "history": []}
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
-
-    sampler = train_ds.make_sampler(world, rank, args.seed)
-    train_loader = DataLoader(train_ds, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
-                              pin_memory=pin, drop_last=True, collate_fn=seg_collate)
-    harness.require(len(train_loader) > 0, f"data.length {d['length']} gives {len(sampler)} windows per process, "
-                                           f"fewer than --batch_size {args.batch_size}")
+          f"{args.batch_size * args.accum_iter * dist_util.get_world_size()}; lr {args.lr:.3g}; layer decay "
+          f"{args.layer_decay}")
+    model = scores.model = harness.wrap_ddp(model, args, device)
+    loader, sampler = train_loader(args, train_ds, device, d["length"])
 
     # --- the run starts: from here on the output folder describes it
-    harness.save_run_config(out_dir, args, cfg, classes=classes)
-    log_writer = harness.open_log_writer(args.log_dir) if dist_util.is_main_process() else None
-    keeper = harness.CheckpointKeeper(out_dir, WRITER)
-    jsonl = JsonlLogger(out_dir)
-    history: list[dict[str, Any]] = []
-    result: dict[str, Any] = {}
-    print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
-    with harness.training_run(log_writer, keeper) as stop:
-        for epoch in range(args.start_epoch, args.epochs):
-            sampler.set_epoch(epoch)
-            train_ds.epoch = epoch
-            train_stats = train_one_epoch(model, train_loader, optimizer, device, epoch, amp, args, log_writer,
-                                          on_finite_loss=keeper.verify, stop=stop)
-            if stop.agreed:  # no mid-epoch state here: resume redoes this epoch from the last epoch's save
-                harness.stop_preempted(stop, f"{keeper.holding()}; epoch {epoch} starts over")
-            log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-            last = epoch + 1 == args.epochs
-            if last or (epoch + 1) % args.eval_freq == 0:
-                result = run_eval(f"seg-epoch{epoch + 1:04d}", final=last)
-                first = result["scales"][scale_key(args.eval_scales[0])]
-                best_miou = max(best_miou, first["miou"])
-                log_stats.update({"test_miou": first["miou"], "test_pixel_acc": first["pixel_acc"],
-                                  "test_mean_miou": result["mean"]["miou"], "best_miou": best_miou})
-                if log_writer is not None:
-                    for key, r in result["scales"].items():
-                        log_writer.add_scalar(f"perf/miou_scale{key}", r["miou"], epoch)
-                    log_writer.flush()
-            state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
-                     "epoch": epoch, "scaler": amp.state_dict(), "args": args_to_plain(args),
-                     "best_miou": best_miou, "classes": classes}
-            keeper.save(state, f"the end of epoch {epoch}", epoch=epoch, args=args)
-            history.append(log_stats)
-            jsonl.log(log_stats)
-    dist_util.cleanup()
-    return {"eval": result, "best_miou": best_miou, "history": history}
+    run = harness.TrainingRun(args, out_dir, WRITER, cfg, classes=classes)
+
+    def train_epoch(epoch: int, stop: harness.StopRequest) -> dict[str, float]:
+        sampler.set_epoch(epoch)
+        train_ds.epoch = epoch
+        return train_one_epoch(model, loader, optimizer, device, epoch, amp, args, run.log_writer,
+                               on_finite_loss=run.keeper.verify, stop=stop)
+
+    history = run.train(train_epoch, lambda epoch: {
+        "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+        "scaler": amp.state_dict(), "args": args_to_plain(args), "best_miou": scores.best_miou, "classes": classes},
+        evaluate=lambda epoch: scores.after_epoch(epoch, run.log_writer))
+    return {"eval": scores.last, "best_miou": scores.best_miou, "history": history}
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ setup(
         "main_segment",
         "engine_segment",
     ],
-    packages=find_packages(include=["util", "util.*", "dataloaders", "dataloaders.*", "layers", "layers.*"]),
+    packages=find_packages(include=["harness", "harness.*", "util", "util.*", "dataloaders", "dataloaders.*", "layers",
+                                    "layers.*"]),
     package_data={"": ["*.yaml"]},
     install_requires=[
         "torch>=2.3",

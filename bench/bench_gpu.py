@@ -100,7 +100,7 @@ def run(config: str = "vit_large", batch: int = 32, precision: str = "bf16", var
     from bench_step import make_batch, make_optimizer
     from util.accel import CompiledWithFallback, apply_model_options
     from util.amp import AmpConfig
-    from util.harness import build_optimizer
+    from harness import build_optimizer
     from util.lr_decay import param_groups_weight_decay
 
     backend = None

@@ -2,7 +2,7 @@
 
 Prints one JSON object: the median step time over ``--iters`` steps after ``--warmup``, images/s, peak resident
 memory (CPU) or peak allocated memory (CUDA), the machine and its load. Losses as ``main_segment.py`` computes them
-(cross-entropy + 0.4 x auxiliary cross-entropy), parameter groups with layer-wise decay and the launchers' optimizer/AMP setup (``util.harness.build_optimizer``).
+(cross-entropy + 0.4 x auxiliary cross-entropy), parameter groups with layer-wise decay and the launchers' optimizer/AMP setup (``harness.build_optimizer``).
 
     python bench/bench_segment.py --model vit_large_patch16 --input_size 224 --batch_size 2 --device cpu
     python bench/bench_segment.py --model vit_large_patch16 --input_size 512 --batch_size 8 --device cuda --amp bf16
@@ -25,7 +25,7 @@ def run(model: str = "vit_tiny_patch16", input_size: int = 224, batch_size: int 
 
     import main_segment
     import models_seg
-    from util import harness
+    import harness
 
     torch.manual_seed(seed)
     dev = torch.device(device)

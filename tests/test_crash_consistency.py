@@ -25,9 +25,9 @@ import torch
 
 import engine_pretrain
 import main_pretrain
-from util import harness
+import harness
 from util import io as uio
-from util.run_control import EXIT_PREEMPTED, LOCK_NAME
+from harness.run_control import EXIT_PREEMPTED, LOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "config" / "demo.yaml")
@@ -75,7 +75,7 @@ def forked_run(args: list[str], log: Path, **env: str) -> int:
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "main_pretrain", "util.harness"])
+    ctx.set_forkserver_preload(["torch", "main_pretrain", "harness"])
     proc = ctx.Process(target=_child_run, args=(args, str(log), env))
     proc.start()
     proc.join(300)
@@ -400,7 +400,7 @@ def test_probe_and_segment_launchers_take_the_same_lock(tmp_path, live_pid, caps
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "is used by another run" in err, err
     assert _snapshot(out) == before
-    assert "CheckpointKeeper(out_dir, WRITER)" in (REPO / f"{launcher}.py").read_text()
+    assert "harness.TrainingRun(args, out_dir, WRITER" in (REPO / f"{launcher}.py").read_text()  # its keeper
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -424,7 +424,7 @@ def test_eval_only_never_writes_checkpoints_even_while_training_holds_the_folder
 def test_lock_of_an_earlier_start_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch, capsys):
     """A requeued SLURM job (same job ID, next restart count) may land on another node: its earlier start's lock
     is taken over with a warning; another job's lock from another host is still refused."""
-    from util.run_control import LockRefused, OutputLock
+    from harness.run_control import LockRefused, OutputLock
 
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
@@ -472,7 +472,7 @@ import torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import engine_pretrain
 from util.amp import AmpConfig
-from util.run_control import StopRequest
+from harness.run_control import StopRequest
 
 
 class Stub(torch.nn.Module):  # the engine's model interface; a real model changes nothing about the stop
@@ -538,7 +538,7 @@ def test_probe_and_segment_engines_stop_after_the_signalled_step():
     import engine_finetune
     import engine_segment
     from util.amp import AmpConfig
-    from util.run_control import StopRequest
+    from harness.run_control import StopRequest
 
     cpu = torch.device("cpu")
     amp = AmpConfig("none", cpu)

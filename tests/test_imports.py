@@ -66,3 +66,44 @@ def test_rule_homes_import_neither_models_nor_data_loaders():
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {(n.module or "").split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
         assert not imported & forbidden, (rel, imported & forbidden)
+
+
+LAUNCHERS = {"main_pretrain", "main_linprobe", "main_segment", "main_eval", "main_infer", "engine_pretrain",
+             "engine_finetune", "engine_segment"}
+MODELS = {"models_mae", "models_vit", "models_seg"}
+# what each layer of the house may not import (the arrows point down only): util < dataloaders < harness < launchers
+FORBIDDEN = {
+    "util": {"dataloaders", "harness", "layers"} | MODELS | LAUNCHERS,
+    "dataloaders": {"harness"} | MODELS | LAUNCHERS,
+    "harness": LAUNCHERS,
+}
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (absolute imports, at any depth in the file)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    return names | {(n.module or "").split(".")[0] for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and n.level == 0}
+
+
+def upward_imports() -> list[str]:
+    """Every import that points up the house: ``file: module``."""
+    found = []
+    for layer, forbidden in FORBIDDEN.items():
+        for path in sorted((ROOT / layer).rglob("*.py")):
+            for name in sorted(imported_modules(path) & forbidden):
+                found.append(f"{path.relative_to(ROOT)}: {name}")
+    return found
+
+
+def test_layers_import_only_downwards():
+    """util/ imports neither the data loaders, the run scaffolding, the models nor the launchers; dataloaders/
+    imports no models, harness or launchers; harness/ imports no launcher or engine."""
+    assert not upward_imports(), upward_imports()
+
+
+def test_the_layer_scanner_sees_a_nested_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from dataloaders.config import load_config\n    import models_vit as m\n")
+    assert imported_modules(bad) >= {"dataloaders", "models_vit"}

@@ -22,7 +22,8 @@ import main_linprobe
 import main_pretrain
 import models_mae
 import models_vit
-from util import harness
+import harness
+from util.amp import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("export_encoder", REPO / "tools" / "export_encoder.py")
@@ -337,7 +338,7 @@ def test_checkpoint_keeper_contract(tmp_path):
     assert "state A" in note and "state B" in note
     assert (tmp_path / "checkpoint-0.pth").is_file() and not (tmp_path / "checkpoint-1.pth").exists()
     assert harness.checkpoint_writer(restored) == "main_segment"
-    with pytest.raises(harness.NonFiniteLossError, match="state C"):
+    with pytest.raises(NonFiniteLossError, match="state C"):
         keeper.save({"model": {"w": torch.tensor([float("nan")])}}, "state C")
     assert torch.load(latest, weights_only=True)["state_label"] == "state A"
     assert not list(tmp_path.glob(".checkpoint-*.tmp"))
@@ -348,7 +349,8 @@ import sys
 import torch
 import torch.distributed as dist
 sys.path.insert(0, sys.argv[2])
-from util import dist as dist_util, harness
+import harness
+from util import dist as dist_util
 
 dist.init_process_group("gloo")
 rank = dist.get_rank()

@@ -20,7 +20,7 @@ import torch.nn as nn
 import main_linprobe
 import models_mae
 from engine_finetune import evaluate
-from util.pretrained import resolve_model_name
+from harness.pretrained import resolve_model_name
 
 NUM_CLASSES = 4
 

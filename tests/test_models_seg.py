@@ -127,10 +127,10 @@ def test_segment_resume_at_another_input_size():
 
     small = models_seg.build_segmentation_model("vit_tiny_patch16", 2, img_size=64, channels=16, aux_channels=8)
     large = models_seg.build_segmentation_model("vit_tiny_patch16", 2, img_size=224, channels=16, aux_channels=8)
-    main_segment.load_resumed_weights(large, {"model": small.state_dict(), "best_miou": 0.5}, "ckpt.pth")
+    main_segment.load_resumed(large, {"model": small.state_dict(), "best_miou": 0.5}, "ckpt.pth", [0, 1], "c.yaml")
     own, src = large.state_dict(), small.state_dict()
     assert own["backbone.pos_embed"].shape != src["backbone.pos_embed"].shape
     assert all(torch.equal(own[k], src[k]) for k in own if k != "backbone.pos_embed")
     other = models_seg.build_segmentation_model("vit_tiny_patch16", 2, img_size=64, channels=32, aux_channels=8)
     with pytest.raises(SystemExit, match="does not match the model"):
-        main_segment.load_resumed_weights(other, {"model": small.state_dict()}, "ckpt.pth")
+        main_segment.load_resumed(other, {"model": small.state_dict()}, "ckpt.pth", [0, 1], "c.yaml")

@@ -13,7 +13,7 @@ import engine_pretrain
 import main_pretrain
 import models_mae
 from conftest import DATA_DIR
-from util import harness
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = str(REPO / "config" / "demo.yaml")
@@ -65,17 +65,17 @@ def test_model_flag_equal_to_parser_default_is_honoured():
 
 
 def test_num_workers_default_fits_the_machine(monkeypatch):
-    from util import harness
+    import harness.devices as devices
 
     assert main_pretrain.get_args_parser().parse_args([]).num_workers is None
-    monkeypatch.setattr(harness, "usable_cores", lambda: 2)
+    monkeypatch.setattr(devices, "usable_cores", lambda: 2)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert harness.default_num_workers() == 1
-    monkeypatch.setattr(harness, "usable_cores", lambda: 96)
-    assert harness.default_num_workers() == 10
+    assert devices.default_num_workers() == 1
+    monkeypatch.setattr(devices, "usable_cores", lambda: 96)
+    assert devices.default_num_workers() == 10
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(harness, "usable_cores", lambda: 2)
-    assert harness.default_num_workers() == 0
+    monkeypatch.setattr(devices, "usable_cores", lambda: 2)
+    assert devices.default_num_workers() == 0
 
 
 def fixed_batch(n: int = 8):
@@ -138,17 +138,17 @@ def test_mid_epoch_resume_continues_exactly(tmp_path, monkeypatch):
     reference = torch.load(full / "checkpoint-latest.pth", weights_only=True)["model"]
 
     crashed = tmp_path / "crashed"
-    real_save = harness.save_checkpoint
+    real_save = harness.checkpoints.save_checkpoint
 
     def save_then_crash(state, path):
         real_save(state, path)
         if "resume_step" in state:
             raise KeyboardInterrupt("simulated crash")
 
-    monkeypatch.setattr(harness, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(harness.checkpoints, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
         main_pretrain.main(demo_args(crashed, "--save_every_steps", "2"))
-    monkeypatch.setattr(harness, "save_checkpoint", real_save)
+    monkeypatch.setattr(harness.checkpoints, "save_checkpoint", real_save)
     partial = torch.load(crashed / "checkpoint-latest.pth", weights_only=True)
     assert (partial["resume_epoch"], partial["resume_step"]) == (0, 2)
     main_pretrain.main(demo_args(crashed))

@@ -37,7 +37,7 @@ import main_pretrain
 import main_segment
 import models_mae
 import models_vit
-from util import harness
+import harness
 
 REPO = Path(__file__).resolve().parents[1]
 

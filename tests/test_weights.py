@@ -12,8 +12,8 @@ import main_linprobe
 import main_pretrain
 import models_mae
 import models_vit
-from util import harness
-from util.pretrained import architecture_of
+import harness
+from harness.pretrained import architecture_of
 from util.weights import KNOWN_ARCHS, count_blocks, encoder_name, factory_patch_size, patch_size_of
 
 DEMO = str(Path(__file__).resolve().parent.parent / "config" / "demo.yaml")

@@ -68,7 +68,7 @@ __all__ = [
 # CLI
 # --------------------------------------------------------------------------------------------------------------
 def get_args_parser() -> argparse.ArgumentParser:
-    from util.harness import ArgumentParser  # one-line errors, closest flag for a typo
+    from harness import ArgumentParser  # one-line errors, closest flag for a typo
 
     p = ArgumentParser(
         description="Export a Scale-MAE encoder as a timm ViT state dict (.pth + .safetensors + .json).")
@@ -94,7 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _check_args(args: argparse.Namespace, formats: Sequence[str]) -> None:
-    from util.harness import UserError
+    from harness import UserError
 
     if args.img_size is not None and args.img_size <= 0:
         raise UserError(f"--img_size {args.img_size}: must be > 0")
@@ -142,6 +142,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from util import harness
+    import harness
 
     harness.run(run, get_args_parser())

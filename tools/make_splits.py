@@ -21,7 +21,7 @@ if str(_REPO_ROOT) not in sys.path:  # run as a script: this checkout's modules,
 from dataloaders.errors import DataError  # noqa: E402
 from dataloaders.scenes import fmow_rgb_filter  # noqa: E402
 from dataloaders.splits import verify_sha256sums, write_split_lists  # noqa: E402
-from util.harness import ArgumentParser  # noqa: E402
+from harness import ArgumentParser  # noqa: E402
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:

@@ -1,7 +1,7 @@
 """Speed options shared by the launchers: the decoder implementation and ``torch.compile`` with an eager fallback
 that names the real error.
 
-The launchers call these functions and nothing else (the fused AdamW lives in ``util.harness.build_optimizer``):
+The launchers call these functions and nothing else (the fused AdamW lives in ``harness.build_optimizer``):
 
 * ``apply_model_options(model, args, device)``: the decoder implementation (``--fast_decoder auto|on|off``: the
   channels-last path of ``layers/fast_decoder.py`` on CPU, the reference NCHW modules elsewhere) and the gradient

@@ -6,12 +6,13 @@ that is enabled only for fp16 (bf16 has fp32's exponent range and needs no loss 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import ContextManager, Iterable, Optional
 
 import torch
 
-__all__ = ["NonFiniteLossError", "AMP_MODES", "add_amp_arg", "AmpConfig", "amp_dtype", "autocast_context",
-           "grad_norm"]
+__all__ = ["NonFiniteLossError", "check_finite_loss", "AMP_MODES", "add_amp_arg", "AmpConfig", "amp_dtype",
+           "autocast_context", "grad_norm"]
 
 _DTYPES = {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 AMP_MODES = ("auto", "none", "fp16", "bf16")
@@ -19,6 +20,18 @@ AMP_MODES = ("auto", "none", "fp16", "bf16")
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stops without writing a checkpoint."""
+
+
+def check_finite_loss(loss_mean: float, epoch: int, step: int, loss_local: Optional[float] = None,
+                      where: str = "") -> None:
+    """The one non-finite-loss check of the engines: raise :class:`NonFiniteLossError` naming the epoch and step
+    unless ``loss_mean`` -- the loss averaged over ranks, so that every rank raises together -- is finite.
+    ``loss_local`` (this rank's loss) is the value named when it is the non-finite one; ``where`` is appended to
+    the step (e.g. the global step)."""
+    if math.isfinite(loss_mean):
+        return
+    shown = loss_local if loss_local is not None and not math.isfinite(loss_local) else loss_mean
+    raise NonFiniteLossError(f"loss is {shown} at epoch {epoch}, step {step}{where}; training stopped.")
 
 
 def _cuda_supports_bf16(device: torch.device) -> bool:

@@ -19,6 +19,7 @@ Launchers recognised, in this order:
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime
 import os
 import re
@@ -43,6 +44,7 @@ __all__ = [
     "first_host_from_nodelist",
     "setup_for_distributed",
     "ShardSampler",
+    "no_sync",
 ]
 
 DEFAULT_MASTER_PORT = "29500"
@@ -245,6 +247,14 @@ def cleanup() -> None:
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()
     _restore_print()
+
+
+def no_sync(model: torch.nn.Module, skip: bool) -> Any:
+    """``model.no_sync()`` (DDP: this backward does not all-reduce gradients) when ``skip``, else a null context:
+    gradient accumulation all-reduces only on the micro-step that steps the optimizer."""
+    if skip and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------------------------------------------

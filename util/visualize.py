@@ -121,5 +121,11 @@ class BackgroundFigures:
     def __enter__(self) -> "BackgroundFigures":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # the run is already failing (e.g. a full disk): its error is the one to report, not the figure's
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass

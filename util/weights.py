@@ -1,6 +1,6 @@
 """Weights -> encoder: the one home of what every consumer of pretrained weights needs to know.
 
-``main_pretrain.py`` / ``models_mae.infer_architecture``, ``util/pretrained.py`` (``main_linprobe.py``,
+``main_pretrain.py`` / ``models_mae.infer_architecture``, ``harness/pretrained.py`` (``main_linprobe.py``,
 ``main_segment.py``), ``models_vit`` / ``models_seg`` (loading) and ``tools/export_encoder.py`` (a thin CLI over this
 module) all read weights through these pieces:
 
@@ -11,11 +11,11 @@ module) all read weights through these pieces:
 * :func:`count_blocks`, :func:`patch_size_of`, :func:`factory_patch_size`, :func:`encoder_name`: shapes read from
   the weights or the model, never guessed from a model's name;
 * :func:`infer_encoder_arch`, :func:`to_timm_state_dict`, :func:`export_encoder`, :func:`load_encoder_file`,
-  :func:`build_timm_encoder`: the timm export and reading it back (the GSD-aware import back into ``models_vit`` is
-  ``models_vit.import_encoder``, beside the model class it builds).
+  :func:`build_timm_encoder`: the timm export and reading it back (the GSD-aware way back into the ViT class is
+  ``import_encoder`` in the ViT module, beside the model class it builds).
 
 This module holds data and tensor code only: it imports torch, timm (on demand) and ``util.checkpoint``, never this
-repository's models (``util/`` sits below them), which is why the import back lives in ``models_vit``.
+repository's models (``util/`` sits below them), which is why the way back lives beside the ViT class.
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ state dict, or an exported encoder (``.pth`` / ``.safetensors``). What they shar
 * ``architecture_of(state, saved_args, source)``: the encoder's ``models_vit`` name, from its saved ``--model`` or
   its tensor shapes;
 * ``read_start(args, out_dir, writer)``: what a launcher that starts from pretrained weights starts from (its own
-  resumed checkpoint, else ``--checkpoint_path``), with the checks both such launchers make.
+  resumed checkpoint, else ``--checkpoint_path``), with the checks both such launchers make;
+* ``choose_encoder(...)``: the encoder such a launcher builds (``--model``, else the weights').
 
 (``main_pretrain.py`` rebuilds the whole MAE, decoder included, from ``models_mae.infer_architecture``.)
 """
@@ -25,10 +26,12 @@ from typing import Mapping, Optional
 
 import torch
 
-from util import harness
+from harness.checkpoints import checkpoint_kind, checkpoint_writer, find_resume, read_checkpoint
+from harness.errors import UserError, require
+from util.checkpoint import strip_module_prefix
 from util.weights import KNOWN_ARCHS, count_blocks, encoder_name, state_dict_of
 
-__all__ = ["state_dict_of", "read_pretrained", "resolve_model_name", "architecture_of", "read_start"]
+__all__ = ["state_dict_of", "read_pretrained", "resolve_model_name", "architecture_of", "read_start", "choose_encoder"]
 
 
 def read_pretrained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -38,15 +41,15 @@ def read_pretrained(path: str) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors.torch import load_file
 
         if not Path(path).is_file():
-            raise harness.UserError(f"--checkpoint_path {path}: file not found")
+            raise UserError(f"--checkpoint_path {path}: file not found")
         try:
             return load_file(path), {}
         except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise harness.UserError(f"--checkpoint_path {path}: not a readable safetensors file ({err})") from None
-    ckpt = harness.read_checkpoint(path, "--checkpoint_path")
-    if harness.checkpoint_writer(ckpt) == "main_segment":  # its encoder tensors are backbone.*: not pretrained weights
-        raise harness.UserError(f"--checkpoint_path {path}: {harness.checkpoint_kind(ckpt)}; --checkpoint_path "
-                                f"takes pretrained weights (main_pretrain.py or an exported encoder)")
+            raise UserError(f"--checkpoint_path {path}: not a readable safetensors file ({err})") from None
+    ckpt = read_checkpoint(path, "--checkpoint_path")
+    if checkpoint_writer(ckpt) == "main_segment":  # its encoder tensors are backbone.*: not pretrained weights
+        raise UserError(f"--checkpoint_path {path}: {checkpoint_kind(ckpt)}; --checkpoint_path "
+                        f"takes pretrained weights (main_pretrain.py or an exported encoder)")
     saved_args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
     return state_dict_of(ckpt), saved_args
 
@@ -65,8 +68,8 @@ def resolve_model_name(name: str, quiet: bool = False) -> str:
             if not quiet:
                 print(f"NOTE: --model {name} is a pretraining model; using its encoder {encoder}")
             return encoder
-    raise harness.UserError(f"--model {name!r} is not an encoder; choose from {sorted(models_vit.MODELS)} "
-                            f"(or an MAE name such as mae_vit_large_patch16)")
+    raise UserError(f"--model {name!r} is not an encoder; choose from {sorted(models_vit.MODELS)} "
+                    f"(or an MAE name such as mae_vit_large_patch16)")
 
 
 def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, source: str) -> str:
@@ -77,14 +80,14 @@ def architecture_of(state: Mapping[str, torch.Tensor], saved_args: Mapping, sour
             return resolve_model_name(saved, quiet=True)
     weight = state.get("patch_embed.proj.weight")
     if weight is None:
-        raise harness.UserError(f"{source}: no encoder tensors (patch_embed.proj.weight is missing); is it a "
-                                f"Scale-MAE checkpoint?")
+        raise UserError(f"{source}: no encoder tensors (patch_embed.proj.weight is missing); is it a "
+                        f"Scale-MAE checkpoint?")
     key = (int(weight.shape[-1]), int(weight.shape[0]), count_blocks(state))
     name = encoder_name(*key)
     if name is None:
         known = sorted(v[1] for v in KNOWN_ARCHS.values() if v[1] is not None)
-        raise harness.UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
-                                f"model in {known}; pass --model")
+        raise UserError(f"{source}: encoder (patch {key[0]}, width {key[1]}, depth {key[2]}) matches no "
+                        f"model in {known}; pass --model")
     return name
 
 
@@ -95,16 +98,16 @@ def read_start(args: argparse.Namespace, out_dir: Path, writer: str
     (not read when resuming). One-line errors: a resumed file without ``model`` or written by another launcher, and
     no weights at all without ``--allow_random_init``."""
     flag = "--resume" if args.resume else "autoresume"
-    resume = harness.find_resume(args, out_dir, writer)
-    resumed = harness.read_checkpoint(resume, flag) if resume else None
+    resume = find_resume(args, out_dir, writer)
+    resumed = read_checkpoint(resume, flag) if resume else None
     if resumed is not None:
-        written_by = harness.checkpoint_writer(resumed)
-        kind = harness.checkpoint_kind(resumed)
+        written_by = checkpoint_writer(resumed)
+        kind = checkpoint_kind(resumed)
         if "model" not in resumed or written_by not in (None, writer):
-            raise harness.UserError(f"{flag} {resume}: not a checkpoint of {writer}.py ("
-                                    + (kind if kind else f"keys: {sorted(resumed)[:8]}")
-                                    + f"); {flag} continues a run of {writer}.py, pretrained weights go to "
-                                      f"--checkpoint_path")
+            raise UserError(f"{flag} {resume}: not a checkpoint of {writer}.py ("
+                            + (kind if kind else f"keys: {sorted(resumed)[:8]}")
+                            + f"); {flag} continues a run of {writer}.py, pretrained weights go to "
+                              f"--checkpoint_path")
     if resumed is not None and args.checkpoint_path:
         saved = resumed.get("args") if isinstance(resumed.get("args"), Mapping) else {}
         started_from = saved.get("checkpoint_path")
@@ -116,7 +119,29 @@ def read_start(args: argparse.Namespace, out_dir: Path, writer: str
     pretrained, pretrained_args = (None, {})
     if args.checkpoint_path and resumed is None:
         pretrained, pretrained_args = read_pretrained(args.checkpoint_path)
-    harness.require(resumed is not None or pretrained is not None or args.allow_random_init,
-                    "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
-                    "--allow_random_init trains a randomly initialised encoder)")
+    require(resumed is not None or pretrained is not None or args.allow_random_init,
+            "no weights: pass --checkpoint_path <pretrained.pth> (or --resume a run of this script; "
+            "--allow_random_init trains a randomly initialised encoder)")
     return resume, resumed, pretrained, pretrained_args
+
+
+def choose_encoder(args: argparse.Namespace, resume: Optional[str], resumed: Optional[Mapping],
+                   pretrained: Optional[Mapping[str, torch.Tensor]], pretrained_args: Mapping, default: str,
+                   prefix: str = "") -> str:
+    """Set and return ``args.model``, the ``models_vit`` encoder of a launcher that starts from pretrained weights
+    (:func:`read_start`'s result): ``--model``; else the resumed checkpoint's (its saved ``--model``, else the
+    shapes of its tensors under ``prefix``); else the pretrained weights'; else ``default``."""
+    if args.model is not None:
+        args.model = resolve_model_name(args.model)
+        return args.model
+    if resumed is not None:
+        state = {k[len(prefix):]: v for k, v in strip_module_prefix(resumed["model"]).items() if k.startswith(prefix)}
+        saved = resumed.get("args") if isinstance(resumed.get("args"), Mapping) else {}
+        args.model = architecture_of(state, saved, str(resume))
+        print(f"--model not given: {args.model}, from {resume}")
+    elif pretrained is not None:
+        args.model = architecture_of(pretrained, pretrained_args, args.checkpoint_path)
+        print(f"--model not given: {args.model}, from {args.checkpoint_path}")
+    else:
+        args.model = default
+    return args.model

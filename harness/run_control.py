@@ -5,6 +5,7 @@
   the lock of a dead process on this host (or of an earlier boot, or of an earlier start of the same requeued SLURM
   job) is taken over with a warning; a lock of another host is refused (remove the file if that run is dead).
   Released when the run ends.
+  :func:`take_output_lock` / :func:`release_output_lock` hold this process's one lock (released at exit).
 * :class:`StopRequest` -- SIGTERM and SIGUSR1 (SLURM ``--signal=USR1@90`` before preemption or the time limit,
   torchrun's elastic stop) set a flag instead of killing the process. The engine reads it at its existing sync
   points (every rank agrees on the same step), the launcher saves a resumable checkpoint and exits with
@@ -13,6 +14,7 @@
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -25,8 +27,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Optional
 
-__all__ = ["EXIT_PREEMPTED", "LOCK_NAME", "OutputLock", "LockRefused", "StopRequest"]
+from util import dist as dist_util
 
+__all__ = ["EXIT_PREEMPTED", "LATEST", "LOCK_NAME", "OutputLock", "LockRefused", "StopRequest", "take_output_lock",
+           "release_output_lock"]
+
+LATEST = "checkpoint-latest.pth"  # the file a training run resumes from
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a resumable save; rerun the same command
 LOCK_NAME = "run.lock"
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
@@ -175,3 +181,37 @@ class StopRequest:
             except (ValueError, OSError):
                 pass
         self._previous.clear()
+
+
+_LOCK: Optional[OutputLock] = None
+
+
+def release_output_lock() -> None:
+    """Give up this process's lock of its output folder (at exit; ``harness.run`` calls it, and ``atexit``)."""
+    global _LOCK
+    if _LOCK is not None:
+        _LOCK.release()
+        _LOCK = None
+
+
+atexit.register(release_output_lock)
+
+
+def take_output_lock(out_dir: Path) -> None:
+    """Rank 0 takes ``out_dir/run.lock``; every rank learns whether it was refused (one collective under DDP), so
+    that all stop together with rank 0's one line (:class:`LockRefused`, a user error)."""
+    global _LOCK
+    refused: Optional[LockRefused] = None
+    if dist_util.is_main_process():
+        release_output_lock()
+        lock = OutputLock(out_dir)
+        try:
+            lock.acquire()
+            _LOCK = lock
+        except LockRefused as err:
+            refused = err
+    if dist_util.get_world_size() > 1:
+        if dist_util.all_reduce_means([1.0 if refused else 0.0])[0] > 0 and refused is None:
+            raise LockRefused(f"--output_dir {out_dir} is used by another run (rank 0 says which)")
+    if refused is not None:
+        raise refused

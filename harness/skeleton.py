@@ -1,0 +1,160 @@
+"""The training-run skeleton every launcher uses: the optimiser with its resumed state, the epoch loop with the
+checkpoint keeper, the stop on SIGTERM/SIGUSR1, the non-finite-loss exit, the log, and the evaluate-only tail.
+
+A launcher's ``main()`` wires its hooks into it::
+
+    optimizer, amp, start_step = harness.start_optimizer(param_groups, args, device, resumed, resume)
+    if start_step is None: return ...                             # --epochs already done
+    run = harness.TrainingRun(args, out_dir, WRITER, cfg)         # config.yaml, TensorBoard, keeper, log.txt
+    history = run.train(train_epoch=lambda epoch, stop: ..., state=lambda epoch: {...}, evaluate=...)
+
+``TrainingRun.train`` runs, for each epoch from ``args.start_epoch``: ``before_epoch(epoch)`` (also once more with
+``epoch == args.epochs``, e.g. a kNN monitor), ``train_epoch(epoch, stop)`` -> stats, ``evaluate(epoch)`` -> log
+entries, ``keeper.save(state(epoch))``, one ``log.txt`` line. A stop agreed during an epoch exits with status 75:
+the epoch starts over on resume, unless the launcher's ``train_epoch`` saves mid-epoch (``mid_epoch_saves``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Optional, TypeVar
+
+import torch
+
+from util import dist as dist_util
+from util.amp import AmpConfig, NonFiniteLossError
+from util.lr_sched import effective_lr
+from util.metrics import JsonlLogger
+from harness.checkpoints import CheckpointKeeper, nothing_left, restore_training_state
+from harness.devices import build_optimizer
+from harness.errors import cleanup_quietly, is_rank0, report_error
+from harness.flags import warn_dead_flags
+from harness.output import open_log_writer, save_run_config
+from harness.run_control import EXIT_PREEMPTED, StopRequest
+
+__all__ = ["stop_preempted", "training_run", "start_optimizer", "evaluate_only", "TrainingRun"]
+
+T = TypeVar("T")
+
+
+def stop_preempted(stop: StopRequest, what: str) -> None:
+    """End a run stopped by SIGTERM/SIGUSR1: one line (rank 0) saying ``what`` was saved, then exit status 75
+    (``EXIT_PREEMPTED``, EX_TEMPFAIL) on every rank, which a requeue script tests."""
+    if is_rank0():
+        sys.stdout.flush()
+        signame = stop.signal_name or "a stop signal on another rank"
+        dist_util.ORIGINAL_PRINT(f"stopped by {signame}: {what}; rerun the same command to resume "
+                                  f"(exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
+    cleanup_quietly()
+    raise SystemExit(EXIT_PREEMPTED)
+
+
+@contextlib.contextmanager
+def training_run(log_writer: Any = None, keeper: Optional[CheckpointKeeper] = None) -> Iterator[StopRequest]:
+    """Context of a training loop; yields the run's :class:`StopRequest` (SIGTERM/SIGUSR1 handlers installed for
+    its duration: pass it to the engine and end with :func:`stop_preempted` once ``stop.agreed``). A
+    ``NonFiniteLossError`` makes ``keeper`` undo unverified saves and becomes one ``error:`` line (rank 0) and exit
+    status 1; ``log_writer`` is closed however the loop ends; the training time is printed when it ends normally."""
+    start = time.time()
+    stop = StopRequest().install()
+    try:
+        yield stop
+    except NonFiniteLossError as err:
+        note = keeper.reject() if keeper is not None else ""
+        report_error(f"{err} {note} Try a lower --blr, --amp bf16 instead of fp16, or --clip_grad.")
+        cleanup_quietly()
+        raise SystemExit(1) from None
+    finally:
+        stop.restore()
+        if log_writer is not None:
+            log_writer.close()
+    if keeper is not None:
+        keeper.finish()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start))}")
+
+
+def start_optimizer(param_groups: list[dict], args: argparse.Namespace, device: torch.device,
+                    resumed: Optional[Mapping], resume: Optional[str], keep_names: bool = False
+                    ) -> tuple[torch.optim.Optimizer, AmpConfig, Optional[int]]:
+    """``--lr`` (default: ``--blr`` scaled by the effective batch), AdamW + AMP (:func:`build_optimizer`) and the
+    training state of the resumed checkpoint ``resumed`` (sets ``args.start_epoch``). Returns ``(optimizer, amp,
+    step to start at)``; the step is None (and the reason printed) when the resumed run has finished ``--epochs``."""
+    if args.lr is None:
+        args.lr = effective_lr(args.blr, args.batch_size, args.accum_iter, dist_util.get_world_size())
+    optimizer, amp = build_optimizer(param_groups, args, device, keep_names=keep_names)
+    start_step = restore_training_state(resumed, optimizer, amp, args, source=str(resume))
+    return optimizer, amp, (None if nothing_left(args, resume, start_step) else start_step)
+
+
+def evaluate_only(out_dir: Path, args: argparse.Namespace, cfg: Optional[Mapping], evaluate: Callable[[], T],
+                  **config_extra: Any) -> T:
+    """The tail of an evaluation run (``--eval`` / ``--eval_only``): ``config_eval.yaml``, ``evaluate()``, the
+    process group torn down. Returns the evaluation's result."""
+    save_run_config(out_dir, args, cfg, evaluating=True, **config_extra)
+    result = evaluate()
+    dist_util.cleanup()
+    return result
+
+
+class TrainingRun:
+    """One training run in ``out_dir``: created once the run is about to train (it writes ``config.yaml`` and its
+    history entry, warns about ``dead_flags`` set by the user, opens TensorBoard on rank 0 and the
+    :class:`CheckpointKeeper` of ``writer``), then :meth:`train` runs the epoch loop (see the module docstring).
+
+    Attributes the hooks may read: ``log_writer`` (None off rank 0), ``keeper``, ``history`` (one dict per
+    finished epoch, as in ``log.txt``), ``start_step`` (the resumed step inside ``args.start_epoch``; 0 after the
+    first epoch).
+    """
+
+    def __init__(self, args: argparse.Namespace, out_dir: Path, writer: str, cfg: Optional[Mapping], *,
+                 parser: Optional[argparse.ArgumentParser] = None, dead_flags: Optional[Mapping[str, str]] = None,
+                 start_step: int = 0, **config_extra: Any) -> None:
+        save_run_config(out_dir, args, cfg, **config_extra)
+        if dead_flags and parser is not None:
+            warn_dead_flags(args, parser, dead_flags)
+        self.args, self.out_dir, self.start_step = args, out_dir, start_step
+        self.log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() else None
+        self.keeper = CheckpointKeeper(out_dir, writer)
+        self.log = JsonlLogger(out_dir)
+        self.history: list[dict[str, Any]] = []
+
+    def train(self, train_epoch: Callable[[int, StopRequest], Mapping[str, float]],
+              state: Callable[[int], dict], *, evaluate: Optional[Callable[[int], Mapping[str, Any]]] = None,
+              before_epoch: Optional[Callable[[int], None]] = None, context: Optional[ContextManager] = None,
+              mid_epoch_saves: bool = False, announce: bool = True) -> list[dict[str, Any]]:
+        """The epoch loop from ``args.start_epoch`` to ``args.epochs`` under :func:`training_run`.
+
+        ``train_epoch(epoch, stop)``: one epoch (the engine gets ``stop`` and ``on_finite_loss=run.keeper.verify``),
+        returns its averaged stats (logged as ``train_<key>``); ``evaluate(epoch)``: entries added to the epoch's
+        log line (called before the save, so that ``state`` can hold the best score); ``state(epoch)``: the
+        checkpoint saved at the end of the epoch; ``context``: entered inside the loop's context (e.g. a figure
+        thread). Returns the history; the process group is torn down at the end."""
+        args, keeper = self.args, self.keeper
+        if announce:
+            print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
+        with training_run(self.log_writer, keeper) as stop, context or contextlib.nullcontext():
+            for epoch in range(args.start_epoch, args.epochs + 1):
+                if before_epoch is not None:
+                    before_epoch(epoch)
+                if epoch == args.epochs:
+                    break
+                stats = train_epoch(epoch, stop)
+                if stop.agreed and not mid_epoch_saves:  # no mid-epoch state: resume redoes this epoch
+                    stop_preempted(stop, f"{keeper.holding()}; epoch {epoch} starts over")
+                self.start_step = 0
+                entry: dict[str, Any] = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
+                if evaluate is not None:
+                    entry.update(evaluate(epoch))
+                keeper.save(state(epoch), f"the end of epoch {epoch}", epoch=epoch, args=args)
+                self.history.append(entry)
+                self.log.log(entry)  # rank 0 only
+                if self.log_writer is not None:
+                    self.log_writer.flush()
+                if stop.agreed and epoch + 1 < args.epochs:  # the engine finished the epoch: resume at the next
+                    stop_preempted(stop, f"saved {keeper.latest} at the end of epoch {epoch}")
+        dist_util.cleanup()
+        return self.history
