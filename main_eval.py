@@ -22,7 +22,7 @@ import torch
 
 from evaluation import features as feats
 from evaluation.checkpoints import CheckpointInfo, build_eval_model, inspect_checkpoint
-from evaluation.suite import DATA_ROOT_ENV, CheckpointSpec, DatasetSpec, Recipe, Suite, load_suite, \
+from evaluation.suite import DATA_ROOT_ENV, CheckpointSpec, DatasetSpec, Recipe, Suite, checkpoint_spec, load_suite, \
     resolve_data_root
 from util import dist as dist_util
 from util import harness
@@ -128,9 +128,7 @@ def main(args: argparse.Namespace) -> dict:
     device = harness.setup(args)
     suite = load_suite(args.suite, resolve_data_root(args.data_root), args.datasets)
     if args.checkpoints:
-        from evaluation.suite import _default_name, _source
-
-        specs = [CheckpointSpec(_default_name(s), _source(s, Path.cwd())) for s in args.checkpoints]
+        specs = [checkpoint_spec(s, Path.cwd()) for s in args.checkpoints]
         names = [c.name for c in specs]
         if len(set(names)) != len(names):
             specs = [CheckpointSpec(f"{i}-{c.name}", c.source) for i, c in enumerate(specs)]
@@ -138,9 +136,9 @@ def main(args: argparse.Namespace) -> dict:
     if args.sweep and (suite.protocol != "probe" or not any(d.sweep for d in suite.datasets)):
         raise harness.UserError(f"--sweep: suite {suite.path} has no sweep: section for the probe protocol "
                                 f"(protocol {suite.protocol}); drop --sweep or use config/eval/frozen_probe.yaml")
+    rows_spec = present_datasets(suite, args.strict)  # before reading (maybe downloading) any checkpoint
     infos = [inspect_checkpoint(c.name, c.source, suite.model) for c in suite.checkpoints]
-    check_sizes(suite, infos, args.sweep)
-    rows_spec = present_datasets(suite, args.strict)
+    check_sizes(suite, infos, args.sweep)  # every row of the suite, present on this disk or not
     out_dir = harness.make_folder(args.output_dir, "--output_dir") if dist_util.is_main_process() \
         else Path(args.output_dir)
     cache_dir = Path(args.cache_dir) if args.cache_dir else out_dir / "feature_cache"
@@ -178,7 +176,10 @@ def main(args: argparse.Namespace) -> dict:
         entry = None
         if i not in todo and dist_util.is_main_process():
             entry = feats.read_entry(path)
-            if entry is None:  # removed or damaged since the plan: recompute (rank 0 alone, no process group)
+            if entry is None:  # removed or damaged since the plan: recompute
+                harness.require(dist_util.get_world_size() == 1,
+                                f"feature cache entry {path} vanished or is damaged (it was there at start-up); "
+                                f"run again: it will be recomputed")
                 todo.add(i)
         if i in todo and (entry is None):
             if info.name not in models:
@@ -270,8 +271,7 @@ def _finish(args, suite: Suite, specs: list[DatasetSpec], infos: list[Checkpoint
     if png is not None:
         paths["png"] = png
     log_scalars(args.log_dir, name, rows)
-    print(format_markdown(f"{name} ({suite.protocol})", [{k: v for k, v in r.items() if k != "val_by_C"}
-                                                        for r in rows + means]))
+    print(format_markdown(f"{name} ({suite.protocol})", rows + means))
     print("tables: " + ", ".join(str(p) for p in paths.values()))
     return {"rows": rows, "means": means, "paths": {k: str(v) for k, v in paths.items()}}
 

@@ -43,8 +43,8 @@ def columns(rows: Sequence[dict]) -> list[str]:
     first = ["checkpoint", "dataset", "size", "native_size", "scale", "res", "recipe", "acc"]
     seen = [c for c in first if any(c in r for r in rows)]
     for r in rows:
-        for c in r:
-            if c not in seen and c not in ("sizes",):
+        for c, value in r.items():
+            if c not in seen and c != "sizes" and not isinstance(value, (dict, list)):  # those: JSON only
                 seen.append(c)
     tail = [c for c in ("reference", "diff") if c in seen]
     return [c for c in seen if c not in tail] + tail

@@ -40,7 +40,7 @@ import yaml
 from util.harness import UserError
 
 __all__ = ["Recipe", "CheckpointSpec", "DatasetSpec", "Suite", "load_suite", "DATA_ROOT_ENV", "resolve_data_root",
-           "RECIPE_DEFAULTS", "PROBE_DEFAULTS"]
+           "RECIPE_DEFAULTS", "PROBE_DEFAULTS", "checkpoint_spec"]
 
 DATA_ROOT_ENV = "SCALEMAE_DATA"
 PROTOCOLS = ("knn", "probe")
@@ -217,17 +217,23 @@ def _checkpoints(entries: Any, path: Path) -> list:
                 raise UserError(f"suite {path}: checkpoints[{i}]: give root and a list exp_ids (run folders "
                                 f"root/<id>), or a path")
             for exp in item["exp_ids"]:
-                out.append(CheckpointSpec(str(exp), _source(str(Path(str(item["root"])) / str(exp)), base)))
+                out.append(checkpoint_spec(str(Path(str(item["root"])) / str(exp)), base, str(exp)))
             continue
         if not item.get("path"):
             raise UserError(f"suite {path}: checkpoints[{i}] has no path")
-        src = _source(str(item["path"]), base)
-        out.append(CheckpointSpec(str(item.get("name") or _default_name(src)), src))
+        out.append(checkpoint_spec(str(item["path"]), base, item.get("name")))
     names = [c.name for c in out]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise UserError(f"suite {path}: checkpoint names must differ, {dup} repeat (give each a name)")
     return out
+
+
+def checkpoint_spec(src: str, base: Path, name: Optional[str] = None) -> CheckpointSpec:
+    """A checkpoint given as a path (relative to ``base`` when it exists there), URL or run folder; named by
+    ``name``, else its file or folder name."""
+    resolved = _source(src, base)
+    return CheckpointSpec(str(name or _default_name(resolved)), resolved)
 
 
 def _source(src: str, base: Path) -> str:

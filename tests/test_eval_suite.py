@@ -20,19 +20,19 @@ from evaluation import features as feats
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = [16, 32, 48]
-CLASSES = ("farm", "forest", "river")
+CLASSES = ("farm", "forest", "river", "road")
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def _images(folder: Path, per_class: int, seed: int, side: int = 32) -> list[str]:
-    """Class folders of small PNGs whose colour depends on the class (plus noise); returns ``./class/file`` lines."""
+    """Class folders of small PNGs whose colour depends a little on the class (plus much noise: far from 100 %); returns ``./class/file`` lines."""
     rng = np.random.default_rng(seed)
     lines = []
     for c, name in enumerate(CLASSES):
         (folder / name).mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            base = np.array([60 + 70 * c, 200 - 60 * c, 90 + 30 * (c % 2)], dtype=np.float64)
-            img = np.clip(base + rng.normal(0, 40, (side, side, 3)), 0, 255).astype(np.uint8)
+            base = np.array([120 + 6 * c, 130 - 4 * c, 110 + 5 * (c % 2)], dtype=np.float64)
+            img = np.clip(base + rng.normal(0, 60, (side, side, 3)), 0, 255).astype(np.uint8)
             fname = f"{name}_{seed}_{i}.png"
             Image.fromarray(img).save(folder / name / fname)
             lines.append(f"./{name}/{fname}")
@@ -50,7 +50,7 @@ def world(tmp_path_factory) -> dict:
     val = _images(resisc, 2, seed=2)
     (resisc / "train.txt").write_text("\n".join(train) + "\n")
     (resisc / "val.txt").write_text("\n".join(val) + "\n")
-    _images(data / "eurosat", 5, seed=3)
+    _images(data / "eurosat", 8, seed=3)
     ckpts = []
     for seed in (0, 1):
         torch.manual_seed(seed)
@@ -154,6 +154,7 @@ def test_every_cell_equals_main_pretrain_eval_only_then_cache_and_recipe_change(
     suite = write_suite(tmp_path / "s.yaml", world)
     out = run_eval(["--suite", str(suite), "--output_dir", str(tmp_path / "o")])
     assert out["computed"] == 12 and out["cached"] == 0 and len(out["rows"]) == 12
+    assert len({r["top1_k3"] for r in out["rows"]}) > 2  # the data separates cells: equality below means something
     flags = {"resisc": ["--eval_train_fnames", str(world["data"] / "resisc45" / "train.txt"),
                         "--eval_val_fnames", str(world["data"] / "resisc45" / "val.txt")],
              "eurosat": ["--eval_path", str(world["data"] / "eurosat"), "--seed", "0"]}
