@@ -82,7 +82,24 @@ def present_datasets(suite: Suite, strict: bool) -> list[DatasetSpec]:
         if strict:
             raise harness.UserError(line)
         print(f"WARNING: {line}; skipped")
+    if not out:
+        raise harness.UserError(f"suite {suite.path}: none of its dataset roots exists under the data root "
+                                f"({', '.join(str(s.root) for s in suite.datasets[:3])}"
+                                f"{' ...' if len(suite.datasets) > 3 else ''}): set --data_root or ${DATA_ROOT_ENV}")
     return out
+
+
+def warn_data(spec: DatasetSpec, data: feats.CellData, suite: Suite) -> None:
+    """The warnings ``main_pretrain.py --eval_only`` gives for the same data: a k above the bank size, query classes
+    the bank lacks."""
+    from dataloaders.scenes import warn_unseen_classes
+
+    bank = len(data.bank)
+    k = max(max(r.k) for r in spec.recipes) if suite.protocol == "knn" else int(suite.probe["knn_k"])
+    if k > bank:
+        print(f"WARNING: datasets.{spec.name}: k {k} is larger than the kNN bank ({bank} images): k is clipped to "
+              f"{bank}, so every query votes with the whole bank")
+    warn_unseen_classes(data.bank, data.query, f"the bank of datasets.{spec.name}")
 
 
 def broadcast(obj: Any) -> Any:
@@ -152,6 +169,8 @@ def main(args: argparse.Namespace) -> dict:
         key = (spec.name, recipe.normalization)
         if key not in data:
             data[key] = feats.build_datasets(spec, recipe)
+            if key[1] == spec.recipes[0].normalization:  # the same files under every normalisation: warn once
+                warn_data(spec, data[key], suite)
         return data[key]
 
     cells = []

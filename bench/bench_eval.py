@@ -52,8 +52,8 @@ def run(model: str, classes: int, per_class: int, side: int, sizes: list[int], b
         tmp = Path(tmp)
         make_data(tmp / "data" / "bench", classes, per_class, side)
         torch.manual_seed(0)
-        torch.save({"model": models_mae.MODELS[model](img_size=max(16, sizes[0])).state_dict(), "args": {"model": model}},
-                   tmp / "ckpt.pth")
+        weights = models_mae.MODELS[model]().state_dict()
+        torch.save({"model": weights, "args": {"model": model}}, tmp / "ckpt.pth")
         suite = {"suite": "bench", "protocol": "knn", "checkpoints": [str(tmp / "ckpt.pth")],
                  "recipe": {"k": [20], "batch_size": batch_size},
                  "datasets": {"bench": {"dataset": "resisc", "root": "bench", "train": "train.txt", "val": "val.txt",
@@ -100,7 +100,8 @@ def run(model: str, classes: int, per_class: int, side: int, sizes: list[int], b
         "threads": torch.get_num_threads(),
         "features_per_size": {str(k): v for k, v in sorted(per_size.items())},
         "cold": {"seconds": round(cold_s, 3), "cells_computed": cold["computed"]},
-        "cached": {"seconds": round(cached_s, 3), "cells_computed": cached["computed"], "cells_cached": cached["cached"]},
+        "cached": {"seconds": round(cached_s, 3), "cells_computed": cached["computed"],
+                   "cells_cached": cached["cached"]},
         "knn_seconds": round(knn_s, 4),
         "probe_seconds": round(probe_s, 4),
         "probe_C_grid": PROBE_DEFAULTS["C"], "probe_bootstrap": PROBE_DEFAULTS["bootstrap"],

@@ -25,7 +25,8 @@ CLASSES = ("farm", "forest", "river", "road")
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def _images(folder: Path, per_class: int, seed: int, side: int = 32) -> list[str]:
-    """Class folders of small PNGs whose colour depends a little on the class (plus much noise: far from 100 %); returns ``./class/file`` lines."""
+    """Class folders of small PNGs whose colour depends a little on the class (plus much noise: accuracies far from
+    100 %, so that cells differ); returns the ``./class/file`` lines."""
     rng = np.random.default_rng(seed)
     lines = []
     for c, name in enumerate(CLASSES):
@@ -135,7 +136,8 @@ def test_bad_suites_are_one_line_before_any_work(world, tmp_path, capsys, change
 
 
 def test_missing_root_skips_that_dataset_unless_strict(world, tmp_path, capsys):
-    suite = write_suite(tmp_path / "s.yaml", world, **{"datasets.resisc.root": "nowhere", "datasets.eurosat.sizes": [16],
+    suite = write_suite(tmp_path / "s.yaml", world, **{"datasets.resisc.root": "nowhere",
+                                                        "datasets.eurosat.sizes": [16],
                                                         "checkpoints": [str(world["ckpts"][0])]})
     out = run_eval(["--suite", str(suite), "--data_root", str(world["data"]), "--output_dir", str(tmp_path / "o")])
     printed = capsys.readouterr().out
@@ -144,6 +146,9 @@ def test_missing_root_skips_that_dataset_unless_strict(world, tmp_path, capsys):
     line = error_line(["--suite", str(suite), "--data_root", str(world["data"]), "--output_dir", str(tmp_path / "p"),
                        "--strict"], capsys)
     assert "datasets.resisc: root" in line and "nowhere not found" in line
+    line = error_line(["--suite", str(suite), "--data_root", str(tmp_path / "empty"), "--output_dir",
+                       str(tmp_path / "q")], capsys)
+    assert "none of its dataset roots exists" in line
 
 
 # ------------------------------------------------------------------------------------- faithful, cached, resumed
