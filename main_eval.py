@@ -195,10 +195,11 @@ def main(args: argparse.Namespace) -> dict:
         entry = None
         if i not in todo and dist_util.is_main_process():
             entry = feats.read_entry(path)
-            if entry is None:  # removed or damaged since the plan: recompute
-                harness.require(dist_util.get_world_size() == 1,
-                                f"feature cache entry {path} vanished or is damaged (it was there at start-up); "
-                                f"run again: it will be recomputed")
+            if entry is None:  # removed or damaged since the plan: recompute (alone: the other ranks go on)
+                if dist_util.get_world_size() > 1:
+                    path.unlink(missing_ok=True)
+                    raise harness.UserError(f"feature cache entry {path} vanished or was damaged (it was there at "
+                                            f"start-up; now removed): run again, it will be recomputed")
                 todo.add(i)
         if i in todo and (entry is None):
             if info.name not in models:

@@ -104,6 +104,9 @@ def plot_suite(rows: Sequence[dict], path: str | os.PathLike, ylabel: str) -> Op
             if cells:
                 ax.plot([r["scale"] for r in cells], [r["acc"] for r in cells], marker="o", label=ckpt)
         ax.set_xscale("log", base=2)
+        scales = sorted({r["scale"] for r in rows if r["dataset"] == ds})
+        ax.set_xticks(scales, [f"{s:.3g}" for s in scales], fontsize=7)
+        ax.minorticks_off()
         ax.set_title(ds)
         ax.set_xlabel("size / native size")
         ax.set_ylabel(ylabel)

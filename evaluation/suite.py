@@ -301,11 +301,18 @@ def load_suite(path: str | os.PathLike, data_root: Path, only: Optional[Sequence
                                  path))
     probe = dict(PROBE_DEFAULTS)
     probe.update(_check_keys(top.get("probe"), tuple(PROBE_DEFAULTS), "probe", path))
-    if not (0 < float(probe["val_fraction"]) < 1):
+    if not (isinstance(probe["val_fraction"], float) and 0 < probe["val_fraction"] < 1):
         raise UserError(f"suite {path}: probe.val_fraction must be in (0, 1), got {probe['val_fraction']!r}")
-    probe["C"] = [float(c) for c in (probe["C"] if isinstance(probe["C"], list) else [probe["C"]])]
-    if not probe["C"] or min(probe["C"]) <= 0:
+    grid = probe["C"] if isinstance(probe["C"], list) else [probe["C"]]
+    if not grid or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in grid):
         raise UserError(f"suite {path}: probe.C must be positive numbers, got {probe['C']!r}")
+    probe["C"] = [float(c) for c in grid]
+    for key in ("knn_k", "max_iter"):
+        probe[key] = _int_list(probe[key], f"probe.{key}", path)[0]
+    if not (isinstance(probe["bootstrap"], int) and probe["bootstrap"] >= 0):
+        raise UserError(f"suite {path}: probe.bootstrap must be a whole number >= 0, got {probe['bootstrap']!r}")
+    if not (isinstance(probe["confidence"], float) and 0 < probe["confidence"] < 1):
+        raise UserError(f"suite {path}: probe.confidence must be in (0, 1), got {probe['confidence']!r}")
     sweep = _check_keys(top.get("sweep"), SWEEP_KEYS, "sweep", path)
     checkpoints = _checkpoints(top.get("checkpoints"), path)
 
@@ -355,9 +362,7 @@ def _dataset(name: str, d: dict, recipe: dict, sweep: dict, data_root: Path, whe
         if key == "size":
             values = _int_list(values, f"{where}.sweep.size", path)
         else:
-            _recipe_fields({key: v for v in values[:1]}, f"{where}.sweep", path)
-            for v in values:
-                _recipe_fields({key: v}, f"{where}.sweep", path)
+            values = [_recipe_fields({key: v}, f"{where}.sweep", path)[key] for v in values]
         own_sweep[key] = values
     reference = d.get("reference")
     if reference is not None and not isinstance(reference, (int, float)):

@@ -126,6 +126,8 @@ def test_shipped_suites_parse():
     ({"model": "mae_vit_base_patch16"}, r"checkpoint a \(.*\) is mae_vit_tiny_patch16, but the suite's model is "
                                         r"mae_vit_base_patch16"),
     ({"datasets.resisc.val": None}, r"give both train and val"),
+    ({"checkpoint": "x.pth"}, r"unknown key <top level>.checkpoint \(did you mean 'checkpoints'\?\)"),
+    ({"probe": {"C": [0.0, 1.0]}}, r"probe.C must be positive numbers"),
 ])
 def test_bad_suites_are_one_line_before_any_work(world, tmp_path, capsys, change, expected):
     suite = write_suite(tmp_path / "s.yaml", world, **change)
@@ -220,6 +222,9 @@ def test_interrupted_run_resumes_with_only_the_missing_cells(world, tmp_path, mo
     assert resumed["computed"] == 1 and resumed["cached"] == 2
     fresh = run_eval(argv[:-1] + [str(tmp_path / "fresh")])
     assert fresh["computed"] == 3 and fresh["rows"] == resumed["rows"]
+    entries[0].write_bytes(b"truncated")  # a damaged entry is recomputed, the others are read
+    repaired = run_eval(argv)
+    assert repaired["computed"] == 1 and repaired["rows"] == fresh["rows"]
 
 
 # ------------------------------------------------------------------------------------------------ probe
