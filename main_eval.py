@@ -184,54 +184,62 @@ def main(args: argparse.Namespace) -> dict:
     print(f"suite {suite.name}: {len(infos)} checkpoint(s) x {len(rows_spec)} dataset(s): {len(cells)} cell(s), "
           f"{len(cells) - len(missing)} cached, {len(missing)} to compute (cache {cache_dir})")
 
-    # --- features (all ranks compute, rank 0 writes and scores)
-    results: list[dict] = []
-    computed, cached, spent = 0, 0, 0.0
-    models: dict[str, torch.nn.Module] = {}
-    todo = set(missing)
-    for i, (info, spec, recipe, path) in enumerate(cells):
-        d = cell_data(spec, recipe)
-        label = f"[{i + 1}/{len(cells)}] {info.name} | {spec.name} | {recipe.describe()}"
-        entry = None
-        if i not in todo and dist_util.is_main_process():
-            entry = feats.read_entry(path)
-            if entry is None:  # removed or damaged since the plan: recompute (alone: the other ranks go on)
-                if dist_util.get_world_size() > 1:
-                    path.unlink(missing_ok=True)
-                    raise harness.UserError(f"feature cache entry {path} vanished or was damaged (it was there at "
-                                            f"start-up; now removed): run again, it will be recomputed")
-                todo.add(i)
-        if i in todo and (entry is None):
-            if info.name not in models:
-                models.clear()  # one model in memory at a time
-                models[info.name] = build_eval_model(info, device)
-            start = time.perf_counter()
-            entry = feats.extract(models[info.name], d, recipe, device, num_workers=min(args.num_workers, 4))
-            elapsed = time.perf_counter() - start
-            if dist_util.is_main_process():
-                entry["meta"] = {"checkpoint": info.source, "weights": info.weights, "dataset": spec.name,
-                                 "recipe": {f: getattr(recipe, f) for f in feats.FEATURE_FIELDS},
-                                 "code_version": feats.FEATURE_CODE_VERSION}
-                feats.write_entry(path, entry)
-            computed += 1
-            spent += elapsed
-            left = sum(1 for j in todo if j > i)
-            n_img = entry["bank"].shape[0] + entry["query"].shape[0]
-            eta = spent / computed * left
-            print(f"{label}: features of {n_img} images in {elapsed:.1f} s ({n_img / max(elapsed, 1e-9):.0f} img/s); "
-                  f"{left} cell(s) left, ETA {_duration(eta)}")
-        else:
-            cached += 1
-            print(f"{label}: cached")
+    # --- features of the missing cells: every rank extracts its shard, rank 0 writes the cache entry
+    computed, spent = 0, 0.0
+    model, model_of = None, None  # one model in memory at a time
+
+    def compute(i: int) -> dict:
+        nonlocal model, model_of, computed, spent
+        info, spec, recipe, path = cells[i]
+        if model_of != info.name:
+            model, model_of = None, None
+            model, model_of = build_eval_model(info, device), info.name
+        start = time.perf_counter()
+        entry = feats.extract(model, cell_data(spec, recipe), recipe, device, num_workers=min(args.num_workers, 4))
+        elapsed = time.perf_counter() - start
         if dist_util.is_main_process():
-            if suite.protocol == "knn":
-                scores = knn_row(entry, recipe, d.num_classes)
-            else:
-                scores = probe_row(entry, recipe, d.num_classes, suite.probe)
-            results.append({"checkpoint": info.name, "dataset": spec.name, "size": recipe.size,
-                            "native_size": spec.native_size, "scale": recipe.size / spec.native_size,
-                            "res": _res(recipe), "recipe": recipe.describe(), **scores, "_recipe": recipe})
-    models.clear()
+            entry["meta"] = {"checkpoint": info.source, "weights": info.weights, "dataset": spec.name,
+                             "recipe": {f: getattr(recipe, f) for f in feats.FEATURE_FIELDS},
+                             "code_version": feats.FEATURE_CODE_VERSION}
+            feats.write_entry(path, entry)
+        computed += 1
+        spent += elapsed
+        left = sum(1 for j in missing if j > i)
+        n_img = entry["bank"].shape[0] + entry["query"].shape[0]
+        print(f"{label(i)}: features of {n_img} images in {elapsed:.1f} s ({n_img / max(elapsed, 1e-9):.0f} img/s); "
+              f"{left} cell(s) left, ETA {_duration(spent / computed * left)}")
+        return entry
+
+    def label(i: int) -> str:
+        info, spec, recipe, _ = cells[i]
+        return f"[{i + 1}/{len(cells)}] {info.name} | {spec.name} | {recipe.describe()}"
+
+    for i in missing:
+        compute(i)
+    model = None
+    dist_util.barrier()  # every shard is in; the other ranks are done
+
+    # --- scores on rank 0, from the cache (kNN and probe need no other rank)
+    results: list[dict] = []
+    cached = len(cells) - len(missing)
+    for i, (info, spec, recipe, path) in enumerate(cells if dist_util.is_main_process() else []):
+        entry = feats.read_entry(path)
+        if entry is None:  # removed or damaged since the plan: recompute (one process only: no collectives here)
+            if dist_util.get_world_size() > 1:
+                path.unlink(missing_ok=True)
+                raise harness.UserError(f"feature cache entry {path} vanished or was damaged (it was there at "
+                                        f"start-up; now removed): run again, it will be recomputed")
+            entry = compute(i)
+            cached -= 1
+        d = cell_data(spec, recipe)
+        if suite.protocol == "knn":
+            scores = knn_row(entry, recipe, d.num_classes)
+        else:
+            scores = probe_row(entry, recipe, d.num_classes, suite.probe)
+        print(f"{label(i)}: {'top-1' if suite.protocol == 'knn' else 'probe'} {scores['acc']:.2f} %")
+        results.append({"checkpoint": info.name, "dataset": spec.name, "size": recipe.size,
+                        "native_size": spec.native_size, "scale": recipe.size / spec.native_size,
+                        "res": _res(recipe), "recipe": recipe.describe(), **scores})
 
     out: dict[str, Any] = {"computed": computed, "cached": cached}
     if dist_util.is_main_process():
@@ -272,7 +280,7 @@ def _finish(args, suite: Suite, specs: list[DatasetSpec], infos: list[Checkpoint
     trials: Optional[dict] = None
     if args.sweep:
         results, trials = choose_by_validation(results)
-    rows = [{k: v for k, v in r.items() if k != "_recipe"} for r in results]
+    rows = list(results)
     refs = {s.name: (s.reference, s.reference_sizes if not args.sweep else ()) for s in specs}
     means = mean_rows(rows, refs)
     result = {"suite": suite.name, "protocol": suite.protocol, "sweep": bool(args.sweep),
