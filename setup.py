@@ -29,9 +29,10 @@ setup(
         "models_seg",
         "main_segment",
         "engine_segment",
+        "main_eval",
     ],
     packages=find_packages(include=["harness", "harness.*", "util", "util.*", "dataloaders", "dataloaders.*", "layers",
-                                    "layers.*"]),
+                                    "layers.*", "evaluation", "evaluation.*"]),
     package_data={"": ["*.yaml"]},
     install_requires=[
         "torch>=2.3",
@@ -47,6 +48,7 @@ setup(
         "tqdm",
         "matplotlib",
         "safetensors",
+        "scikit-learn",
     ],
     extras_require={
         "dev": ["pytest>=7", "pytest-timeout", "hypothesis>=6"],

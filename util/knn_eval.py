@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,30 @@ from util.gsd import eval_res  # re-exported: callers import it from here
 from util.knn import knn_predict_multi_k, topk_accuracy
 from util.metrics import save_report
 
-__all__ = ["ShardSampler", "collate_images", "eval_res", "extract_features", "evaluate_knn", "format_table",
-           "save_knn_report"]
+__all__ = ["ShardSampler", "collate_images", "eval_res", "extract_features", "knn_accuracies", "evaluate_knn",
+           "format_table", "save_knn_report", "INTERPOLATIONS"]
+
+INTERPOLATIONS = ("area", "bilinear", "bicubic", "nearest")  # resize modes of extract_features (default area)
+
+
+def resize_to(imgs: torch.Tensor, scale: int, mode: str = "area") -> torch.Tensor:
+    """``imgs`` [B, C, H, W] resized to ``scale`` x ``scale`` px with ``mode`` (unchanged when already that size).
+
+    ``area`` is the original's kNN resize; ``bilinear``/``bicubic`` are antialiased (as PIL when shrinking)."""
+    if imgs.shape[-2:] == (scale, scale):
+        return imgs
+    if mode == "area":
+        return F.interpolate(imgs, size=(scale, scale), mode="area")
+    if mode in ("bilinear", "bicubic"):
+        return F.interpolate(imgs, size=(scale, scale), mode=mode, align_corners=False, antialias=True)
+    if mode == "nearest":
+        return F.interpolate(imgs, size=(scale, scale), mode="nearest-exact")
+    raise ValueError(f"interpolation {mode!r}: expected one of {', '.join(INTERPOLATIONS)}")
+
+
+def cls_features(model: torch.nn.Module, imgs: torch.Tensor, res: float) -> torch.Tensor:
+    """The kNN feature [B, D]: the cls token after the final norm of the unmasked encoder (``knn_feats=True``)."""
+    return model(imgs, input_res=float(res), knn_feats=True)  # one res: its table is built once
 
 
 def collate_images(batch: list) -> tuple:
@@ -44,26 +66,26 @@ def extract_features(
     res: float,
     device: torch.device,
     amp_dtype: Optional[torch.dtype] = None,
+    interpolation: str = "area",
+    feature_fn: Callable[[torch.nn.Module, torch.Tensor, float], torch.Tensor] = cls_features,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """kNN features of a whole (sharded) dataset, gathered from all ranks.
+    """kNN features of a whole (sharded) dataset, gathered from all ranks (rank 0's shard first, then rank 1's...).
 
     Batches are ``(imgs [B, C, H, W], labels [B])``, or ``(list of [C, H_i, W_i], labels)`` when the images differ
-    in size (:func:`collate_images`); images are area-resized to ``scale`` px (one by one in the list case) and
-    encoded with ``model(x, input_res=res, knn_feats=True)``. Returns features [N, D] (float32, on ``device``) and
-    labels [N].
+    in size (:func:`collate_images`); images are resized to ``scale`` px with ``interpolation`` (default area, the
+    original's; one by one in the list case) and encoded with ``feature_fn(model, x, res)`` (default
+    :func:`cls_features`: ``model(x, input_res=res, knn_feats=True)``). Returns features [N, D] (float32, on
+    ``device``) and labels [N].
     """
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for imgs, target in loader:
         if isinstance(imgs, (list, tuple)):
-            imgs = torch.cat([F.interpolate(img.to(device)[None], size=(scale, scale), mode="area")
-                              if img.shape[-2:] != (scale, scale) else img.to(device)[None] for img in imgs])
-        imgs = imgs.to(device, non_blocking=True)
-        if imgs.shape[-1] != scale or imgs.shape[-2] != scale:
-            imgs = F.interpolate(imgs, size=(scale, scale), mode="area")
+            imgs = torch.cat([resize_to(img.to(device)[None], scale, interpolation) for img in imgs])
+        imgs = resize_to(imgs.to(device, non_blocking=True), scale, interpolation)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out = model(imgs, input_res=float(res), knn_feats=True)  # one res: its table is built once
+            out = feature_fn(model, imgs, res)
         feats.append(out.float())
         labels.append(torch.as_tensor(target, device=device).long())
     model.train(was_training)
@@ -71,6 +93,19 @@ def extract_features(
     local_feats = torch.cat(feats) if feats else torch.zeros(0, width, device=device)
     local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
     return dist_util.gather_tensors_variable(local_feats), dist_util.gather_tensors_variable(local_labels)
+
+
+def knn_accuracies(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+                   ks: Sequence[int], temperature: float, num_classes: Optional[int] = None
+                   ) -> dict[int, dict[str, float]]:
+    """Weighted-kNN top-1/top-5 accuracy (percent) of ``query`` [Nq, D] against ``bank`` [Nb, D] for every k:
+    ``{k: {"top1": %, "top5": %}}``. The one kNN scoring of ``main_pretrain.py`` and ``main_eval.py``."""
+    per_k = {}
+    for k, (_, scores) in knn_predict_multi_k(bank, bank_labels, query, ks=ks, temperature=temperature,
+                                               num_classes=num_classes).items():
+        top1, top5 = topk_accuracy(scores, query_labels, ks=(1, 5))
+        per_k[k] = {"top1": top1, "top5": top5}
+    return per_k
 
 
 def evaluate_knn(
@@ -105,11 +140,7 @@ def evaluate_knn(
         res = eval_res(scale, base_resolution, eval_gsd)
         bank, bank_labels = extract_features(model, train_loader, scale, res, device, amp_dtype)
         query, query_labels = extract_features(model, val_loader, scale, res, device, amp_dtype)
-        per_k = {}
-        for k, (_, scores) in knn_predict_multi_k(bank, bank_labels, query, ks=ks, temperature=temperature,
-                                                   num_classes=num_classes).items():
-            top1, top5 = topk_accuracy(scores, query_labels, ks=(1, 5))
-            per_k[k] = {"top1": top1, "top5": top5}
+        per_k = knn_accuracies(bank, bank_labels, query, query_labels, ks, temperature, num_classes)
         result["scales"][int(scale)] = {"res": res, "k": per_k}
         result["bank_size"], result["num_queries"] = int(bank.shape[0]), int(query.shape[0])
     result["mean"] = {
