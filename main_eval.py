@@ -72,20 +72,19 @@ def check_sizes(suite: Suite, infos: list[CheckpointInfo], sweep: bool) -> None:
 
 def present_datasets(suite: Suite, strict: bool) -> list[DatasetSpec]:
     """The dataset rows whose root exists; a missing root is one line (skipped) or, with --strict, an error."""
-    out = []
+    out = [spec for spec in suite.datasets if spec.root.is_dir()]
+    if not out:  # one error line, not a warning per dataset first
+        raise harness.UserError(f"suite {suite.path}: none of its dataset roots exists under the data root "
+                                f"({', '.join(str(s.root) for s in suite.datasets[:3])}"
+                                f"{' ...' if len(suite.datasets) > 3 else ''}): set --data_root or ${DATA_ROOT_ENV}")
     for spec in suite.datasets:
-        if spec.root.is_dir():
-            out.append(spec)
+        if spec in out:
             continue
         line = (f"datasets.{spec.name}: root {spec.root} not found (set --data_root or ${DATA_ROOT_ENV}; the README's "
                 f"'Reproduce the paper's tables' says where each dataset comes from)")
         if strict:
             raise harness.UserError(line)
         print(f"WARNING: {line}; skipped")
-    if not out:
-        raise harness.UserError(f"suite {suite.path}: none of its dataset roots exists under the data root "
-                                f"({', '.join(str(s.root) for s in suite.datasets[:3])}"
-                                f"{' ...' if len(suite.datasets) > 3 else ''}): set --data_root or ${DATA_ROOT_ENV}")
     return out
 
 
@@ -142,8 +141,8 @@ def probe_row(entry: dict, recipe: Recipe, num_classes: int, probe: dict) -> dic
 # ------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
     """Run a suite; returns ``{"rows", "means", "computed", "cached", "paths"}`` (rows and means on rank 0 only)."""
+    suite = load_suite(args.suite, resolve_data_root(args.data_root), args.datasets)  # a bad suite: before any set-up
     device = harness.setup(args)
-    suite = load_suite(args.suite, resolve_data_root(args.data_root), args.datasets)
     if args.checkpoints:
         specs = [checkpoint_spec(s, Path.cwd()) for s in args.checkpoints]
         names = [c.name for c in specs]
