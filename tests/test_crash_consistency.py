@@ -502,6 +502,7 @@ def step_end(step):
 engine_pretrain.train_one_epoch(ddp, [batch] * 8, torch.optim.AdamW(ddp.parameters()), torch.device("cpu"), 0,
                                 AmpConfig("none", torch.device("cpu")), args, on_step_end=step_end, stop=stop)
 print(f"RANK {rank} steps {done} agreed {stop.agreed} requested {stop.requested}", flush=True)
+dist.barrier()  # both ranks done before teardown (gloo may abort a rank that tears down while its peer still talks)
 dist.destroy_process_group()
 '''
 
