@@ -44,8 +44,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, output_dir_default: str, ou
                         f"(default {checkpoint_interval})")
     g.add_argument("--print_freq", default=20, type=int, help=f"{print_help} (default 20)")
     g.add_argument("--save_every_steps", default=0, type=int,
-                   help=f"also save {LATEST} every n optimizer steps, resumable mid-epoch (a SIGTERM/SIGUSR1 "
-                        f"always saves at its step) (default 0: off)")
+                   help=f"also save {LATEST} every n optimizer steps, resumable mid-epoch; SIGTERM/SIGUSR1 "
+                        f"save at their step anyway (default 0: off)")
     return g
 
 
