@@ -114,8 +114,8 @@ class TrainingRun:
 
     Attributes the hooks may read: ``log_writer`` (None off rank 0), ``keeper``, ``history`` (one dict per
     finished epoch, as in ``log.txt``), ``start_step`` (the resumed step inside ``args.start_epoch``; 0 after the
-    first epoch). ``resumed``: the checkpoint the run resumes from (its RNG state is restored by
-    :meth:`resume_sampler` when it was saved mid-epoch).
+    first epoch), ``resume_rng`` (the RNG state of the resumed checkpoint ``resumed`` when it was saved mid-epoch;
+    :meth:`resume_sampler` restores it).
     """
 
     def __init__(self, args: argparse.Namespace, out_dir: Path, writer: str, cfg: Optional[Mapping], *,
