@@ -16,7 +16,7 @@ per-sample ``input_res`` supplied by the caller (``eval_res``). The model is cal
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,7 +33,8 @@ __all__ = ["AmpConfig", "NonFiniteLossError", "train_one_epoch", "evaluate", "au
 def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, amp: AmpConfig, args: Any,
                     log_writer: Any = None, max_norm: Optional[float] = None,
-                    on_finite_loss: Optional[Any] = None, stop: Any = None) -> dict[str, float]:
+                    on_finite_loss: Optional[Any] = None, stop: Any = None, start_step: int = 0,
+                    on_step_end: Optional[Callable[[int], None]] = None) -> dict[str, float]:
     """Train ``model`` for one epoch; returns the epoch averages ``{'loss', 'lr'}`` (loss averaged over ranks).
 
     ``args`` provides ``accum_iter``, ``lr``, ``min_lr``, ``warmup_epochs``, ``epochs`` and ``print_freq``.
@@ -41,7 +42,10 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     x = ``int(1000 * fractional epoch)``, at every optimizer step. ``on_finite_loss()`` is called once each step's
     loss (mean over ranks) is known to be finite; a non-finite one raises ``NonFiniteLossError`` on every rank.
     ``stop`` (``harness.run_control.StopRequest``): its flag rides on the per-step loss all-reduce; once any rank was
-    signalled, every rank sets ``stop.agreed`` and the epoch ends after that optimizer step.
+    signalled, every rank sets ``stop.agreed`` and the epoch ends after that optimizer step, once
+    ``on_step_end(step)`` (called after every optimizer step: the launcher's mid-epoch saves) has run.
+    ``start_step``: resuming mid-epoch, ``data_loader`` yields the epoch's batches from that step on (the lr
+    schedule and the step numbers count the whole epoch).
     """
     model.train(True)
     accum_iter = max(1, int(getattr(args, "accum_iter", 1) or 1))
@@ -49,12 +53,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     metric_logger = MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
-    num_steps = len(data_loader)  # type: ignore[arg-type]
+    num_steps = start_step + len(data_loader)  # type: ignore[arg-type]
     params = [p for p in model.parameters() if p.requires_grad]
 
     optimizer.zero_grad(set_to_none=True)
-    for step, (samples, input_res, targets) in enumerate(
+    for local_step, (samples, input_res, targets) in enumerate(
             metric_logger.log_every(data_loader, print_freq, header, batch_size=getattr(args, "batch_size", None))):
+        step = start_step + local_step
         if step % accum_iter == 0:
             adjust_learning_rate(optimizer, step / num_steps + epoch, args)
 
@@ -87,6 +92,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             x = int((step / num_steps + epoch) * 1000)
             log_writer.add_scalar("train/loss", loss_reduced, x)
             log_writer.add_scalar("train/lr", lr, x)
+        if update and on_step_end is not None:
+            on_step_end(step)
         if update and stop is not None and stop.agreed:
             break
 

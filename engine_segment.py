@@ -60,7 +60,8 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255
 
 def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, amp: AmpConfig, args: Any, log_writer: Any = None,
-                    on_finite_loss: Optional[Callable[[], None]] = None, stop: Any = None) -> dict[str, float]:
+                    on_finite_loss: Optional[Callable[[], None]] = None, stop: Any = None, start_step: int = 0,
+                    on_step_end: Optional[Callable[[int], None]] = None) -> dict[str, float]:
     """Train one epoch; returns the epoch averages ``{'loss', 'loss_main', 'loss_aux', 'lr'}``.
 
     ``args``: ``accum_iter, lr, min_lr, warmup_epochs, epochs, print_freq, ignore_index, dice_weight, aux_weight,
@@ -68,18 +69,22 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
     ``on_finite_loss`` is called once each step's loss (mean over ranks) is known to be finite (checkpoint
     verification hook); a non-finite one raises ``NonFiniteLossError`` on every rank. ``stop``
     (``harness.run_control.StopRequest``): its flag rides on the per-step loss all-reduce; once any rank was signalled,
-    every rank sets ``stop.agreed`` and the epoch ends after that optimizer step.
+    every rank sets ``stop.agreed`` and the epoch ends after that optimizer step, once ``on_step_end(step)``
+    (called after every optimizer step: the launcher's mid-epoch saves) has run. ``start_step``: resuming
+    mid-epoch, ``data_loader`` yields the epoch's batches from that step on (the lr schedule and the step numbers
+    count the whole epoch).
     """
     model.train(True)
     accum = max(1, int(getattr(args, "accum_iter", 1) or 1))
     ignore, dice_w, aux_w = int(args.ignore_index), float(args.dice_weight), float(args.aux_weight)
     metric_logger = MetricLogger(delimiter="  ")
     metric_logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.6f}"))
-    num_steps = len(data_loader)  # type: ignore[arg-type]
+    num_steps = start_step + len(data_loader)  # type: ignore[arg-type]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer.zero_grad(set_to_none=True)
-    for step, batch in enumerate(metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]",
-                                                         batch_size=getattr(args, "batch_size", None))):
+    for local_step, batch in enumerate(metric_logger.log_every(data_loader, args.print_freq, f"Epoch: [{epoch}]",
+                                                               batch_size=getattr(args, "batch_size", None))):
+        step = start_step + local_step
         if step % accum == 0:
             adjust_learning_rate(optimizer, step / num_steps + epoch, args)
         images = batch["image"].to(device, non_blocking=True)
@@ -111,6 +116,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
             log_writer.add_scalar("train/loss", loss_reduced, x)
             log_writer.add_scalar("train/loss_aux", aux_value, x)
             log_writer.add_scalar("train/lr", lr, x)
+        if update and on_step_end is not None:
+            on_step_end(step)
         if update and stop is not None and stop.agreed:
             break
     metric_logger.synchronize_between_processes()

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 import harness
 import models_vit
 from engine_finetune import evaluate, train_one_epoch
+from dataloaders.seeding import ResumableSampler
 from harness.pretrained import choose_encoder, read_pretrained, read_start, resolve_model_name
 from util import dist as dist_util
 from util.accel import add_compile_args, maybe_compile
@@ -314,9 +315,9 @@ def validate_args(args: argparse.Namespace) -> None:
                            "print_freq", "eval_scale", "nb_classes", "blr", "lr", "layer_decay",
                            "linear_layer_scale", "eval_base_resolution", "eval_reference_resolution",
                            "base_resolution", "num_workers", "warmup_epochs", "weight_decay", "min_lr",
-                           "start_epoch", "clip_grad",
+                           "start_epoch", "clip_grad", "save_every_steps",
                            allow_zero=("num_workers", "warmup_epochs", "weight_decay", "min_lr", "start_epoch",
-                                       "clip_grad"))
+                                       "clip_grad", "save_every_steps"))
     harness.require(0.0 < args.scale_min <= args.scale_max <= 1.0,
                     f"--scale_min {args.scale_min} / --scale_max {args.scale_max}: need 0 < min <= max <= 1")
     if args.model is not None:
@@ -396,12 +397,13 @@ class ProbeEvaluation:
 
 
 def train_loader(args: argparse.Namespace, train_ds: Dataset, cfg: Optional[Mapping],
-                 device: torch.device) -> tuple[DataLoader, DistributedSampler]:
-    """The training loader (batch: ``--batch_size`` times the config's ``data.oversample``) and its sampler."""
+                 device: torch.device) -> tuple[DataLoader, ResumableSampler]:
+    """The training loader (batch: ``--batch_size`` times the config's ``data.oversample``) and its sampler (a
+    ``DistributedSampler`` that can resume mid-epoch)."""
     oversample = float(((cfg or {}).get("data") or {}).get("oversample", 1.0) or 1.0)
     batch = max(1, int(args.batch_size * oversample))
-    sampler = DistributedSampler(train_ds, num_replicas=dist_util.get_world_size(), rank=dist_util.get_rank(),
-                                 shuffle=True, seed=args.seed)
+    sampler = ResumableSampler(DistributedSampler(train_ds, num_replicas=dist_util.get_world_size(),
+                                                  rank=dist_util.get_rank(), shuffle=True, seed=args.seed))
     loader = DataLoader(train_ds, sampler=sampler, batch_size=batch, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True)
     harness.require(len(loader) > 0, f"the training set gives {len(sampler)} samples per process, fewer than the "
@@ -443,6 +445,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return {"test": {}, "best_acc1": probe.best_acc1, "history": []}
     assert train_ds is not None
     loader, sampler = train_loader(args, train_ds, cfg, device)
+    steps_per_epoch = len(loader)
     print(f"model {args.model} ({'finetune' if args.finetune else 'linear probe'}): {n_params / 1e6:.2f} M "
           f"parameters, {n_train / 1e6:.3f} M trainable; {args.nb_classes} classes; effective batch "
           f"{args.batch_size * args.accum_iter * dist_util.get_world_size()}; lr {args.lr:.3g} (blr {args.blr:.3g})")
@@ -451,18 +454,20 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     # --- the run starts: from here on the output folder describes it
     run = harness.TrainingRun(args, out_dir, WRITER, cfg, parser=get_args_parser(), dead_flags=DEAD_FLAGS,
-                              resolution=res_info)
+                              start_step=start_step, resumed=resumed, resolution=res_info)
+    run.resume_sampler(sampler, loader.batch_size)
 
     def train_epoch(epoch: int, stop: harness.StopRequest) -> dict[str, float]:
         sampler.set_epoch(epoch)
         return train_one_epoch(model, nn.CrossEntropyLoss(), loader, optimizer, device, epoch, amp, args,
                                log_writer=run.log_writer, max_norm=args.clip_grad, on_finite_loss=run.keeper.verify,
-                               stop=stop)
+                               stop=stop, start_step=run.start_step,
+                               on_step_end=run.step_saver(epoch, steps_per_epoch))
 
     history = run.train(train_epoch, lambda epoch: {
         "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
         "scaler": amp.state_dict(), "args": args_to_plain(args), "best_acc1": probe.best_acc1},
-        evaluate=lambda epoch: probe.after_epoch(epoch, run.log_writer, n_train))
+        evaluate=lambda epoch: probe.after_epoch(epoch, run.log_writer, n_train), mid_epoch_saves=True)
     return {"test": probe.last, "best_acc1": probe.best_acc1, "history": history}
 
 

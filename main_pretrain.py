@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -120,12 +120,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_amp", default="none", choices=["none", "bf16", "fp16"],
                    help="autocast for kNN feature extraction (default none: fp32, as the original)")
 
-    g = harness.add_run_args(p, output_dir_default="./output_dir",
-                             output_dir_help="checkpoints, log.txt, config.yaml, figures",
-                             resume_help="checkpoint path or URL to resume from (or to evaluate with --eval_only)",
-                             checkpoint_interval=20, print_help="log every n steps; also the reconstruction figure")
-    g.add_argument("--save_every_steps", default=0, type=int,
-                   help="also save checkpoint-latest.pth every n optimizer steps, resumable mid-epoch (default 0: off)")
+    harness.add_run_args(p, output_dir_default="./output_dir",
+                         output_dir_help="checkpoints, log.txt, config.yaml, figures",
+                         resume_help="checkpoint path or URL to resume from (or to evaluate with --eval_only)",
+                         checkpoint_interval=20, print_help="log every n steps; also the reconstruction figure")
 
     harness.add_distributed_args(p)
 
@@ -403,26 +401,6 @@ class ReconstructionFigures:
         self.thread.submit(self._draw, global_step, host[0], host[1], host[2:5], host[5])
 
 
-def mid_epoch_saver(args: argparse.Namespace, run: harness.TrainingRun, stop: harness.StopRequest, epoch: int,
-                    steps_per_epoch: int, state: Callable[[int], dict], stopped_at: list[str]) -> Callable[[int], None]:
-    """The engine's ``on_step_end``: a resumable save (``resume_epoch``/``resume_step`` + RNG) every
-    ``--save_every_steps`` optimizer steps and when a stop is agreed (its label appended to ``stopped_at``);
-    the last step of the epoch is left to the end-of-epoch save."""
-
-    def save(step: int) -> None:
-        every = args.save_every_steps and (step + 1) % args.save_every_steps == 0
-        if (every or stop.agreed) and step + 1 < steps_per_epoch:
-            checkpoint = state(epoch - 1)
-            if dist_util.is_main_process():
-                checkpoint.update(resume_epoch=epoch, resume_step=step + 1, rng=harness.rng_state())
-            label = f"epoch {epoch} after {step + 1} step(s)"
-            run.keeper.save(checkpoint, label)
-            if stop.agreed:
-                stopped_at.append(label)
-
-    return save
-
-
 # ------------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
     """Pretrain (or, with --eval_only, evaluate by kNN). Returns ``{'history': [...], 'knn_epochN': ...}`` or the
@@ -472,9 +450,8 @@ def main(args: argparse.Namespace) -> dict:
 
     # --- the run starts: from here on the output folder describes it
     run = harness.TrainingRun(args, out_dir, WRITER, cfg, parser=get_args_parser(), dead_flags=DEAD_FLAGS,
-                              start_step=start_step)
-    sampler.set_epoch(args.start_epoch)
-    sampler.skip = start_step * args.batch_size
+                              start_step=start_step, resumed=checkpoint)
+    run.resume_sampler(sampler, args.batch_size)
     figures = ReconstructionFigures(model_without_ddp, cfg, out_dir, run.log_writer)
     results: dict[str, Any] = {}
 
@@ -488,14 +465,10 @@ def main(args: argparse.Namespace) -> dict:
 
     def train_epoch(epoch: int, stop: harness.StopRequest) -> dict:
         sampler.set_epoch(epoch)
-        stopped_at: list[str] = []
-        stats = train_one_epoch(model, loader, optimizer, device, epoch, amp, args, run.log_writer,
-                                start_step=run.start_step, steps_per_epoch=steps_per_epoch,
-                                on_step_end=mid_epoch_saver(args, run, stop, epoch, steps_per_epoch, state, stopped_at),
-                                on_visualize=figures, on_finite_loss=run.keeper.verify, stop=stop)
-        if stopped_at:  # SIGTERM/SIGUSR1: the resumable state is saved; this epoch's stats stay unlogged
-            harness.stop_preempted(stop, f"saved {run.keeper.latest} at {stopped_at[0]}")
-        return stats
+        return train_one_epoch(model, loader, optimizer, device, epoch, amp, args, run.log_writer,
+                               start_step=run.start_step, steps_per_epoch=steps_per_epoch,
+                               on_step_end=run.step_saver(epoch, steps_per_epoch), on_visualize=figures,
+                               on_finite_loss=run.keeper.verify, stop=stop)
 
     results["history"] = run.train(train_epoch, state, before_epoch=knn_monitor, context=figures.thread,
                                    mid_epoch_saves=True, announce=False)

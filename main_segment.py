@@ -38,6 +38,7 @@ import harness
 import models_seg
 import models_vit
 from engine_segment import evaluate, scale_key, train_one_epoch
+from dataloaders.seeding import ResumableSampler
 from harness.pretrained import choose_encoder, read_start, resolve_model_name
 from util import dist as dist_util
 from util.accel import add_compile_args, maybe_compile
@@ -121,8 +122,9 @@ def validate_args(args: argparse.Namespace) -> None:
                            "checkpoint_interval", "print_freq", "blr", "lr", "layer_decay", "base_resolution",
                            "eval_scales", "eval_batch_size", "aux_weight", "dice_weight", "aux_channels",
                            "warmup_epochs", "simplify", "weight_decay", "min_lr", "clip_grad", "num_workers",
+                           "save_every_steps",
                            allow_zero=("aux_weight", "dice_weight", "aux_channels", "warmup_epochs", "simplify",
-                                       "weight_decay", "min_lr", "clip_grad", "num_workers"))
+                                       "weight_decay", "min_lr", "clip_grad", "num_workers", "save_every_steps"))
     harness.require(args.layer_decay <= 1, f"--layer_decay {args.layer_decay}: must be in (0, 1]")
     harness.require(all(s <= 4 for s in args.eval_scales), f"--eval_scales {args.eval_scales}: must be in (0, 4]")
     harness.require(0 < args.crop_scale[0] <= args.crop_scale[1] <= 1,
@@ -251,11 +253,13 @@ class SegEvaluation:
                 "test_mean_miou": result["mean"]["miou"], "best_miou": self.best_miou}
 
 
-def train_loader(args: argparse.Namespace, train_ds, device: torch.device, length: int) -> tuple[DataLoader, Any]:
-    """The training loader and its sampler (``set_epoch`` each epoch); too few windows for a batch is an error."""
+def train_loader(args: argparse.Namespace, train_ds, device: torch.device,
+                 length: int) -> tuple[DataLoader, ResumableSampler]:
+    """The training loader and its sampler (``set_epoch`` each epoch; it can resume mid-epoch); too few windows
+    for a batch is an error."""
     from dataloaders.segmentation import seg_collate
 
-    sampler = train_ds.make_sampler(dist_util.get_world_size(), dist_util.get_rank(), args.seed)
+    sampler = ResumableSampler(train_ds.make_sampler(dist_util.get_world_size(), dist_util.get_rank(), args.seed))
     loader = DataLoader(train_ds, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True, collate_fn=seg_collate)
     harness.require(len(loader) > 0, f"data.length {length} gives {len(sampler)} windows per process, "
@@ -312,20 +316,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"{args.layer_decay}")
     model = scores.model = harness.wrap_ddp(model, args, device)
     loader, sampler = train_loader(args, train_ds, device, d["length"])
+    steps_per_epoch = len(loader)
 
     # --- the run starts: from here on the output folder describes it
-    run = harness.TrainingRun(args, out_dir, WRITER, cfg, classes=classes)
+    run = harness.TrainingRun(args, out_dir, WRITER, cfg, start_step=start_step, resumed=resumed, classes=classes)
+    run.resume_sampler(sampler, args.batch_size)
 
     def train_epoch(epoch: int, stop: harness.StopRequest) -> dict[str, float]:
         sampler.set_epoch(epoch)
         train_ds.epoch = epoch
         return train_one_epoch(model, loader, optimizer, device, epoch, amp, args, run.log_writer,
-                               on_finite_loss=run.keeper.verify, stop=stop)
+                               on_finite_loss=run.keeper.verify, stop=stop, start_step=run.start_step,
+                               on_step_end=run.step_saver(epoch, steps_per_epoch))
 
     history = run.train(train_epoch, lambda epoch: {
         "model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
         "scaler": amp.state_dict(), "args": args_to_plain(args), "best_miou": scores.best_miou, "classes": classes},
-        evaluate=lambda epoch: scores.after_epoch(epoch, run.log_writer))
+        evaluate=lambda epoch: scores.after_epoch(epoch, run.log_writer), mid_epoch_saves=True)
     return {"eval": scores.last, "best_miou": scores.best_miou, "history": history}
 
 

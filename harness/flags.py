@@ -18,8 +18,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, output_dir_default: str, ou
                  resume_help: str, checkpoint_interval: Optional[int] = None,
                  print_help: str = "progress line every n steps") -> argparse._ArgumentGroup:
     """The "run" group: output/log dirs, device, seed, CPU allocator, resume, ``--debug``; for a training launcher
-    (``checkpoint_interval`` given: its default) also ``--checkpoint_interval`` and ``--print_freq``. Returns the
-    group."""
+    (``checkpoint_interval`` given: its default) also ``--checkpoint_interval``, ``--print_freq`` and
+    ``--save_every_steps``. Returns the group."""
     g = parser.add_argument_group("run")
     g.add_argument("--output_dir", default=output_dir_default,
                    help=output_dir_help + (f" (default {output_dir_default})" if output_dir_default else ""))
@@ -43,6 +43,9 @@ def add_run_args(parser: argparse.ArgumentParser, *, output_dir_default: str, ou
                    help=f"keep checkpoint-{{epoch}}.pth every n epochs and the last; {LATEST} always "
                         f"(default {checkpoint_interval})")
     g.add_argument("--print_freq", default=20, type=int, help=f"{print_help} (default 20)")
+    g.add_argument("--save_every_steps", default=0, type=int,
+                   help=f"also save {LATEST} every n optimizer steps, resumable mid-epoch; SIGTERM/SIGUSR1 "
+                        f"save at their step anyway (default 0: off)")
     return g
 
 

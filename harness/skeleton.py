@@ -10,8 +10,15 @@ A launcher's ``main()`` wires its hooks into it::
 
 ``TrainingRun.train`` runs, for each epoch from ``args.start_epoch``: ``before_epoch(epoch)`` (also once more with
 ``epoch == args.epochs``, e.g. a kNN monitor), ``train_epoch(epoch, stop)`` -> stats, ``evaluate(epoch)`` -> log
-entries, ``keeper.save(state(epoch))``, one ``log.txt`` line. A stop agreed during an epoch exits with status 75:
-the epoch starts over on resume, unless the launcher's ``train_epoch`` saves mid-epoch (``mid_epoch_saves``).
+entries, ``keeper.save(state(epoch))``, one ``log.txt`` line. A stop agreed during an epoch exits with status 75.
+
+Mid-epoch saves (every launcher): the engine calls ``run.step_saver(epoch, steps_per_epoch)`` after each optimizer
+step; it saves a resumable state (``resume_epoch``, ``resume_step``, the RNG state) every ``--save_every_steps``
+steps and at the step where a stop was agreed, after which ``train`` exits 75. The identical command resumes
+there: ``run.resume_sampler(sampler, batch)`` makes the training sampler (a ``dataloaders.seeding.
+ResumableSampler``) skip the batches already trained and restore the saved RNG state just before the next batch is
+loaded, so the run continues with the same batches and random draws as an uninterrupted one. (Launchers that do
+not save mid-epoch, ``mid_epoch_saves=False``, start the interrupted epoch over.)
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ from util import dist as dist_util
 from util.amp import AmpConfig, NonFiniteLossError
 from util.lr_sched import effective_lr
 from util.metrics import JsonlLogger
-from harness.checkpoints import CheckpointKeeper, nothing_left, restore_training_state
+from harness.checkpoints import CheckpointKeeper, nothing_left, restore_training_state, rng_state, set_rng_state
 from harness.devices import build_optimizer
 from harness.errors import cleanup_quietly, is_rank0, report_error
 from harness.flags import warn_dead_flags
@@ -107,20 +114,58 @@ class TrainingRun:
 
     Attributes the hooks may read: ``log_writer`` (None off rank 0), ``keeper``, ``history`` (one dict per
     finished epoch, as in ``log.txt``), ``start_step`` (the resumed step inside ``args.start_epoch``; 0 after the
-    first epoch).
+    first epoch), ``resume_rng`` (the RNG state of the resumed checkpoint ``resumed`` when it was saved mid-epoch;
+    :meth:`resume_sampler` restores it).
     """
 
     def __init__(self, args: argparse.Namespace, out_dir: Path, writer: str, cfg: Optional[Mapping], *,
                  parser: Optional[argparse.ArgumentParser] = None, dead_flags: Optional[Mapping[str, str]] = None,
-                 start_step: int = 0, **config_extra: Any) -> None:
+                 start_step: int = 0, resumed: Optional[Mapping] = None, **config_extra: Any) -> None:
         save_run_config(out_dir, args, cfg, **config_extra)
         if dead_flags and parser is not None:
             warn_dead_flags(args, parser, dead_flags)
         self.args, self.out_dir, self.start_step = args, out_dir, start_step
+        self.resume_rng = (resumed or {}).get("rng") if start_step else None
         self.log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() else None
         self.keeper = CheckpointKeeper(out_dir, writer)
         self.log = JsonlLogger(out_dir)
         self.history: list[dict[str, Any]] = []
+        self.stop: Optional[StopRequest] = None
+        self._state: Optional[Callable[[int], dict]] = None
+        self._stopped_at: Optional[str] = None
+
+    def resume_sampler(self, sampler: Any, batch_size: int) -> None:
+        """Position the training sampler (a ``dataloaders.seeding.ResumableSampler``: ``set_epoch``, ``skip``,
+        ``on_resume``) at the resumed step: epoch ``args.start_epoch``, its first ``start_step`` batches of
+        ``batch_size`` skipped, and the RNG state of a mid-epoch checkpoint restored just before the next batch is
+        loaded. Call once, before :meth:`train`."""
+        sampler.set_epoch(self.args.start_epoch)
+        sampler.skip = self.start_step * batch_size
+        if self.resume_rng is not None:
+            rng = self.resume_rng
+            sampler.on_resume = lambda: set_rng_state(rng)
+
+    def step_saver(self, epoch: int, steps_per_epoch: int) -> Callable[[int], None]:
+        """The engine's ``on_step_end(step)`` for ``epoch`` (call it after every optimizer step): a resumable save
+        of ``state(epoch - 1)`` + ``resume_epoch``/``resume_step``/``rng`` every ``--save_every_steps`` optimizer
+        steps (0 or absent: never) and at the step where a stop was agreed (then :meth:`train` exits 75 once the
+        engine returns). The last step of the epoch is left to the end-of-epoch save."""
+        args, stop, state = self.args, self.stop, self._state
+        assert stop is not None and state is not None, "step_saver is called inside TrainingRun.train"
+        every_n = int(getattr(args, "save_every_steps", 0) or 0)
+
+        def save(step: int) -> None:
+            every = every_n > 0 and (step + 1) % every_n == 0
+            if (every or stop.agreed) and step + 1 < steps_per_epoch:
+                checkpoint = state(epoch - 1)
+                if dist_util.is_main_process():
+                    checkpoint.update(resume_epoch=epoch, resume_step=step + 1, rng=rng_state())
+                label = f"epoch {epoch} after {step + 1} step(s)"
+                self.keeper.save(checkpoint, label)
+                if stop.agreed:
+                    self._stopped_at = label
+
+        return save
 
     def train(self, train_epoch: Callable[[int, StopRequest], Mapping[str, float]],
               state: Callable[[int], dict], *, evaluate: Optional[Callable[[int], Mapping[str, Any]]] = None,
@@ -131,18 +176,23 @@ class TrainingRun:
         ``train_epoch(epoch, stop)``: one epoch (the engine gets ``stop`` and ``on_finite_loss=run.keeper.verify``),
         returns its averaged stats (logged as ``train_<key>``); ``evaluate(epoch)``: entries added to the epoch's
         log line (called before the save, so that ``state`` can hold the best score); ``state(epoch)``: the
-        checkpoint saved at the end of the epoch; ``context``: entered inside the loop's context (e.g. a figure
-        thread). Returns the history; the process group is torn down at the end."""
+        checkpoint saved at the end of the epoch (and, by :meth:`step_saver`, mid-epoch); ``context``: entered
+        inside the loop's context (e.g. a figure thread); ``mid_epoch_saves``: ``train_epoch`` passes
+        :meth:`step_saver` to its engine (a stop resumes at its step, else the epoch starts over). Returns the
+        history; the process group is torn down at the end."""
         args, keeper = self.args, self.keeper
         if announce:
             print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
         with training_run(self.log_writer, keeper) as stop, context or contextlib.nullcontext():
+            self.stop, self._state = stop, state
             for epoch in range(args.start_epoch, args.epochs + 1):
                 if before_epoch is not None:
                     before_epoch(epoch)
                 if epoch == args.epochs:
                     break
                 stats = train_epoch(epoch, stop)
+                if self._stopped_at is not None:  # SIGTERM/SIGUSR1: resumable state saved; stats stay unlogged
+                    stop_preempted(stop, f"saved {keeper.latest} at {self._stopped_at}")
                 if stop.agreed and not mid_epoch_saves:  # no mid-epoch state: resume redoes this epoch
                     stop_preempted(stop, f"{keeper.holding()}; epoch {epoch} starts over")
                 self.start_step = 0

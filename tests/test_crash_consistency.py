@@ -535,7 +535,7 @@ def test_ddp_ranks_agree_on_the_stop_step_when_one_rank_is_signalled(tmp_path):
 
 def test_probe_and_segment_engines_stop_after_the_signalled_step():
     """The linear-probe/finetune and segmentation engines end the epoch after the step in which a stop was asked
-    for (their launchers then exit 75, keeping the last epoch's checkpoint)."""
+    for (their launchers then save that step's resumable state and exit 75, see below)."""
     import engine_finetune
     import engine_segment
     from util.amp import AmpConfig
@@ -583,6 +583,71 @@ def test_probe_and_segment_engines_stop_after_the_signalled_step():
 
         call(Probe(), Sized(), stop, seen)
         assert stop.agreed and len(seen) == 3, (engine.__name__, len(seen))  # steps 0, 1, 2 ran; not 3-5
+
+
+@pytest.fixture(scope="module")
+def seg_scenes(tmp_path_factory) -> str:
+    """The smallest synthetic building scenes (2 training tiles, 1 validation tile of 64 px); their config."""
+    from dataloaders.seg_synthetic import make_building_scenes
+
+    return str(make_building_scenes(tmp_path_factory.mktemp("seg"), n_train=2, n_val=1, size=64, count=3)["config"])
+
+
+def stop_launcher_argv(launcher: str, out: Path, seg_config: str) -> list[str]:
+    """A 2-epoch run of 4 optimizer steps per epoch of ``launcher`` (tiny ViT, 32 px, CPU, no workers)."""
+    common = ["--model", "vit_tiny_patch16", "--allow_random_init", "--input_size", "32", "--epochs", "2",
+              "--device", "cpu", "--num_workers", "0", "--print_freq", "100", "--output_dir", str(out)]
+    if launcher == "main_segment":
+        return [*common, "--config", seg_config, "--batch_size", "2", "--head_channels", "16", "--aux_channels", "8",
+                "--data_override", "data.length=8", "data.size=32"]
+    return [*common, "--config", DEMO, "--eval_dataset", "demo", "--eval_scale", "32", "--batch_size", "4",
+            "--data_override", "data.length=16", "data.size=64", *(["--finetune"] if launcher == "finetune" else [])]
+
+
+@pytest.mark.parametrize("launcher", ["main_linprobe", "finetune", "main_segment"])
+def test_probe_and_segment_sigusr1_save_mid_epoch_and_resume_exactly(tmp_path, monkeypatch, capsys, seg_scenes,
+                                                                     launcher):
+    """SIGUSR1 arriving during epoch 1, step 1 of a linear probe / finetune / segmentation run: it finishes that
+    step, saves epoch 1 after 2 steps (resume_epoch/resume_step + RNG) and exits 75 with one line; the identical
+    command says it starts at epoch 1, step 2, logs each epoch once and ends with the uninterrupted run's weights,
+    bit for bit (the skipped batches are not reloaded and the saved RNG state is restored before the next one)."""
+    import importlib
+
+    module = importlib.import_module("main_segment" if launcher == "main_segment" else "main_linprobe")
+    engine = importlib.import_module("engine_segment" if launcher == "main_segment" else "engine_finetune")
+
+    def run(out: Path) -> None:
+        harness.run(module.main, module.get_args_parser(), stop_launcher_argv(launcher, out, seg_scenes))
+
+    run(tmp_path / "reference")
+    reference = weights(tmp_path / "reference")
+    real_lr = engine.adjust_learning_rate
+
+    def lr_then_signal(optimizer, fractional_epoch, args):
+        if 1 < fractional_epoch < 2 and signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGUSR1)  # epoch 1, step 1 (step 0 is epoch 1.0); once: the stop restores
+        return real_lr(optimizer, fractional_epoch, args)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(engine, "adjust_learning_rate", lr_then_signal)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run(out)
+    assert exc.value.code == EXIT_PREEMPTED
+    err = capsys.readouterr().err
+    stops = [line for line in err.splitlines() if line.startswith("stopped by SIGUSR1")]
+    assert len(stops) == 1 and "epoch 1 after 2 step(s)" in stops[0] and "rerun the same command" in stops[0], err
+    assert "Traceback" not in err and not (out / LOCK_NAME).exists()
+    assert resume_point(out) == (1, 2)
+    assert "rng" in torch.load(out / LATEST, weights_only=True)
+
+    monkeypatch.setattr(engine, "adjust_learning_rate", real_lr)
+    run(out)
+    assert "starting at epoch 1, step 2" in capsys.readouterr().out
+    assert_bitwise_equal(weights(out), reference)
+    epochs = [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()]
+    assert epochs == [0, 1], epochs
+    assert not (out / harness.VERIFIED).exists() and not list(out.glob(f".*{uio.TEMP_SUFFIX}"))
 
 
 @pytest.mark.parametrize("code,words", [(errno.EROFS, "the file system is read-only"),
