@@ -25,7 +25,7 @@ import torch.nn as nn
 from util import dist as dist_util
 from util.amp import AmpConfig, NonFiniteLossError, autocast_context, check_finite_loss
 from util.lr_sched import adjust_learning_rate
-from util.metrics import MetricLogger, SmoothedValue
+from util.metrics import MetricLogger, SmoothedValue, end_of_update
 
 __all__ = ["AmpConfig", "NonFiniteLossError", "train_one_epoch", "evaluate", "autocast_context"]
 
@@ -88,13 +88,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
 
         lr = max(group["lr"] for group in optimizer.param_groups)
         metric_logger.update(loss=loss_value, lr=lr)
-        if log_writer is not None and update:
-            x = int((step / num_steps + epoch) * 1000)
-            log_writer.add_scalar("train/loss", loss_reduced, x)
-            log_writer.add_scalar("train/lr", lr, x)
-        if update and on_step_end is not None:
-            on_step_end(step)
-        if update and stop is not None and stop.agreed:
+        if update and end_of_update(log_writer, epoch, step, num_steps, {"loss": loss_reduced, "lr": lr},
+                                    on_step_end, stop):
             break
 
     metric_logger.synchronize_between_processes()

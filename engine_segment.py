@@ -29,7 +29,7 @@ from util import dist as dist_util
 from util.amp import AmpConfig, autocast_context, check_finite_loss
 from util.gsd import rescale_res
 from util.lr_sched import adjust_learning_rate
-from util.metrics import MetricLogger, SmoothedValue
+from util.metrics import MetricLogger, SmoothedValue, end_of_update
 from util.seg_metrics import SegMetricAccumulator
 
 __all__ = ["dice_loss", "seg_loss", "train_one_epoch", "evaluate", "scale_key"]
@@ -111,14 +111,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
         lr = max(g["lr"] for g in optimizer.param_groups)
         aux_value = float(loss_aux.item()) if loss_aux is not None else 0.0
         metric_logger.update(loss=loss_value, loss_main=float(loss_main.item()), loss_aux=aux_value, lr=lr)
-        if log_writer is not None and update:
-            x = int((step / num_steps + epoch) * 1000)
-            log_writer.add_scalar("train/loss", loss_reduced, x)
-            log_writer.add_scalar("train/loss_aux", aux_value, x)
-            log_writer.add_scalar("train/lr", lr, x)
-        if update and on_step_end is not None:
-            on_step_end(step)
-        if update and stop is not None and stop.agreed:
+        if update and end_of_update(log_writer, epoch, step, num_steps,
+                                    {"loss": loss_reduced, "loss_aux": aux_value, "lr": lr}, on_step_end, stop):
             break
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger, flush=True)

@@ -75,3 +75,22 @@ def test_jsonl_logger(tmp_path, monkeypatch):
     log.log({"epoch": 2})
     assert len((tmp_path / "run" / "log.txt").read_text().splitlines()) == 2
     JsonlLogger(None).log({"epoch": 0})  # no output dir: no-op
+
+
+def test_end_of_update_logs_scalars_calls_the_hook_and_reports_the_stop():
+    from types import SimpleNamespace
+
+    from util.metrics import end_of_update
+
+    logged, hooked = [], []
+
+    class Writer:
+        def add_scalar(self, tag, value, x):
+            logged.append((tag, value, x))
+
+    stop = SimpleNamespace(agreed=False)
+    assert end_of_update(Writer(), 2, 5, 10, {"loss": 1.5, "lr": 0.1}, hooked.append, stop) is False
+    assert logged == [("train/loss", 1.5, 2500), ("train/lr", 0.1, 2500)] and hooked == [5]
+    stop.agreed = True
+    assert end_of_update(None, 0, 1, 4, {"loss": 1.0}, None, stop) is True
+    assert end_of_update(None, 0, 1, 4, {"loss": 1.0}) is False

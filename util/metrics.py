@@ -9,7 +9,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from util import dist as dist_util
 from util.io import atomic_write, atomic_write_text
 
-__all__ = ["SmoothedValue", "MetricLogger", "JsonlLogger", "save_report"]
+__all__ = ["SmoothedValue", "MetricLogger", "JsonlLogger", "save_report", "end_of_update"]
 
 
 def _to_float(value: Any) -> float:
@@ -206,3 +206,19 @@ def save_report(result: Mapping[str, Any], output_dir: str | os.PathLike, tag: s
     atomic_write(paths["png"], lambda fh: fig.savefig(fh, format="png", dpi=100))
     plt.close(fig)
     return paths
+
+
+def end_of_update(log_writer: Any, epoch: int, step: int, num_steps: int, scalars: Mapping[str, float],
+                  on_step_end: Optional[Callable[[int], None]] = None, stop: Any = None) -> bool:
+    """What a training engine does after each optimizer step: the ``train/<name>`` TensorBoard scalars at
+    ``x = 1000 * (epoch + step / num_steps)``, the launcher's step hook (mid-epoch saves), and the stop verdict.
+
+    Returns True when an agreed stop request (``stop.agreed``, SIGTERM/SIGUSR1 on any rank) ends the epoch here.
+    """
+    if log_writer is not None:
+        x = int((step / num_steps + epoch) * 1000)
+        for name, value in scalars.items():
+            log_writer.add_scalar(f"train/{name}", value, x)
+    if on_step_end is not None:
+        on_step_end(step)
+    return bool(stop is not None and stop.agreed)
