@@ -231,3 +231,37 @@ def test_bad_input_one_line_each(world, tmp_path, capsys):
         assert expected in line, (argv, line)
     assert existing.read_bytes() == b"a finished file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done.parquet"]  # nothing written for a refused run
+
+
+# ------------------------------------------------------------------------------------------------------ search
+def test_search_top_k_by_cosine_across_gsds(world, single, tmp_path, capsys):
+    import geopandas as gpd
+    from pyproj import Transformer
+
+    from inference.search import search
+    from tools import search_embeddings
+
+    gdf = gpd.read_parquet(single)
+    vecs = np.stack(gdf["embedding_cls"]).astype(np.float64)
+    q = 5
+    cos = vecs @ vecs[q] / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(vecs[q]))
+    expected = [i for i in np.argsort(-cos, kind="stable") if i != q][:4]
+    query, hits = search(single, k=4, index=q)
+    assert query.name == q and list(hits["window"]) == expected
+    np.testing.assert_allclose(hits["score"], cos[expected], rtol=1e-6)
+    assert set(gdf["gsd"]) == {1.0, 2.0} and hits.crs == gdf.crs  # footprints kept, in the file's CRS
+    # a point (lon/lat) inside window 5 (1 m, row 32, col 32) queries that window at the finest GSD
+    row = gdf.iloc[q]
+    cx, cy = row.geometry.centroid.x + 3, row.geometry.centroid.y - 2
+    lon, lat = Transformer.from_crs("EPSG:32610", "EPSG:4326", always_xy=True).transform(cx, cy)
+    out = tmp_path / "hits.geojson"
+    hits_cli = harness.run(search_embeddings.main, search_embeddings.get_args_parser(),
+                           [str(single), "--point", str(lon), str(lat), "--point_crs", "EPSG:4326", "--k", "4",
+                            "--output", str(out)])
+    assert list(hits_cli["window"]) == expected
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"query: window {q} gsd 1") and len(gpd.read_file(out)) == 4
+    with pytest.raises(SystemExit) as exc:  # a point outside every window: one line
+        harness.run(search_embeddings.main, search_embeddings.get_args_parser(),
+                    [str(single), "--point", "0", "0"])
+    assert exc.value.code == 2 and "no window contains the point" in capsys.readouterr().err
