@@ -243,7 +243,10 @@ def main(args: argparse.Namespace) -> dict:
         smallest = min(min(h, w) for ds in scenes for h, w in ds.tile_shapes)
         raise harness.UserError(f"--input {label}: no {size} px window fits (smallest read grid side {smallest} px); "
                                 f"use a smaller --input_size, a finer --gsd or --mosaic")
-    settings = {"checkpoint": os.path.abspath(args.checkpoint_path), "input": [str(s) for s in args.input],
+    ck = os.stat(args.checkpoint_path) if os.path.isfile(args.checkpoint_path) else None
+    settings = {"checkpoint": os.path.abspath(args.checkpoint_path),  # another file there must not resume blocks
+                "checkpoint_stat": [ck.st_size, ck.st_mtime_ns] if ck else None,
+                "input": [str(s) for s in args.input],
                 "gsd": gsds, "size": size, "stride": stride, "pool": pools, "mean": mean.tolist(),
                 "std": std.tolist(), "reference_gsd": reference, "base_resolution": args.base_resolution,
                 "reader": {k: v for k, v in reader_kw.items()}, "blocks": len(plan)}
@@ -252,7 +255,10 @@ def main(args: argparse.Namespace) -> dict:
         try:
             already = store.open(settings)
         except StoreMismatch as err:
-            raise harness.UserError(f"{err}: remove that folder or start over with --overwrite") from None
+            if not args.overwrite:
+                raise harness.UserError(f"{err}: remove that folder or pass --overwrite to start over") from None
+            print(f"NOTE: {err}: started over (--overwrite)")
+            already = store.open(settings, fresh=True)
         if already:
             print(f"resuming: {already} of {len(plan)} window rows already done ({store.folder})")
     dist_util.barrier()

@@ -31,6 +31,7 @@ setup(
         "engine_segment",
         "main_eval",
         "main_embed",
+        "main_predict",
     ],
     packages=find_packages(include=["harness", "harness.*", "util", "util.*", "dataloaders", "dataloaders.*", "layers",
                                     "layers.*", "evaluation", "evaluation.*",

@@ -231,6 +231,11 @@ def test_bad_input_one_line_each(world, tmp_path, capsys):
         assert expected in line, (argv, line)
     assert existing.read_bytes() == b"a finished file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["done.parquet"]  # nothing written for a refused run
+    other = tmp_path / "other" / "o.parquet.blocks"  # blocks of a run with other settings: refused, kept
+    BlockStore(other).open({"gsd": [9.0]})
+    line = census(world, tmp_path, capsys, embed_args(world, other.parent / "o.parquet"))
+    assert "holds the blocks of a run with other settings" in line and "--overwrite" in line
+    assert sorted(p.name for p in other.iterdir()) == ["manifest.json"]
 
 
 # ------------------------------------------------------------------------------------------------------ search
@@ -265,3 +270,76 @@ def test_search_top_k_by_cosine_across_gsds(world, single, tmp_path, capsys):
         harness.run(search_embeddings.main, search_embeddings.get_args_parser(),
                     [str(single), "--point", "0", "0"])
     assert exc.value.code == 2 and "no window contains the point" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- segmentation maps
+def test_blended_tiling_equals_a_whole_image_forward_of_a_pointwise_model():
+    from inference.blend import blend_strip, blend_weights, strip_bounds
+
+    rng = np.random.default_rng(0)
+    image = rng.random((3, 70, 90)).astype(np.float32)
+    whole = np.exp(image) / np.exp(image).sum(0)  # a per-pixel "model": softmax over the bands
+    for overlap in (0, 8):
+        size, stride = 32, 32 - overlap
+        weights = blend_weights(size, overlap)
+        assert (weights > 0).all() and (overlap or (weights == 1).all())
+
+        def predict(windows):
+            crops = np.stack([image[:, r:r + size, c:c + size] for r, c in windows])
+            return np.exp(crops) / np.exp(crops).sum(1, keepdims=True), np.ones((len(windows), size, size), bool)
+
+        strips = [blend_strip(predict, axis_starts(70, size, stride), axis_starts(90, size, stride), 90, size, a, b,
+                              weights, 5)[0] for a, b in strip_bounds(70, stride)]
+        np.testing.assert_allclose(np.concatenate(strips, axis=1), whole, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def segmenter(world):
+    import models_seg
+
+    torch.manual_seed(0)
+    model = models_seg.build_segmentation_model("vit_tiny_patch16", 3, img_size=SIZE, channels=16, aux_channels=0)
+    path = world["root"] / "seg.pth"
+    torch.save({"model": model.state_dict(), "classes": ["background", "a", "b"], "writer": "main_segment",
+                "args": {"model": "vit_tiny_patch16", "input_size": SIZE, "head_channels": 16, "aux_channels": 0,
+                         "out_indices": None, "base_resolution": 1.0}}, path)
+    return model.eval(), path
+
+
+def test_predicted_geotiff_keeps_georeferencing_and_nodata(world, segmenter, tmp_path, capsys):
+    import main_predict
+    import rasterio
+
+    model, ckpt = segmenter
+    arr = fake_values(3, 64, 80, seed=4, nodata=0, holes=2)
+    src = write_tile(tmp_path / "holes.tif", arr, UTM, "EPSG:32610", nodata=0)
+    one = write_tile(tmp_path / "one.tif", arr[:, :SIZE, :SIZE], UTM, "EPSG:32610")
+    argv = ["--resume", str(ckpt), "--scale", "3000", "--device", "cpu", "--overlap", "8", "--batch_size", "3"]
+    main_predict.main(main_predict.get_args_parser().parse_args(
+        ["--input", str(src), "--output_dir", str(tmp_path / "out"), *argv]))
+    with rasterio.open(tmp_path / "out" / "holes_pred.tif") as dst, rasterio.open(src) as ref:
+        assert (dst.crs, dst.transform, dst.shape) == (ref.crs, ref.transform, ref.shape)
+        assert dst.nodata == 255 and dst.dtypes[0] == "uint8" and dst.profile["tiled"]
+        assert dst.compression.value.lower() == "deflate"
+        pred = dst.read(1)
+    holes = (arr == 0).any(0)
+    assert holes.any() and (pred[holes] == 255).all() and (pred[~holes] < 3).all()
+    assert not (tmp_path / "out" / ".predict.blocks").exists()
+    # a raster of one window: the model's own forward on its pixels
+    main_predict.main(main_predict.get_args_parser().parse_args(
+        ["--input", str(one), "--output_dir", str(tmp_path / "one"), *argv]))
+    from util.weights import IMAGENET_MEAN, IMAGENET_STD
+
+    x = torch.from_numpy(arr[:, :SIZE, :SIZE].astype(np.float32) / 3000.0)
+    x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    with torch.no_grad():
+        direct = model(x[None], torch.tensor([1.0]))[0].argmax(0).numpy()
+    with rasterio.open(tmp_path / "one" / "one_pred.tif") as dst:
+        np.testing.assert_array_equal(dst.read(1), direct)
+    before = (tmp_path / "one" / "one_pred.tif").read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        harness.run(main_predict.main, main_predict.get_args_parser(),
+                    ["--input", str(one), "--output_dir", str(tmp_path / "one"), *argv])
+    err = capsys.readouterr()
+    assert exc.value.code == 2 and "exists; pass --overwrite" in err.err and "Traceback" not in err.err + err.out
+    assert (tmp_path / "one" / "one_pred.tif").read_bytes() == before
