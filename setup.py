@@ -30,9 +30,12 @@ setup(
         "main_segment",
         "engine_segment",
         "main_eval",
+        "main_embed",
+        "main_predict",
     ],
     packages=find_packages(include=["harness", "harness.*", "util", "util.*", "dataloaders", "dataloaders.*", "layers",
-                                    "layers.*", "evaluation", "evaluation.*"]),
+                                    "layers.*", "evaluation", "evaluation.*",
+                                    "inference", "inference.*"]),
     package_data={"": ["*.yaml"]},
     install_requires=[
         "torch>=2.3",
@@ -45,6 +48,7 @@ setup(
         "rasterio>=1.3",
         "shapely>=2.0",
         "geopandas>=0.14",
+        "pyarrow>=14",  # GeoParquet (main_embed.py)
         "tqdm",
         "matplotlib",
         "safetensors",

@@ -68,7 +68,7 @@ def test_rule_homes_import_neither_models_nor_data_loaders():
         assert not imported & forbidden, (rel, imported & forbidden)
 
 
-LAUNCHERS = {"main_pretrain", "main_linprobe", "main_segment", "main_eval", "main_infer", "engine_pretrain",
+LAUNCHERS = {"main_pretrain", "main_linprobe", "main_segment", "main_eval", "main_infer", "main_embed", "main_predict", "engine_pretrain",
              "engine_finetune", "engine_segment"}
 MODELS = {"models_mae", "models_vit", "models_seg"}
 # what each layer of the house may not import (the arrows point down only): util < dataloaders < harness < launchers
@@ -76,6 +76,7 @@ FORBIDDEN = {
     "util": {"dataloaders", "harness", "layers"} | MODELS | LAUNCHERS,
     "dataloaders": {"harness"} | MODELS | LAUNCHERS,
     "harness": LAUNCHERS,
+    "inference": LAUNCHERS,
 }
 
 

@@ -64,7 +64,7 @@ def clone(tmp_path_factory):
     for item in REPO.iterdir():
         if item.suffix == ".py" and item.is_file():
             shutil.copy2(item, repo / item.name)
-    for folder in ("harness", "evaluation", "util", "dataloaders", "config", "tools", "layers"):
+    for folder in ("harness", "evaluation", "inference", "util", "dataloaders", "config", "tools", "layers"):
         shutil.copytree(REPO / folder, repo / folder, ignore=shutil.ignore_patterns("__pycache__"))
     make_fake_fmow(base / "fmow-rgb")
     os.symlink(base / "fmow-rgb", repo / "data")  # ln -s ~/data/fmow-rgb data

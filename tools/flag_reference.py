@@ -19,7 +19,7 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:
     sys.path.insert(0, str(_REPO))
 
-LAUNCHERS = ("main_pretrain.py", "main_linprobe.py", "main_segment.py", "main_eval.py")
+LAUNCHERS = ("main_pretrain.py", "main_linprobe.py", "main_segment.py", "main_eval.py", "main_embed.py", "main_predict.py")
 FLAGS_FILE = _REPO / "docs" / "flags.md"
 HEADER = ("# Flag reference\n\n"
           "Generated from the launchers' parsers by `python tools/flag_reference.py --write` (do not edit by hand;\n"

@@ -1,0 +1,81 @@
+"""GeoParquet files of per-window rows: a WKB ``geometry`` column (GeoParquet 1.0 ``geo`` metadata, the raster's
+CRS as PROJJSON), plain columns, and fixed-size float32 list columns (embeddings). ``geopandas.read_parquet``
+reads them; :func:`read_embeddings` returns the rows and an embedding column as a ``[N, D]`` array.
+
+Needs ``pyarrow`` (geopandas' own Parquet engine), imported when a file is written or read.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from util.io import atomic_write
+
+__all__ = ["write_geoparquet", "read_embeddings", "embedding_columns"]
+
+EMBEDDING_PREFIX = "embedding_"
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("writing GeoParquet needs pyarrow (pip install pyarrow)") from None
+    return pa, pq
+
+
+def write_geoparquet(path: str | Path, columns: Mapping[str, Sequence[Any]], geometry: Sequence[Any], crs: str,
+                     vectors: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write one GeoParquet file atomically (an existing ``path`` is replaced only by a complete file).
+
+    ``columns``: plain columns of N values; ``geometry``: N shapely geometries in ``crs``; ``vectors``: name ->
+    ``[N, D]`` array stored as a fixed-size ``float32`` list column; ``metadata``: JSON stored under the file
+    metadata key ``scalemae``.
+    """
+    import shapely
+    from pyproj import CRS
+
+    pa, pq = _pyarrow()
+    geoms = np.asarray(geometry, dtype=object)
+    data = {name: pa.array(list(values)) for name, values in columns.items()}
+    for name, arr in vectors.items():
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        data[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), int(arr.shape[1]))
+    data["geometry"] = pa.array(shapely.to_wkb(geoms).tolist(), type=pa.binary())
+    kinds = sorted({shapely.get_type_id(g) for g in geoms})
+    names = {0: "Point", 3: "Polygon", 6: "MultiPolygon"}
+    geo = {"version": "1.0.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "geometry_types": [names.get(k, "Unknown") for k in kinds],
+                                    "crs": CRS.from_user_input(crs).to_json_dict(),
+                                    "bbox": [float(v) for v in shapely.total_bounds(geoms)]}}}
+    meta = {b"geo": json.dumps(geo).encode()}
+    if metadata:
+        meta[b"scalemae"] = json.dumps(metadata, sort_keys=True, default=str).encode()
+    table = pa.table(data).replace_schema_metadata(meta)
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp), by_name=True)
+
+
+def embedding_columns(names: Sequence[str]) -> list[str]:
+    """The embedding columns among ``names`` (``embedding_cls``, ``embedding_mean``)."""
+    return [n for n in names if n.startswith(EMBEDDING_PREFIX)]
+
+
+def read_embeddings(path: str | Path, column: str | None = None):
+    """``(GeoDataFrame, [N, D] float32 array, column)`` of an embedding file (``column``: default the first)."""
+    import geopandas as gpd
+
+    _pyarrow()
+    gdf = gpd.read_parquet(path)
+    cols = embedding_columns(list(gdf.columns))
+    if not cols:
+        raise ValueError(f"{path}: no embedding column (embedding_*) in {list(gdf.columns)}")
+    column = column or cols[0]
+    if column not in cols:
+        raise ValueError(f"{path}: no embedding column {column!r}; it has {cols}")
+    vectors = np.stack([np.asarray(v, dtype=np.float32) for v in gdf[column]]) if len(gdf) else \
+        np.zeros((0, 0), np.float32)
+    return gdf, vectors, column

@@ -1,0 +1,166 @@
+"""The tiling core of inference: which windows a scene is cut into, which rank reads which, what is already done.
+
+A *scene* is whatever ``dataloaders.geotiff.GeoTiffDataset`` reads (a raster, a folder / glob of tiles, a mosaic,
+band-file scenes): :func:`open_scene` builds it with the read grid at the requested GSD (``target_gsd``), so every
+window is read by the project's reader ("one pixel, one value"), never by a second one.
+
+* :func:`axis_starts` / :func:`window_grid` -- windows of ``size`` px every ``stride`` px over each tile's read grid;
+  the last window of a row / column is moved back inside the tile, so the grid covers the tile completely;
+* :func:`blocks_of` / :func:`shard` -- windows grouped into *blocks* (one row of windows of one tile), the unit of
+  sharding over ranks and of resuming;
+* :class:`BlockStore` -- a folder of finished blocks, each written atomically (``util.io.atomic_write``), with a
+  manifest of the run's settings: a killed run resumes without recomputing the blocks it finished, and a folder
+  of other settings is refused.
+
+Memory: a caller holds one block's results at a time and reads its windows ``batch`` at a time (:func:`batches`).
+This module imports neither rasterio nor geopandas at import time.
+"""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, TypeVar
+
+import numpy as np
+
+from util.io import atomic_write, atomic_write_text
+
+__all__ = ["Block", "open_scene", "native_gsd", "axis_starts", "window_grid", "blocks_of", "shard", "batches",
+           "BlockStore", "StoreMismatch"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, order=True)
+class Block:
+    """One row of windows of one tile at one of the run's GSDs (index into the run's GSD list)."""
+
+    gsd_index: int
+    tile: int
+    row: int
+
+    @property
+    def key(self) -> str:
+        return f"g{self.gsd_index:02d}-t{self.tile:05d}-r{self.row:07d}"
+
+
+def open_scene(source: Any, gsd: Optional[float], window: int, *, band_files: Optional[Sequence[str]] = None,
+               scene_glob: Optional[str] = None, glob: Optional[str] = None, crs: Optional[str] = None, nodata: Any = None, scale: float = 1.0,
+               resampling: Optional[str] = None, mosaic: bool = False, reference_gsd: Optional[float] = None,
+               index_cache: Any = False):
+    """The :class:`~dataloaders.geotiff.GeoTiffDataset` of ``source`` with read grids of ``gsd`` metres (None: the
+    files' own grid) and windows of ``window`` px; ``sample['res']`` is ``reference_gsd_factor(gsd, reference_gsd)``.
+    Raises ``DataError`` (one line) for unreadable input."""
+    from dataloaders.geotiff import GeoTiffDataset
+
+    return GeoTiffDataset(source, window_size=window, band_files=band_files, scene_glob=scene_glob, glob=glob, crs=crs, nodata=nodata,
+                          scale=scale, target_gsd=gsd, resampling=resampling, mosaic=mosaic,
+                          reference_gsd=reference_gsd, index_cache=index_cache)
+
+
+def native_gsd(ds) -> float:
+    """The finest ground GSD (metres) any file of the scene has: the finest ``--gsd`` readable without upsampling."""
+    return min(float(info.gsd) for infos in ds.tile_index["infos"] for info in infos)
+
+
+def axis_starts(length: int, size: int, stride: int) -> list[int]:
+    """Start offsets of windows of ``size`` every ``stride`` px along an axis of ``length`` px, the last one moved
+    back to end at ``length`` (``[]`` when ``length < size``)."""
+    if size <= 0 or stride <= 0:
+        raise ValueError(f"window size and stride must be positive, got {size} and {stride}")
+    if length < size:
+        return []
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] + size < length:
+        starts.append(length - size)
+    return starts
+
+
+def window_grid(tile_shapes: Sequence[tuple[int, int]], size: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(tile, row, col)`` of every ``size`` px window of each tile's read grid (``tile_shapes``: ``(h, w)``),
+    in tile, row, column order."""
+    out = []
+    for t, (h, w) in enumerate(tile_shapes):
+        cols = axis_starts(w, size, stride)
+        for r in axis_starts(h, size, stride):
+            out.extend((t, r, c) for c in cols)
+    return out
+
+
+def blocks_of(windows: Sequence[tuple[int, int, int]], gsd_index: int) -> dict[Block, list[tuple[int, int, int]]]:
+    """Windows grouped by row of their tile: ``{Block: [(tile, row, col), ...]}`` in grid order."""
+    out: dict[Block, list] = {}
+    for w in windows:
+        out.setdefault(Block(gsd_index, w[0], w[1]), []).append(w)
+    return out
+
+
+def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """Every ``world``-th item from ``rank``: each item belongs to exactly one rank, and neighbouring rows go to
+    different ranks (balanced when tiles differ in size)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    return list(items[rank::world])
+
+
+def batches(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:
+    """``items`` in consecutive chunks of at most ``n``."""
+    for i in range(0, len(items), max(int(n), 1)):
+        yield items[i:i + n]
+
+
+class StoreMismatch(Exception):
+    """The block folder holds the blocks of a run with other settings (message: which key differs)."""
+
+
+class BlockStore:
+    """Finished blocks of a run in ``folder``: ``manifest.json`` (the run's settings) plus one ``<key>.npz`` per block.
+
+    Each block file is written atomically (a reader sees the whole file or none); :meth:`done` is therefore a
+    plain existence test, and a killed run loses at most the blocks it was computing.
+    """
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def open(self, settings: Mapping[str, Any], fresh: bool = False) -> int:
+        """Create the folder with ``settings`` or check an existing one against them; returns the number of blocks
+        already finished. ``fresh``: drop whatever is there first. Raises :class:`StoreMismatch`."""
+        manifest = self.folder / self.MANIFEST
+        if fresh and self.folder.exists():
+            shutil.rmtree(self.folder)
+        wanted = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        if manifest.is_file():
+            have = json.loads(manifest.read_text(encoding="utf-8"))
+            diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+            if diff:
+                raise StoreMismatch(f"{self.folder} holds the blocks of a run with other settings ({diff[0]}: "
+                                    f"{have.get(diff[0])!r} there, {wanted.get(diff[0])!r} now)")
+        else:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(manifest, json.dumps(wanted, indent=1, sort_keys=True))
+        return len(list(self.folder.glob("*.npz")))
+
+    def path(self, block: Block) -> Path:
+        return self.folder / f"{block.key}.npz"
+
+    def done(self, block: Block) -> bool:
+        return self.path(block).is_file()
+
+    def save(self, block: Block, arrays: Mapping[str, np.ndarray]) -> Path:
+        """Write one block's arrays (atomically)."""
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+        return atomic_write(self.path(block), lambda fh: fh.write(buf.getvalue()))
+
+    def load(self, block: Block) -> dict[str, np.ndarray]:
+        with np.load(self.path(block), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

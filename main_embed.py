@@ -1,0 +1,333 @@
+"""Per-window Scale-MAE embeddings of whole rasters at one or several GSDs, written as GeoParquet.
+
+    python main_embed.py --input ortho.tif --checkpoint_path scalemae-vitlarge-800.pth --gsd 0.3 0.6 1.2 \
+        --output ortho_embeddings.parquet --scale 255
+    torchrun --nproc_per_node=4 main_embed.py --input 'tiles/*.tif' --mosaic ...   # window rows sharded over ranks
+    python main_embed.py --input S2/ --scene_glob '*' --band_files '*_B04.tif' '*_B03.tif' '*_B02.tif' ...  # band-file scenes
+
+Each window (``--input_size`` px on the read grid of each ``--gsd``, every ``--stride`` px) is read by the project's
+GeoTIFF reader, normalised (``--scale``, ``--mean``/``--std``), and encoded with ``res`` =
+``window_res(S, S, base_resolution) * reference_gsd_factor(gsd, reference_gsd)`` (``util/gsd.py``). One row per
+window: ``geometry`` (footprint in the raster's CRS), ``footprint_wgs84`` (WKT, EPSG:4326), ``source``, ``tile``,
+``row``/``col``/``height``/``width`` (on that GSD's read grid), ``gsd`` (asked), ``gsd_read`` (measured), ``res``,
+``valid_fraction`` and ``embedding_cls`` / ``embedding_mean`` (fixed-size float32 lists; ``--pool``).
+
+Finished window rows are kept in ``<output>.blocks/`` while the run goes on: a killed run, started again with the
+same flags, computes only the rows it had not finished. The output is written once, complete, at the end.
+Search: ``python tools/search_embeddings.py OUTPUT --point X Y`` (``inference/search.py``).
+"""
+from __future__ import annotations
+
+import argparse
+import glob as globmod
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+import harness
+from inference.tiling import Block, BlockStore, StoreMismatch, batches, blocks_of, native_gsd, open_scene, shard, \
+    window_grid
+from util import dist as dist_util
+
+POOLS = ("cls", "mean")
+# a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
+UPSAMPLE_TOLERANCE = 0.01
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = harness.ArgumentParser("Scale-MAE per-window embeddings of rasters (GeoParquet)", add_help=True)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True, nargs="+",
+                   help="raster file(s), folder(s) of GeoTIFFs or a quoted glob ('tiles/*.tif')")
+    g.add_argument("--band_files", nargs="+", default=None,
+                   help="per-band file patterns of band-file scenes ('*_B04.tif' ...), stacked in order")
+    g.add_argument("--scene_glob", default=None,
+                   help="with --band_files: scene folders under --input ('*'; default: --input itself)")
+    g.add_argument("--glob", default=None, help="file pattern under a folder --input (default *.tif / *.tiff)")
+    g.add_argument("--crs", default=None, help="read every raster in this CRS (needed when they differ)")
+    g.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
+    g.add_argument("--scale", default=1.0, type=float, help="raw values are divided by it (255 for 8-bit imagery)")
+    g.add_argument("--mosaic", action="store_true", help="windows may cross tile edges (read from every tile)")
+    g.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
+    g = p.add_argument_group("model")
+    g.add_argument("--checkpoint_path", required=True,
+                   help="released checkpoint, main_pretrain.py checkpoint or exported encoder (.safetensors/.pth)")
+    g.add_argument("--input_size", default=None, type=int,
+                   help="window side in px shown to the model (default: the checkpoint's image size)")
+    g.add_argument("--stride", default=None, type=int, help="px between window origins (default --input_size)")
+    g.add_argument("--pool", nargs="+", default=list(POOLS), choices=POOLS,
+                   help="cls token and/or mean of the patch tokens, both after the final norm (default both)")
+    g.add_argument("--mean", nargs="+", type=float, default=None,
+                   help="per-band mean after --scale (default: the checkpoint's, else ImageNet's for 3 bands)")
+    g.add_argument("--std", nargs="+", type=float, default=None, help="per-band std (as --mean)")
+    g.add_argument("--base_resolution", default=1.0, type=float, help="res of a window at --reference_gsd")
+    g.add_argument("--reference_gsd", default=None, type=float,
+                   help="metres per pixel that map to res = base_resolution (default: the finest --gsd)")
+    g = p.add_argument_group("run")
+    g.add_argument("--gsd", nargs="+", type=float, default=None,
+                   help="ground sample distances in metres to embed at (default: the raster's own)")
+    g.add_argument("--no_upsample", action="store_true", help="a --gsd finer than the raster is an error "
+                                                              "(default: a warning, the raster is upsampled)")
+    g.add_argument("--output", required=True, help="GeoParquet file to write (.parquet)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --output (once the new one is "
+                                                            "complete)")
+    g.add_argument("--batch_size", default=16, type=int, help="windows per forward (bounds the memory)")
+    g.add_argument("--device", default="cuda", help="cuda or cpu; falls back to cpu when CUDA is unavailable")
+    g.add_argument("--seed", default=0, type=int, help="torch/numpy seed (embeddings do not depend on it)")
+    g.add_argument("--debug", action="store_true", help=f"tracebacks of errors (also {harness.DEBUG_ENV}=1)")
+    harness.add_distributed_args(p)
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def load_encoder(path: str) -> tuple[torch.nn.Module, dict]:
+    """``(encoder in eval mode, saved args)`` of any checkpoint layout ``harness.pretrained.read_pretrained`` reads
+    (released, main_pretrain.py, exported encoder); decoder tensors are dropped by ``models_vit``'s loader."""
+    import models_vit
+    from harness.pretrained import read_pretrained
+
+    state, saved_args = read_pretrained(path)
+    try:
+        model = models_vit.import_encoder(state)
+    except ValueError as err:
+        raise harness.UserError(f"--checkpoint_path {path}: not a Scale-MAE encoder ({' '.join(str(err).split())})") \
+            from None
+    return model.eval(), dict(saved_args or {})
+
+
+def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tuple[list[float], list[float]]:
+    """--mean/--std, else the checkpoint's, else ImageNet's (3 bands); one line when the length is wrong."""
+    from util.weights import IMAGENET_MEAN, IMAGENET_STD, find_norm_stats
+
+    found = find_norm_stats({"args": saved_args})
+    mean = args.mean or (found[0] if found else (list(IMAGENET_MEAN) if in_chans == 3 else None))
+    std = args.std or (found[1] if found else (list(IMAGENET_STD) if in_chans == 3 else None))
+    for flag, v in (("--mean", mean), ("--std", std)):
+        if v is None:
+            raise harness.UserError(f"{flag}: the checkpoint records no normalisation for its {in_chans} bands; "
+                                    f"pass {flag} with {in_chans} values")
+        if len(v) != in_chans:
+            raise harness.UserError(f"{flag}: {len(v)} values, but the model takes {in_chans} bands")
+    return [float(x) for x in mean], [float(x) for x in std]
+
+
+@torch.no_grad()
+def embed_batch(model: torch.nn.Module, images: torch.Tensor, res: torch.Tensor, pools: list[str]
+                ) -> dict[str, np.ndarray]:
+    """images ``[N, C, S, S]`` (normalised), res ``[N]`` -> ``{pool: [N, D]}``: the cls token and/or the mean of the
+    patch tokens of ``forward_features`` (after the final norm)."""
+    tokens = model.forward_features(images, res)
+    out = {}
+    if "cls" in pools:
+        out["cls"] = tokens[:, 0].float().cpu().numpy()
+    if "mean" in pools:
+        out["mean"] = tokens[:, model.num_prefix_tokens:].mean(1).float().cpu().numpy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- input
+def expand_inputs(items: list[str]) -> Any:
+    """--input as the reader's source: one path as is, globs expanded (one line when nothing matches)."""
+    paths: list[str] = []
+    for item in items:
+        if any(ch in item for ch in "*?["):
+            hits = sorted(globmod.glob(os.path.expanduser(item)))
+            if not hits:
+                raise harness.UserError(f"--input {item}: the pattern matches no file")
+            paths.extend(hits)
+        else:
+            if not os.path.exists(os.path.expanduser(item)):
+                raise harness.UserError(f"--input {item}: not found")
+            paths.append(os.path.expanduser(item))
+    return paths[0] if len(paths) == 1 else paths
+
+
+def check_output(args: argparse.Namespace) -> Path:
+    out = Path(args.output)
+    if out.suffix.lower() not in (".parquet", ".geoparquet"):
+        raise harness.UserError(f"--output {out}: give a .parquet file name (GeoParquet)")
+    if out.is_dir():
+        raise harness.UserError(f"--output {out}: is a folder; give a .parquet file name")
+    if out.exists() and not args.overwrite:
+        raise harness.UserError(f"--output {out} exists; pass --overwrite to replace it (or choose another name)")
+    return out
+
+
+def check_scene(ds, in_chans: int, source: str) -> None:
+    """One line for a scene the model cannot take: no CRS, several CRSs, another band count."""
+    crs = {str(c) for c in ds.tile_index["crs"]}
+    if any(c in ("", "None") for c in crs):
+        raise harness.UserError(f"--input {source}: a raster has no CRS (not georeferenced); assign one "
+                                f"(gdal_edit.py -a_srs EPSG:...) first")
+    if len(crs) > 1:
+        raise harness.UserError(f"--input {source}: rasters in {len(crs)} CRSs ({', '.join(sorted(crs)[:3])}); "
+                                f"pass --crs to read them all in one")
+    if ds.num_bands != in_chans:
+        raise harness.UserError(f"--input {source}: {ds.num_bands} band(s), but the model takes {in_chans}; "
+                                f"select bands (--band_files) matching its training data")
+
+
+def _window_rows(ds, windows: list[tuple[int, int, int]], size: int, base_resolution: float,
+                 mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Read and normalise windows: ``(images [N, C, S, S], res [N], per-window columns)``."""
+    from dataloaders.geotiff import WindowSpec
+    from util.gsd import window_res
+
+    images, res, meta = [], [], {k: [] for k in ("gsd_read", "valid_fraction", "transform")}
+    for t, r, c in windows:
+        s = ds.read_window(WindowSpec(t, r, c, size, size))
+        img = (s["image"] - mean[:, None, None]) / std[:, None, None]
+        img = torch.where(s["mask"][None], img, torch.zeros(()))  # invalid pixels at the band mean
+        images.append(img)
+        res.append(window_res(size, size, base_resolution) * s["res"])
+        meta["gsd_read"].append(float(s["gsd"]))
+        meta["valid_fraction"].append(float(s["mask"].float().mean()))
+        meta["transform"].append(np.asarray(s["transform"], dtype=np.float64))
+    return torch.stack(images), torch.tensor(res, dtype=torch.float32), meta
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def main(args: argparse.Namespace) -> dict:
+    """Embed every window; returns ``{"output", "windows", "computed_blocks", "skipped_blocks"}``."""
+    device = harness.setup(args)
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    out = check_output(args)
+    for flag in ("batch_size", "input_size", "stride"):
+        v = getattr(args, flag)
+        if v is not None and v <= 0:
+            raise harness.UserError(f"--{flag} {v}: must be a positive integer")
+    if args.gsd is not None and any(not (g > 0 and math.isfinite(g)) for g in args.gsd):
+        raise harness.UserError(f"--gsd {' '.join(map(str, args.gsd))}: every GSD must be a positive number of metres")
+    source = expand_inputs(args.input)
+    label = " ".join(args.input)
+
+    model, saved_args = load_encoder(args.checkpoint_path)
+    model = model.to(device)
+    patch = int(model.patch_embed.patch_size[0])
+    in_chans = int(model.patch_embed.proj.weight.shape[1])
+    size = int(args.input_size or model.patch_embed.img_size[0])
+    if size % patch:
+        raise harness.UserError(f"--input_size {size}: not a multiple of the model's patch {patch}")
+    stride = int(args.stride or size)
+    mean, std = (torch.tensor(v) for v in norm_stats(args, saved_args, in_chans))
+    pools = [p for p in POOLS if p in args.pool]
+
+    reader_kw = dict(band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob, crs=args.crs, nodata=args.nodata,
+                     scale=args.scale, resampling=args.resampling, mosaic=args.mosaic)
+    native = open_scene(source, None, size, **reader_kw)  # the files' own grid: CRS, bands, finest GSD
+    check_scene(native, in_chans, label)
+    finest = native_gsd(native)
+    gsds = [float(g) for g in (args.gsd or [round(finest, 6)])]
+    for g in gsds:
+        if g < finest * (1 - UPSAMPLE_TOLERANCE):
+            line = (f"--gsd {g:g}: finer than the raster ({finest:.4g} m per pixel), so windows are upsampled "
+                    f"(no new detail)")
+            if args.no_upsample:
+                raise harness.UserError(f"{line}; drop that GSD or --no_upsample")
+            print(f"WARNING: {line}")
+    reference = float(args.reference_gsd or min(gsds))
+    scenes = [open_scene(source, None if args.gsd is None else g, size, reference_gsd=reference, **reader_kw)
+              for g in gsds]
+    crs = str(scenes[0].tile_index["crs"].iloc[0])
+
+    # the plan: every block (row of windows) of every GSD; this rank's share
+    plan: dict[Block, list] = {}
+    for gi, ds in enumerate(scenes):
+        plan.update(blocks_of(window_grid(ds.tile_shapes, size, stride), gi))
+    if not plan:
+        smallest = min(min(h, w) for ds in scenes for h, w in ds.tile_shapes)
+        raise harness.UserError(f"--input {label}: no {size} px window fits (smallest read grid side {smallest} px); "
+                                f"use a smaller --input_size, a finer --gsd or --mosaic")
+    ck = os.stat(args.checkpoint_path) if os.path.isfile(args.checkpoint_path) else None
+    settings = {"checkpoint": os.path.abspath(args.checkpoint_path),  # another file there must not resume blocks
+                "checkpoint_stat": [ck.st_size, ck.st_mtime_ns] if ck else None,
+                "input": [str(s) for s in args.input],
+                "gsd": gsds, "size": size, "stride": stride, "pool": pools, "mean": mean.tolist(),
+                "std": std.tolist(), "reference_gsd": reference, "base_resolution": args.base_resolution,
+                "reader": {k: v for k, v in reader_kw.items()}, "blocks": len(plan)}
+    store = BlockStore(out.parent / f"{out.name}.blocks")
+    if rank == 0:
+        try:
+            already = store.open(settings)
+        except StoreMismatch as err:
+            if not args.overwrite:
+                raise harness.UserError(f"{err}: remove that folder or pass --overwrite to start over") from None
+            print(f"NOTE: {err}: started over (--overwrite)")
+            already = store.open(settings, fresh=True)
+        if already:
+            print(f"resuming: {already} of {len(plan)} window rows already done ({store.folder})")
+    dist_util.barrier()
+
+    mine = shard(sorted(plan), rank, world)
+    computed = skipped = 0
+    for block in mine:
+        if store.done(block):
+            skipped += 1
+            continue
+        ds = scenes[block.gsd_index]
+        vecs: dict[str, list] = {p: [] for p in pools}
+        cols: dict[str, list] = {"gsd_read": [], "valid_fraction": [], "transform": [], "res": []}
+        for chunk in batches(plan[block], args.batch_size):
+            images, res, meta = _window_rows(ds, list(chunk), size, args.base_resolution, mean, std)
+            for k, v in embed_batch(model, images.to(device), res.to(device), pools).items():
+                vecs[k].append(v)
+            for k in meta:
+                cols[k].extend(meta[k])
+            cols["res"].extend(res.tolist())
+        windows = np.asarray(plan[block], dtype=np.int64)
+        store.save(block, {"windows": windows, **{k: np.asarray(v) for k, v in cols.items()},
+                           **{f"vec_{k}": np.concatenate(v) for k, v in vecs.items()}})
+        computed += 1
+    dist_util.barrier()
+    n = 0
+    if rank == 0:
+        n = assemble(out, store, sorted(plan), scenes, gsds, size, crs, pools, settings)
+        store.remove()
+        print(f"wrote {n} window embeddings at {len(gsds)} GSD(s) to {out}")
+    dist_util.cleanup()
+    return {"output": str(out), "windows": n, "computed_blocks": computed, "skipped_blocks": skipped}
+
+
+def assemble(out: Path, store: BlockStore, blocks: list[Block], scenes: list, gsds: list[float], size: int,
+             crs: str, pools: list[str], settings: dict) -> int:
+    """Read every finished block (in plan order) and write the GeoParquet file once; returns the row count."""
+    from affine import Affine
+    from shapely.geometry import Polygon
+    import shapely
+    from pyproj import Transformer
+
+    from inference.geoparquet import EMBEDDING_PREFIX, write_geoparquet
+
+    to_wgs84 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform
+    cols: dict[str, list] = {k: [] for k in ("source", "tile", "row", "col", "height", "width", "gsd", "gsd_read",
+                                             "res", "valid_fraction", "footprint_wgs84")}
+    geoms, vecs = [], {p: [] for p in pools}
+    for block in blocks:
+        part = store.load(block)
+        ds = scenes[block.gsd_index]
+        for i, (t, r, c) in enumerate(part["windows"].tolist()):
+            a = Affine(*part["transform"][i])
+            geom = Polygon([a @ (u, v) for u, v in ((0, 0), (size, 0), (size, size), (0, size))])
+            geoms.append(geom)
+            cols["source"].append(str(ds.tile_index["path"].iloc[t]))
+            for k, v in (("tile", t), ("row", r), ("col", c), ("height", size), ("width", size)):
+                cols[k].append(int(v))
+            cols["gsd"].append(gsds[block.gsd_index])
+            for k in ("gsd_read", "res", "valid_fraction"):
+                cols[k].append(float(part[k][i]))
+        for p in pools:
+            vecs[p].append(part[f"vec_{p}"])
+    cols["footprint_wgs84"] = shapely.to_wkt(shapely.transform(np.asarray(geoms, dtype=object), to_wgs84,
+                                                               interleaved=False)).tolist()
+    write_geoparquet(out, cols, geoms, crs, {f"{EMBEDDING_PREFIX}{p}": np.concatenate(v) for p, v in vecs.items()},
+                     metadata=settings)
+    return len(geoms)
+
+
+if __name__ == "__main__":
+    harness.run(main, get_args_parser())

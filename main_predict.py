@@ -1,0 +1,202 @@
+"""Segmentation maps of whole rasters with a main_segment.py checkpoint: sliding windows, overlap, smooth blending.
+
+    python main_predict.py --input scene.tif --resume output_dir/seg/checkpoint-latest.pth --output_dir preds/
+    torchrun --nproc_per_node=4 main_predict.py --input 'tiles/*.tif' --resume ... --output_dir preds/
+
+Each tile's read grid (at ``--gsd`` metres, default the raster's own) is cut into ``--input_size`` windows (default
+the checkpoint's) every ``input_size - overlap`` px; class probabilities of overlapping windows are blended with
+linear edge ramps (``inference/blend.py``: no seams) and the arg-max is written to ``<output_dir>/<tile>_pred.tif``:
+a tiled, deflate-compressed uint8 GeoTIFF with overviews on the read grid (the source's CRS and transform at that
+GSD); pixels without valid input stay nodata (255). Output strips are sharded over ranks and kept in
+``<output_dir>/.predict.blocks/`` until every tile is written: a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import harness
+from inference.blend import blend_strip, blend_weights, strip_bounds
+from inference.tiling import Block, BlockStore, StoreMismatch, axis_starts, open_scene, shard
+from main_embed import check_scene, expand_inputs, norm_stats
+from util import dist as dist_util
+
+NODATA = 255
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = harness.ArgumentParser("Scale-MAE segmentation maps of rasters (sliding windows, blended)", add_help=True)
+    g = p.add_argument_group("input")
+    g.add_argument("--input", required=True, nargs="+", help="raster file(s), folder(s) or a quoted glob")
+    g.add_argument("--band_files", nargs="+", default=None, help="per-band file patterns of band-file scenes")
+    g.add_argument("--scene_glob", default=None, help="with --band_files: scene folders under --input")
+    g.add_argument("--glob", default=None, help="file pattern under a folder --input")
+    g.add_argument("--crs", default=None, help="read every raster in this CRS")
+    g.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
+    g.add_argument("--scale", default=1.0, type=float, help="raw values are divided by it (255 for 8-bit imagery)")
+    g.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
+    g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the raster's own)")
+    g = p.add_argument_group("model")
+    g.add_argument("--resume", required=True, help="segmentation checkpoint of main_segment.py")
+    g.add_argument("--input_size", default=None, type=int, help="window px (default the checkpoint's)")
+    g.add_argument("--overlap", default=None, type=int, help="px shared by neighbouring windows (default 1/4 "
+                                                             "window; 0: no blending)")
+    g.add_argument("--mean", nargs="+", type=float, default=None, help="per-band mean after --scale")
+    g.add_argument("--std", nargs="+", type=float, default=None, help="per-band std after --scale")
+    g.add_argument("--reference_gsd", default=None, type=float, help="metres per pixel of res = base_resolution")
+    g = p.add_argument_group("run")
+    g.add_argument("--output_dir", required=True, help="folder of the <tile>_pred.tif files")
+    g.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
+    g.add_argument("--batch_size", default=8, type=int, help="windows per forward (bounds the memory)")
+    g.add_argument("--device", default="cuda", help="cuda or cpu; falls back to cpu when CUDA is unavailable")
+    g.add_argument("--seed", default=0, type=int, help="torch/numpy seed (predictions do not depend on it)")
+    g.add_argument("--debug", action="store_true", help=f"tracebacks of errors (also {harness.DEBUG_ENV}=1)")
+    harness.add_distributed_args(p)
+    return p
+
+
+def load_segmenter(path: str) -> tuple[torch.nn.Module, dict, list]:
+    """``(model in eval mode, its training args, classes)`` of a main_segment.py checkpoint."""
+    import models_seg
+    from util.checkpoint import strip_module_prefix
+
+    ckpt = harness.read_checkpoint(path, "--resume")
+    if harness.checkpoint_writer(ckpt) != "main_segment" or "model" not in ckpt:
+        raise harness.UserError(f"--resume {path}: {harness.checkpoint_kind(ckpt) or 'not a checkpoint'}; "
+                                f"main_predict.py takes a segmentation checkpoint of main_segment.py")
+    saved = ckpt.get("args") or {}
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved)
+    state = strip_module_prefix(ckpt["model"])
+    classes = list(ckpt.get("classes") or [])
+    in_chans = int(state["backbone.patch_embed.proj.weight"].shape[1])
+    model = models_seg.build_segmentation_model(
+        saved["model"], len(classes), img_size=int(saved["input_size"]), in_chans=in_chans,
+        out_indices=saved.get("out_indices"), channels=int(saved["head_channels"]),
+        aux_channels=saved.get("aux_channels") or None)
+    model.load_state_dict(state)
+    return model.eval(), saved, classes
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Predict every tile; returns ``{"outputs": [...], "computed_blocks", "skipped_blocks"}``."""
+    from util.gsd import window_res
+
+    device = harness.setup(args)
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    source = expand_inputs(args.input)
+    model, saved, classes = load_segmenter(args.resume)
+    model = model.to(device)
+    in_chans = int(model.backbone.patch_embed.proj.weight.shape[1])
+    size = int(args.input_size or saved["input_size"])
+    harness.require(size % model.patch_size == 0 and size >= 2 * model.patch_size,
+                    f"--input_size {size}: must be a multiple of the patch {model.patch_size}, at least "
+                    f"{2 * model.patch_size}")
+    overlap = size // 4 if args.overlap is None else int(args.overlap)
+    harness.require(0 <= overlap < size, f"--overlap {overlap}: must be in [0, --input_size)")
+    stride = size - overlap
+    mean, std = (torch.tensor(v) for v in norm_stats(args, saved, in_chans))
+    base_resolution = float(saved.get("base_resolution", 1.0))
+    ds = open_scene(source, args.gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
+                    crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
+                    reference_gsd=args.reference_gsd or args.gsd)
+    check_scene(ds, in_chans, " ".join(args.input))
+    out_dir = Path(args.output_dir)
+    names = [f"{Path(str(p)).stem}_pred.tif" for p in ds.tile_index["path"]]
+    if not args.overwrite:
+        existing = [n for n in names if (out_dir / n).exists()]
+        if existing:
+            raise harness.UserError(f"--output_dir {out_dir}: {existing[0]} exists; pass --overwrite to replace it")
+    plan = []
+    for t, (h, w) in enumerate(ds.tile_shapes):
+        if h < size or w < size:
+            raise harness.UserError(f"{names[t]}: the read grid ({h}x{w} px) is smaller than one {size} px window; "
+                                    f"use a smaller --input_size or a finer --gsd")
+        plan += [Block(0, t, a) for a, _ in strip_bounds(h, stride)]
+    store = BlockStore(out_dir / ".predict.blocks")
+    settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": args.gsd, "size": size,
+                "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan)}
+    if rank == 0:
+        harness.make_folder(out_dir, "--output_dir")
+        try:
+            store.open(settings)
+        except StoreMismatch as err:
+            if not args.overwrite:
+                raise harness.UserError(f"{err}: remove that folder or pass --overwrite") from None
+            store.open(settings, fresh=True)
+    dist_util.barrier()
+    weights = blend_weights(size, overlap)
+
+    def predictor(tile: int):
+        from dataloaders.geotiff import WindowSpec
+
+        @torch.no_grad()
+        def predict(windows):
+            imgs, res, valid = [], [], []
+            for r, c in windows:
+                s = ds.read_window(WindowSpec(tile, r, c, size, size))
+                img = (s["image"] - mean[:, None, None]) / std[:, None, None]
+                imgs.append(torch.where(s["mask"][None], img, torch.zeros(())))
+                res.append(window_res(size, size, base_resolution) * s["res"])
+                valid.append(s["mask"].numpy())
+            logits = model(torch.stack(imgs).to(device), torch.tensor(res, device=device))
+            return logits.float().softmax(1).cpu().numpy(), np.stack(valid)
+        return predict
+
+    computed = skipped = 0
+    for block in shard(plan, rank, world):
+        if store.done(block):
+            skipped += 1
+            continue
+        h, w = ds.tile_shapes[block.tile]
+        a, b = block.row, min(block.row + stride, h)
+        probs, valid = blend_strip(predictor(block.tile), axis_starts(h, size, stride), axis_starts(w, size, stride),
+                                   w, size, a, b, weights, args.batch_size)
+        pred = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
+        store.save(block, {"pred": pred})
+        computed += 1
+    dist_util.barrier()
+    outputs = []
+    if rank == 0:
+        for t, name in enumerate(names):
+            outputs.append(str(write_tile(out_dir / name, store, [b for b in plan if b.tile == t], ds, t,
+                                          len(classes))))
+        store.remove()
+        print(f"wrote {len(outputs)} prediction GeoTIFF(s) to {out_dir}")
+    dist_util.cleanup()
+    return {"outputs": outputs, "computed_blocks": computed, "skipped_blocks": skipped}
+
+
+def write_tile(path: Path, store: BlockStore, blocks: list, ds, tile: int, num_classes: int) -> Path:
+    """One tile's strips into a tiled, compressed uint8 GeoTIFF (nodata 255, overviews), atomically."""
+    import rasterio
+    from affine import Affine
+    from rasterio.enums import Resampling
+    from rasterio.windows import Window
+
+    from util.io import atomic_write
+
+    h, w = ds.tile_shapes[tile]
+    profile: dict[str, Any] = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8",
+                               "nodata": NODATA, "crs": str(ds.tile_index["crs"].iloc[tile]),
+                               "transform": Affine(*ds.tile_index["transform"].iloc[tile][:6]),
+                               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+
+    def write(tmp: str) -> None:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for block in sorted(blocks):
+                pred = store.load(block)["pred"]
+                dst.write(pred[None], window=Window(0, block.row, w, pred.shape[0]))
+            factors = [f for f in (2, 4, 8, 16, 32) if min(h, w) // f >= 64]
+            if factors:
+                dst.build_overviews(factors, Resampling.mode)
+
+    return atomic_write(path, write, by_name=True)
+
+
+if __name__ == "__main__":
+    harness.run(main, get_args_parser())
