@@ -23,7 +23,7 @@ import torch
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, StoreMismatch, axis_starts, open_scene, shard
-from main_embed import check_scene, expand_inputs, norm_stats
+from inference.inputs import check_scene, expand_inputs, norm_stats
 from util import dist as dist_util
 
 NODATA = 255
