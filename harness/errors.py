@@ -136,7 +136,7 @@ def _report(exc: BaseException, message: str, args: argparse.Namespace) -> None:
 def cleanup_quietly() -> None:
     """Tear the process group down, ignoring errors (the run is already failing or stopping)."""
     try:
-        dist_util.cleanup()
+        dist_util.cleanup(wait_for_all=False)
     except Exception:  # noqa: BLE001 - already failing; the first error is the one to report
         pass
 

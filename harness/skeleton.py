@@ -56,7 +56,10 @@ def stop_preempted(stop: StopRequest, what: str) -> None:
         signame = stop.signal_name or "a stop signal on another rank"
         dist_util.ORIGINAL_PRINT(f"stopped by {signame}: {what}; rerun the same command to resume "
                                   f"(exit status {EXIT_PREEMPTED})", file=sys.stderr, flush=True)
-    cleanup_quietly()
+    try:
+        dist_util.cleanup()  # every rank agreed on this stop: they all meet before gloo/NCCL is torn down
+    except Exception:  # noqa: BLE001 - the checkpoint is saved; exit 75 whatever the teardown says
+        pass
     raise SystemExit(EXIT_PREEMPTED)
 
 

@@ -242,9 +242,16 @@ def init_distributed_mode(args: Any) -> None:
     setup_for_distributed(rank == 0, rank)
 
 
-def cleanup() -> None:
-    """Destroy the process group (if any) and restore the builtin ``print``."""
+def cleanup(wait_for_all: bool = True) -> None:
+    """Destroy the process group (if any) and restore the builtin ``print``.
+
+    On a normal end (``wait_for_all``) every rank first meets at a barrier: a rank that tears gloo down while a
+    peer is still finishing its last collective can be aborted by the C++ runtime ("terminate called without an
+    active exception", a non-zero exit after a successful run). Error paths pass ``wait_for_all=False`` (the
+    other ranks may never arrive)."""
     if is_dist_avail_and_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
     _restore_print()
 
