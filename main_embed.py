@@ -92,12 +92,35 @@ def load_encoder(path: str) -> tuple[torch.nn.Module, dict]:
     from harness.pretrained import read_pretrained
 
     state, saved_args = read_pretrained(path)
+    if not saved_args:  # an exported encoder: its metadata records the input normalisation (util/weights.py)
+        saved_args = exported_metadata(path)
     try:
         model = models_vit.import_encoder(state)
     except ValueError as err:
         raise harness.UserError(f"--checkpoint_path {path}: not a Scale-MAE encoder ({' '.join(str(err).split())})") \
             from None
     return model.eval(), dict(saved_args or {})
+
+
+def exported_metadata(path: str) -> dict:
+    """``{'input_normalization': {'mean', 'std'}, ...}`` of an encoder written by ``tools/export_encoder.py`` (the
+    safetensors header, else the sidecar ``.json`` next to a ``.pth``); ``{}`` for any other file."""
+    import json
+
+    from util.weights import FORMAT
+
+    meta: dict = {}
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                meta = {k: json.loads(v) if v[:1] in "[{" else v for k, v in (f.metadata() or {}).items()}
+        elif Path(path).with_suffix(".json").is_file():
+            meta = json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else {}
 
 
 @torch.no_grad()

@@ -343,3 +343,33 @@ def test_predicted_geotiff_keeps_georeferencing_and_nodata(world, segmenter, tmp
     err = capsys.readouterr()
     assert exc.value.code == 2 and "exists; pass --overwrite" in err.err and "Traceback" not in err.err + err.out
     assert (tmp_path / "one" / "one_pred.tif").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------- exported encoder, bad input (2)
+def test_exported_encoder_gives_the_pretraining_checkpoints_embeddings(world, tmp_path):
+    """tools/export_encoder.py output (.pth + sidecar, .safetensors): the same embeddings as the checkpoint it came
+    from (models_vit recomputes the positional embedding from ``res``; the stored table at the export's res is not
+    used), normalised with the mean/std the export recorded."""
+    pytest.importorskip("pyarrow", reason="GeoParquet needs pyarrow (install_requires)")
+    import geopandas as gpd
+
+    from util.weights import export_encoder
+
+    mean, std = ["0.4", "0.5", "0.6"], ["0.2", "0.25", "0.3"]
+    paths = export_encoder(str(world["ckpt"]), tmp_path / "enc", res=2.0, mean=[float(v) for v in mean],
+                           std=[float(v) for v in std])["paths"]
+    ref = tmp_path / "ref.parquet"
+    run_embed(embed_args(world, ref, "--gsd", "2", "--mean", *mean, "--std", *std))
+    a = gpd.read_parquet(ref)
+    default = run_embed(embed_args(world, tmp_path / "imagenet.parquet", "--gsd", "2"))["output"]
+    assert not np.allclose(np.stack(gpd.read_parquet(default)["embedding_cls"]), np.stack(a["embedding_cls"]),
+                           atol=1e-3)  # the recorded stats matter: ImageNet's give other embeddings
+    for kind in ("pth", "safetensors"):
+        out = tmp_path / f"{kind}.parquet"
+        argv = embed_args(world, out, "--gsd", "2")
+        argv[argv.index("--checkpoint_path") + 1] = str(paths[kind])
+        run_embed(argv)
+        b = gpd.read_parquet(out)
+        assert a[["row", "col", "gsd", "res"]].equals(b[["row", "col", "gsd", "res"]])
+        for col in ("embedding_cls", "embedding_mean"):
+            np.testing.assert_allclose(np.stack(b[col]), np.stack(a[col]), atol=1e-5, rtol=1e-5)
