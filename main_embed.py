@@ -31,7 +31,7 @@ import torch
 import harness
 from inference.tiling import Block, BlockStore, StoreMismatch, batches, blocks_of, native_gsd, open_scene, shard, \
     window_grid
-from inference.inputs import check_scene, expand_inputs, norm_stats
+from inference.inputs import check_dtype, check_scene, expand_inputs, norm_stats
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
@@ -198,14 +198,17 @@ def main(args: argparse.Namespace) -> dict:
                      scale=args.scale, resampling=args.resampling, mosaic=args.mosaic)
     native = open_scene(source, None, size, **reader_kw)  # the files' own grid: CRS, bands, finest GSD
     check_scene(native, in_chans, label)
+    check_dtype(native, saved_args, label)
     finest = native_gsd(native)
     gsds = [float(g) for g in (args.gsd or [round(finest, 6)])]
-    for g in gsds:
-        if g < finest * (1 - UPSAMPLE_TOLERANCE):
-            line = (f"--gsd {g:g}: finer than the raster ({finest:.4g} m per pixel), so windows are upsampled "
-                    f"(no new detail)")
-            if args.no_upsample:
-                raise harness.UserError(f"{line}; drop that GSD or --no_upsample")
+    finer = [g for g in gsds if g < finest * (1 - UPSAMPLE_TOLERANCE)]
+    if finer:
+        line = (f"--gsd {' '.join(f'{g:g}' for g in finer)}: finer than the raster ({finest:.4g} m per pixel), so "
+                f"windows are upsampled (no new detail)")
+        if args.no_upsample:
+            raise harness.UserError(f"{line}; drop {'that GSD' if len(finer) == 1 else 'those GSDs'} or "
+                                    f"--no_upsample")
+        if rank == 0:
             print(f"WARNING: {line}")
     reference = float(args.reference_gsd or min(gsds))
     scenes = [open_scene(source, None if args.gsd is None else g, size, reference_gsd=reference, **reader_kw)

@@ -373,3 +373,32 @@ def test_exported_encoder_gives_the_pretraining_checkpoints_embeddings(world, tm
         assert a[["row", "col", "gsd", "res"]].equals(b[["row", "col", "gsd", "res"]])
         for col in ("embedding_cls", "embedding_mean"):
             np.testing.assert_allclose(np.stack(b[col]), np.stack(a[col]), atol=1e-5, rtol=1e-5)
+
+
+def test_upsampling_warns_once_and_a_recorded_dtype_is_checked(world, tmp_path, capsys):
+    pytest.importorskip("pyarrow", reason="GeoParquet needs pyarrow (install_requires)")
+    import rasterio
+
+    from inference.inputs import check_dtype
+    from inference.tiling import open_scene
+
+    run_embed(embed_args(world, tmp_path / "up.parquet", "--gsd", "0.5", "0.75", "1", "--pool", "cls"))
+    out = capsys.readouterr().out
+    warnings_ = [ln for ln in out.splitlines() if "WARNING" in ln]
+    assert len(warnings_) == 1 and warnings_[0].startswith("WARNING: --gsd 0.5 0.75: finer than the raster"), out
+    run_embed(embed_args(world, tmp_path / "native.parquet", "--gsd", "1", "--pool", "cls"))
+    assert "WARNING" not in capsys.readouterr().out
+
+    with rasterio.open(world["utm"]) as src:
+        have = src.dtypes[0]
+    other = "uint8" if have != "uint8" else "uint16"
+    ckpt = torch.load(world["ckpt"], weights_only=False)
+    ckpt["args"] = {**ckpt["args"], "data": {"raster_dtype": other}}
+    torch.save(ckpt, tmp_path / "typed.pth")
+    argv = embed_args(world, tmp_path / "o.parquet")
+    argv[argv.index("--checkpoint_path") + 1] = str(tmp_path / "typed.pth")
+    line = census(world, tmp_path, capsys, argv)
+    assert f"pixels of dtype {have}, but the checkpoint was trained on {other} rasters" in line, line
+    ds = open_scene(str(world["utm"]), None, SIZE)
+    check_dtype(ds, {"data": {"raster_dtype": have}}, "x")  # the recorded dtype: accepted
+    check_dtype(ds, {"model": "mae_vit_tiny_patch16"}, "x")  # nothing recorded: no check
