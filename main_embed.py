@@ -74,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_upsample", action="store_true", help="a --gsd finer than the raster is an error "
                                                               "(default: a warning, the raster is upsampled)")
     g.add_argument("--output", required=True, help="GeoParquet file to write (.parquet)")
+    g.add_argument("--dense", default=None, metavar="PATH.tif",
+                   help="also write the patch tokens as a float32 GeoTIFF of D bands at 1/patch of the read grid "
+                        "(one raster or --mosaic; several --gsd: PATH_<gsd>m.tif); window origins snap to the patch")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --output (once the new one is "
                                                             "complete)")
     g.add_argument("--batch_size", default=16, type=int, help="windows per forward (bounds the memory)")
@@ -127,13 +130,17 @@ def exported_metadata(path: str) -> dict:
 def embed_batch(model: torch.nn.Module, images: torch.Tensor, res: torch.Tensor, pools: list[str]
                 ) -> dict[str, np.ndarray]:
     """images ``[N, C, S, S]`` (normalised), res ``[N]`` -> ``{pool: [N, D]}``: the cls token and/or the mean of the
-    patch tokens of ``forward_features`` (after the final norm)."""
+    patch tokens of ``forward_features`` (after the final norm); ``'patch'`` in ``pools``: the patch tokens
+    themselves, ``[N, S/p, S/p, D]``."""
     tokens = model.forward_features(images, res)
     out = {}
     if "cls" in pools:
         out["cls"] = tokens[:, 0].float().cpu().numpy()
     if "mean" in pools:
         out["mean"] = tokens[:, model.num_prefix_tokens:].mean(1).float().cpu().numpy()
+    if "patch" in pools:  # [N, S/p, S/p, D] on the window's patch grid
+        n, grid = tokens.shape[0], int(round(math.sqrt(tokens.shape[1] - model.num_prefix_tokens)))
+        out["patch"] = tokens[:, model.num_prefix_tokens:].reshape(n, grid, grid, -1).float().cpu().numpy()
     return out
 
 
@@ -146,7 +153,15 @@ def check_output(args: argparse.Namespace) -> Path:
         raise harness.UserError(f"--output {out}: is a folder; give a .parquet file name")
     if out.exists() and not args.overwrite:
         raise harness.UserError(f"--output {out} exists; pass --overwrite to replace it (or choose another name)")
+    if args.dense is not None and Path(args.dense).suffix.lower() not in (".tif", ".tiff"):
+        raise harness.UserError(f"--dense {args.dense}: give a .tif file name (GeoTIFF)")
     return out
+
+
+def dense_paths(dense: str, gsds: list[float]) -> list[Path]:
+    """The dense GeoTIFF of each GSD: ``dense`` itself for one GSD, ``<stem>_<gsd>m<suffix>`` for several."""
+    p = Path(dense)
+    return [p] if len(gsds) == 1 else [p.with_name(f"{p.stem}_{g:g}m{p.suffix}") for g in gsds]
 
 
 def _window_rows(ds, windows: list[tuple[int, int, int]], size: int, base_resolution: float,
@@ -218,7 +233,20 @@ def main(args: argparse.Namespace) -> dict:
     # the plan: every block (row of windows) of every GSD; this rank's share
     plan: dict[Block, list] = {}
     for gi, ds in enumerate(scenes):
-        plan.update(blocks_of(window_grid(ds.tile_shapes, size, stride), gi))
+        windows = window_grid(ds.tile_shapes, size, stride)
+        if args.dense is not None:  # origins on the patch grid: window tokens fall on whole dense cells
+            windows = list(dict.fromkeys((t, r - r % patch, c - c % patch) for t, r, c in windows))
+        plan.update(blocks_of(windows, gi))
+    dense = dense_paths(args.dense, gsds) if args.dense is not None else []
+    if dense:
+        if len(scenes[0].tile_shapes) > 1:
+            raise harness.UserError(f"--dense: --input {label} has {len(scenes[0].tile_shapes)} rasters; give one "
+                                    f"raster, or --mosaic to read them as one grid")
+        if stride % patch:
+            raise harness.UserError(f"--stride {stride}: --dense needs a multiple of the model's patch {patch}")
+        for d in dense:
+            if d.exists() and not args.overwrite:
+                raise harness.UserError(f"--dense {d} exists; pass --overwrite to replace it (or choose another name)")
     if not plan:
         smallest = min(min(h, w) for ds in scenes for h, w in ds.tile_shapes)
         raise harness.UserError(f"--input {label}: no {size} px window fits (smallest read grid side {smallest} px); "
@@ -229,7 +257,8 @@ def main(args: argparse.Namespace) -> dict:
                 "input": [str(s) for s in args.input],
                 "gsd": gsds, "size": size, "stride": stride, "pool": pools, "mean": mean.tolist(),
                 "std": std.tolist(), "reference_gsd": reference, "base_resolution": args.base_resolution,
-                "reader": {k: v for k, v in reader_kw.items()}, "blocks": len(plan)}
+                "reader": {k: v for k, v in reader_kw.items()}, "blocks": len(plan),
+                "dense": [str(d) for d in dense]}
     store = BlockStore(out.parent / f"{out.name}.blocks")
     if rank == 0:
         try:
@@ -250,11 +279,11 @@ def main(args: argparse.Namespace) -> dict:
             skipped += 1
             continue
         ds = scenes[block.gsd_index]
-        vecs: dict[str, list] = {p: [] for p in pools}
+        vecs: dict[str, list] = {p: [] for p in pools + ["patch"] * bool(dense)}
         cols: dict[str, list] = {"gsd_read": [], "valid_fraction": [], "transform": [], "res": []}
         for chunk in batches(plan[block], args.batch_size):
             images, res, meta = _window_rows(ds, list(chunk), size, args.base_resolution, mean, std)
-            for k, v in embed_batch(model, images.to(device), res.to(device), pools).items():
+            for k, v in embed_batch(model, images.to(device), res.to(device), pools + ["patch"] * bool(dense)).items():
                 vecs[k].append(v)
             for k in meta:
                 cols[k].extend(meta[k])
@@ -267,10 +296,45 @@ def main(args: argparse.Namespace) -> dict:
     n = 0
     if rank == 0:
         n = assemble(out, store, sorted(plan), scenes, gsds, size, crs, pools, settings)
+        for gi, path in enumerate(dense):
+            write_dense(path, store, [b for b in sorted(plan) if b.gsd_index == gi], scenes[gi], patch, crs)
         store.remove()
-        print(f"wrote {n} window embeddings at {len(gsds)} GSD(s) to {out}")
+        print(f"wrote {n} window embeddings at {len(gsds)} GSD(s) to {out}"
+              + "".join(f"; patch tokens to {d}" for d in dense))
     dist_util.cleanup()
-    return {"output": str(out), "windows": n, "computed_blocks": computed, "skipped_blocks": skipped}
+    return {"output": str(out), "windows": n, "computed_blocks": computed, "skipped_blocks": skipped,
+            "dense": [str(d) for d in dense]}
+
+
+def write_dense(path: Path, store: BlockStore, blocks: list[Block], ds, patch: int, crs: str) -> None:
+    """The patch tokens of one GSD's blocks as a float32 GeoTIFF of D bands on the read grid of tile 0 scaled by
+    ``patch`` (cell ``(i, j)`` = read-grid pixels ``[i*p, (i+1)*p) x [j*p, (j+1)*p)``), written block by block
+    (one block's tokens in memory) to a temporary file renamed into place when complete; where windows overlap the
+    later one (row, then column order) wins."""
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    from util.io import atomic_write
+
+    h, w = ds.tile_shapes[0]
+    height, width = h // patch, w // patch
+    dim = int(store.load(blocks[0])["vec_patch"].shape[-1])
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": dim, "dtype": "float32", "crs": crs,
+               "transform": Affine(*ds.tile_index["transform"].iloc[0][:6]) @ Affine.scale(patch),
+               "compress": "deflate", "predictor": 3, "interleave": "pixel"}
+    if min(width, height) >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+
+    def write(tmp: str) -> None:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for block in blocks:
+                part = store.load(block)
+                for (_, r, c), tokens in zip(part["windows"].tolist(), part["vec_patch"]):
+                    g = tokens.shape[0]
+                    dst.write(np.moveaxis(tokens, -1, 0), window=Window(c // patch, r // patch, g, g))
+
+    atomic_write(path, write, by_name=True)
 
 
 def assemble(out: Path, store: BlockStore, blocks: list[Block], scenes: list, gsds: list[float], size: int,

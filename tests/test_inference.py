@@ -225,6 +225,7 @@ def test_bad_input_one_line_each(world, tmp_path, capsys):
         (embed_args(world, tmp_path / "o.parquet", source=str(tmp_path / "none" / "*.tif")), "matches no file"),
         (embed_args(world, tmp_path / "o.parquet", "--input_size", "40"), "not a multiple of the model's patch 16"),
         (embed_args(world, tmp_path / "o.txt"), "give a .parquet file name"),
+        (embed_args(world, tmp_path / "o.parquet", "--dense", str(tmp_path / "d.png")), "--dense"),
     ]
     for argv, expected in cases:
         line = census(world, tmp_path, capsys, argv)
@@ -402,3 +403,37 @@ def test_upsampling_warns_once_and_a_recorded_dtype_is_checked(world, tmp_path, 
     ds = open_scene(str(world["utm"]), None, SIZE)
     check_dtype(ds, {"data": {"raster_dtype": have}}, "x")  # the recorded dtype: accepted
     check_dtype(ds, {"model": "mae_vit_tiny_patch16"}, "x")  # nothing recorded: no check
+
+
+def test_dense_patch_tokens_geotiff(world, tmp_path):
+    """--dense: D bands at 1/16 of the read grid, transform = read-grid transform x patch, each cell the patch token
+    of the encoder's direct forward of the window that covers it; one file per GSD."""
+    pytest.importorskip("pyarrow", reason="GeoParquet needs pyarrow (install_requires)")
+    import geopandas as gpd
+    import models_vit
+    import rasterio
+    from util.weights import IMAGENET_MEAN, IMAGENET_STD
+
+    dense = tmp_path / "dense.tif"
+    result = run_embed(embed_args(world, tmp_path / "d.parquet", "--gsd", "1", "2", "--dense", str(dense)))
+    paths = [tmp_path / "dense_1m.tif", tmp_path / "dense_2m.tif"]
+    assert result["dense"] == [str(p) for p in paths] and all(p.is_file() for p in paths)
+    gdf = gpd.read_parquet(tmp_path / "d.parquet")
+    with rasterio.open(paths[0]) as src:
+        assert (src.count, src.height, src.width, src.dtypes[0]) == (192, 6, 8, "float32")
+        assert src.transform == UTM @ Affine.scale(16) and src.crs.to_epsg() == 32610
+        cells = src.read()
+    with rasterio.open(paths[1]) as src:  # 48 x 64 read grid at 2 m: 3 x 4 cells of 32 m
+        assert (src.count, src.height, src.width) == (192, 3, 4)
+        assert src.transform == Affine(32.0, 0.0, 500000.0, 0.0, -32.0, 4200000.0)
+        coarse = src.read()
+    assert np.isfinite(coarse).all() and np.abs(coarse).sum(0).min() > 0  # every cell written
+    enc = models_vit.import_encoder(str(world["ckpt"])).eval()
+    for r, c in ((0, 0), (64, 96)):
+        x = torch.from_numpy(world["arr"][:, r:r + SIZE, c:c + SIZE].astype(np.float32) / 3000.0)
+        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        res = float(gdf[(gdf["gsd"] == 1.0) & (gdf["row"] == r) & (gdf["col"] == c)]["res"].iloc[0])
+        with torch.no_grad():
+            tokens = enc.forward_features(x[None], torch.tensor([res]))[0, 1:].reshape(2, 2, -1).numpy()
+        np.testing.assert_allclose(cells[:, r // 16:r // 16 + 2, c // 16:c // 16 + 2], np.moveaxis(tokens, -1, 0),
+                                   atol=1e-5, rtol=1e-5)
