@@ -35,6 +35,7 @@ from inference.inputs import check_dtype, check_scene, expand_inputs, norm_stats
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # plain images: no georeferencing, one embedding per image
 # a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
 UPSAMPLE_TOLERANCE = 0.01
 
@@ -183,6 +184,89 @@ def _window_rows(ds, windows: list[tuple[int, int, int]], size: int, base_resolu
     return torch.stack(images), torch.tensor(res, dtype=torch.float32), meta
 
 
+# ---------------------------------------------------------------------------------------------- plain images
+def image_files(source: Any) -> list[str]:
+    """The JPEG/PNG files of ``--input`` when it holds no GeoTIFF (a folder of images, image paths or a glob), else
+    ``[]`` (the GeoTIFF reader takes it)."""
+    paths = [source] if isinstance(source, str) else list(source)
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            inside = sorted(str(q) for q in Path(p).iterdir() if q.is_file())
+            if any(q.lower().endswith((".tif", ".tiff")) for q in inside):
+                return []
+            files.extend(q for q in inside if q.lower().endswith(IMAGE_SUFFIXES))
+        elif p.lower().endswith(IMAGE_SUFFIXES):
+            files.append(p)
+        else:
+            return []
+    return files
+
+
+def embed_images(args: argparse.Namespace, files: list[str], model: torch.nn.Module, device: torch.device,
+                 size: int, mean: torch.Tensor, std: torch.Tensor, pools: list[str], out: Path, rank: int) -> dict:
+    """One embedding per plain image (no georeferencing): the image (``--scale``d, normalised) resized to ``size``
+    x ``size`` px, encoded at the res of its ``--gsd`` (one value: the images' ground metres per pixel) rescaled to
+    the resized pixels (``util.gsd.rescale_res``). Rows: ``source`` (the file), ``height``/``width`` (the image's
+    px), ``gsd``, ``gsd_read`` (metres per pixel shown to the model), ``res``, empty geometry. Computed by rank 0
+    (no sharding, no resume: a folder of images is small next to a raster)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from inference.geoparquet import EMBEDDING_PREFIX, write_geoparquet
+    from util.gsd import reference_gsd_factor, rescale_res, window_res
+
+    if args.gsd is None or len(args.gsd) != 1:
+        raise harness.UserError(f"--input {' '.join(args.input)}: plain images (no georeferencing) need --gsd with "
+                                f"one value, their metres per pixel")
+    if args.dense is not None:
+        raise harness.UserError("--dense: needs georeferenced rasters; plain images have no grid to write it on")
+    gsd = float(args.gsd[0])
+    reference = float(args.reference_gsd or gsd)
+    n = 0
+    if rank == 0:
+        cols: dict[str, list] = {k: [] for k in ("source", "tile", "row", "col", "height", "width", "gsd",
+                                                 "gsd_read", "res", "valid_fraction", "footprint_wgs84")}
+        vecs: dict[str, list] = {p: [] for p in pools}
+        in_chans = int(mean.numel())
+        for chunk in batches(list(enumerate(files)), args.batch_size):
+            batch, res = [], []
+            for i, path in chunk:
+                try:
+                    with Image.open(path) as im:
+                        arr = np.asarray(im.convert("RGB") if in_chans == 3 else im, dtype=np.float32)
+                except OSError as err:
+                    raise harness.UserError(f"--input {path}: not a readable image ({err})") from None
+                arr = arr[..., None] if arr.ndim == 2 else arr
+                if arr.shape[-1] != in_chans:
+                    raise harness.UserError(f"--input {path}: {arr.shape[-1]} band(s), but the model takes {in_chans}")
+                h, w = arr.shape[:2]
+                x = torch.from_numpy(arr).permute(2, 0, 1)[None] / args.scale
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+                batch.append((x - mean[:, None, None]) / std[:, None, None])
+                side = math.sqrt(h * w)  # ground side of the image, in its own pixels
+                res.append(rescale_res(window_res(size, size, args.base_resolution)
+                                       * reference_gsd_factor(gsd, reference), side, size))
+                for k, v in (("source", path), ("tile", i), ("row", 0), ("col", 0), ("height", h), ("width", w),
+                             ("gsd", gsd), ("gsd_read", gsd * side / size), ("valid_fraction", 1.0),
+                             ("footprint_wgs84", None)):
+                    cols[k].append(v)
+            cols["res"].extend(float(r) for r in res)
+            for k, v in embed_batch(model, torch.stack(batch).to(device),
+                                    torch.tensor(res, dtype=torch.float32).to(device), pools).items():
+                vecs[k].append(v)
+        settings = {"checkpoint": os.path.abspath(args.checkpoint_path), "input": [str(s) for s in args.input],
+                    "gsd": [gsd], "size": size, "pool": pools, "mean": mean.tolist(), "std": std.tolist(),
+                    "reference_gsd": reference, "base_resolution": args.base_resolution, "images": True}
+        write_geoparquet(out, cols, [None] * len(files), None,
+                         {f"{EMBEDDING_PREFIX}{p}": np.concatenate(v) for p, v in vecs.items()}, metadata=settings)
+        n = len(files)
+        print(f"wrote {n} image embeddings (no georeferencing) to {out}")
+    dist_util.barrier()
+    dist_util.cleanup()
+    return {"output": str(out), "windows": n, "computed_blocks": 0, "skipped_blocks": 0, "dense": []}
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
     """Embed every window; returns ``{"output", "windows", "computed_blocks", "skipped_blocks"}``."""
@@ -197,6 +281,7 @@ def main(args: argparse.Namespace) -> dict:
         raise harness.UserError(f"--gsd {' '.join(map(str, args.gsd))}: every GSD must be a positive number of metres")
     source = expand_inputs(args.input)
     label = " ".join(args.input)
+    images = image_files(source)
 
     model, saved_args = load_encoder(args.checkpoint_path)
     model = model.to(device)
@@ -209,6 +294,8 @@ def main(args: argparse.Namespace) -> dict:
     mean, std = (torch.tensor(v) for v in norm_stats(args, saved_args, in_chans))
     pools = [p for p in POOLS if p in args.pool]
 
+    if images:
+        return embed_images(args, images, model, device, size, mean, std, pools, out, rank)
     reader_kw = dict(band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob, crs=args.crs, nodata=args.nodata,
                      scale=args.scale, resampling=args.resampling, mosaic=args.mosaic)
     native = open_scene(source, None, size, **reader_kw)  # the files' own grid: CRS, bands, finest GSD

@@ -437,3 +437,31 @@ def test_dense_patch_tokens_geotiff(world, tmp_path):
             tokens = enc.forward_features(x[None], torch.tensor([res]))[0, 1:].reshape(2, 2, -1).numpy()
         np.testing.assert_allclose(cells[:, r // 16:r // 16 + 2, c // 16:c // 16 + 2], np.moveaxis(tokens, -1, 0),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_plain_image_folder_one_embedding_per_image(world, tmp_path, capsys):
+    """A folder of PNGs (no georeferencing): one row per image, empty geometry, the file as source, res of --gsd
+    rescaled to the resized pixels; an image of the window size equals the encoder's direct forward."""
+    pytest.importorskip("pyarrow", reason="GeoParquet needs pyarrow (install_requires)")
+    import geopandas as gpd
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    small = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(small).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "b.png")
+    out = tmp_path / "photos.parquet"
+    argv = embed_args(world, out, "--gsd", "0.5", source=str(folder))
+    argv[argv.index("--scale") + 1] = "255"
+    assert run_embed(argv)["windows"] == 2
+    gdf = gpd.read_parquet(out)
+    assert gdf.crs is None and gdf.geometry.isna().all()
+    assert list(gdf["source"]) == [str(folder / "a.png"), str(folder / "b.png")]
+    assert list(gdf["width"]) == [SIZE, 64] and list(gdf["gsd"]) == [0.5, 0.5]
+    assert np.allclose(gdf["res"], [1.0, 2.0]) and np.allclose(gdf["gsd_read"], [0.5, 1.0])  # 64 px shown as 32
+    direct = _direct(world, small.transpose(2, 0, 1).astype(np.float64) * (3000.0 / 255.0), 1.0)
+    np.testing.assert_allclose(np.asarray(gdf["embedding_cls"].iloc[0]), direct["cls"], atol=1e-5, rtol=1e-5)
+    line = census(world, tmp_path, capsys, embed_args(world, tmp_path / "x.parquet", source=str(folder)))
+    assert "plain images (no georeferencing) need --gsd with one value" in line, line
