@@ -15,6 +15,9 @@ window: ``geometry`` (footprint in the raster's CRS), ``footprint_wgs84`` (WKT, 
 Finished window rows are kept in ``<output>.blocks/`` while the run goes on: a killed run, started again with the
 same flags, computes only the rows it had not finished. The output is written once, complete, at the end.
 Search: ``python tools/search_embeddings.py OUTPUT --point X Y`` (``inference/search.py``).
+``--dense PATH.tif``: the patch tokens too, as a D-band GeoTIFF at 1/patch of the read grid (:func:`write_dense`).
+Folders of plain JPEG/PNG images (no georeferencing): one row per image at the one ``--gsd`` given
+(:func:`embed_images`). Exported encoders are normalised with the mean/std their export recorded.
 """
 from __future__ import annotations
 
