@@ -80,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", required=True, help="GeoParquet file to write (.parquet)")
     g.add_argument("--dense", default=None, metavar="PATH.tif",
                    help="also write the patch tokens as a float32 GeoTIFF of D bands at 1/patch of the read grid "
-                        "(one raster or --mosaic; several --gsd: PATH_<gsd>m.tif); window origins snap to the patch")
+                        "(one raster; several --gsd: PATH_<gsd>m.tif); window origins snap to the patch")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --output (once the new one is "
                                                             "complete)")
     g.add_argument("--batch_size", default=16, type=int, help="windows per forward (bounds the memory)")
@@ -330,8 +330,8 @@ def main(args: argparse.Namespace) -> dict:
     dense = dense_paths(args.dense, gsds) if args.dense is not None else []
     if dense:
         if len(scenes[0].tile_shapes) > 1:
-            raise harness.UserError(f"--dense: --input {label} has {len(scenes[0].tile_shapes)} rasters; give one "
-                                    f"raster, or --mosaic to read them as one grid")
+            raise harness.UserError(f"--dense: --input {label} has {len(scenes[0].tile_shapes)} rasters; --dense "
+                                    f"writes the grid of one raster: give one (merge the tiles first)")
         if stride % patch:
             raise harness.UserError(f"--stride {stride}: --dense needs a multiple of the model's patch {patch}")
         for d in dense:
