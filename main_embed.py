@@ -15,6 +15,9 @@ window: ``geometry`` (footprint in the raster's CRS), ``footprint_wgs84`` (WKT, 
 Finished window rows are kept in ``<output>.blocks/`` while the run goes on: a killed run, started again with the
 same flags, computes only the rows it had not finished. The output is written once, complete, at the end.
 Search: ``python tools/search_embeddings.py OUTPUT --point X Y`` (``inference/search.py``).
+``--dense PATH.tif``: the patch tokens too, as a D-band GeoTIFF at 1/patch of the read grid (:func:`write_dense`).
+Folders of plain JPEG/PNG images (no georeferencing): one row per image at the one ``--gsd`` given
+(:func:`embed_images`). Exported encoders are normalised with the mean/std their export recorded.
 """
 from __future__ import annotations
 
@@ -31,10 +34,11 @@ import torch
 import harness
 from inference.tiling import Block, BlockStore, StoreMismatch, batches, blocks_of, native_gsd, open_scene, shard, \
     window_grid
-from inference.inputs import check_scene, expand_inputs, norm_stats
+from inference.inputs import check_dtype, check_scene, expand_inputs, norm_stats
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # plain images: no georeferencing, one embedding per image
 # a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
 UPSAMPLE_TOLERANCE = 0.01
 
@@ -74,6 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_upsample", action="store_true", help="a --gsd finer than the raster is an error "
                                                               "(default: a warning, the raster is upsampled)")
     g.add_argument("--output", required=True, help="GeoParquet file to write (.parquet)")
+    g.add_argument("--dense", default=None, metavar="PATH.tif",
+                   help="also write the patch tokens as a float32 GeoTIFF of D bands at 1/patch of the read grid "
+                        "(one raster; several --gsd: PATH_<gsd>m.tif); window origins snap to the patch")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --output (once the new one is "
                                                             "complete)")
     g.add_argument("--batch_size", default=16, type=int, help="windows per forward (bounds the memory)")
@@ -92,6 +99,8 @@ def load_encoder(path: str) -> tuple[torch.nn.Module, dict]:
     from harness.pretrained import read_pretrained
 
     state, saved_args = read_pretrained(path)
+    if not saved_args:  # an exported encoder: its metadata records the input normalisation (util/weights.py)
+        saved_args = exported_metadata(path)
     try:
         model = models_vit.import_encoder(state)
     except ValueError as err:
@@ -100,17 +109,42 @@ def load_encoder(path: str) -> tuple[torch.nn.Module, dict]:
     return model.eval(), dict(saved_args or {})
 
 
+def exported_metadata(path: str) -> dict:
+    """``{'input_normalization': {'mean', 'std'}, ...}`` of an encoder written by ``tools/export_encoder.py`` (the
+    safetensors header, else the sidecar ``.json`` next to a ``.pth``); ``{}`` for any other file."""
+    import json
+
+    from util.weights import FORMAT
+
+    meta: dict = {}
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                meta = {k: json.loads(v) if v[:1] in "[{" else v for k, v in (f.metadata() or {}).items()}
+        elif Path(path).with_suffix(".json").is_file():
+            meta = json.loads(Path(path).with_suffix(".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) and meta.get("format") == FORMAT else {}
+
+
 @torch.no_grad()
 def embed_batch(model: torch.nn.Module, images: torch.Tensor, res: torch.Tensor, pools: list[str]
                 ) -> dict[str, np.ndarray]:
     """images ``[N, C, S, S]`` (normalised), res ``[N]`` -> ``{pool: [N, D]}``: the cls token and/or the mean of the
-    patch tokens of ``forward_features`` (after the final norm)."""
+    patch tokens of ``forward_features`` (after the final norm); ``'patch'`` in ``pools``: the patch tokens
+    themselves, ``[N, S/p, S/p, D]``."""
     tokens = model.forward_features(images, res)
     out = {}
     if "cls" in pools:
         out["cls"] = tokens[:, 0].float().cpu().numpy()
     if "mean" in pools:
         out["mean"] = tokens[:, model.num_prefix_tokens:].mean(1).float().cpu().numpy()
+    if "patch" in pools:  # [N, S/p, S/p, D] on the window's patch grid
+        n, grid = tokens.shape[0], int(round(math.sqrt(tokens.shape[1] - model.num_prefix_tokens)))
+        out["patch"] = tokens[:, model.num_prefix_tokens:].reshape(n, grid, grid, -1).float().cpu().numpy()
     return out
 
 
@@ -123,7 +157,15 @@ def check_output(args: argparse.Namespace) -> Path:
         raise harness.UserError(f"--output {out}: is a folder; give a .parquet file name")
     if out.exists() and not args.overwrite:
         raise harness.UserError(f"--output {out} exists; pass --overwrite to replace it (or choose another name)")
+    if args.dense is not None and Path(args.dense).suffix.lower() not in (".tif", ".tiff"):
+        raise harness.UserError(f"--dense {args.dense}: give a .tif file name (GeoTIFF)")
     return out
+
+
+def dense_paths(dense: str, gsds: list[float]) -> list[Path]:
+    """The dense GeoTIFF of each GSD: ``dense`` itself for one GSD, ``<stem>_<gsd>m<suffix>`` for several."""
+    p = Path(dense)
+    return [p] if len(gsds) == 1 else [p.with_name(f"{p.stem}_{g:g}m{p.suffix}") for g in gsds]
 
 
 def _window_rows(ds, windows: list[tuple[int, int, int]], size: int, base_resolution: float,
@@ -145,6 +187,89 @@ def _window_rows(ds, windows: list[tuple[int, int, int]], size: int, base_resolu
     return torch.stack(images), torch.tensor(res, dtype=torch.float32), meta
 
 
+# ---------------------------------------------------------------------------------------------- plain images
+def image_files(source: Any) -> list[str]:
+    """The JPEG/PNG files of ``--input`` when it holds no GeoTIFF (a folder of images, image paths or a glob), else
+    ``[]`` (the GeoTIFF reader takes it)."""
+    paths = [source] if isinstance(source, str) else list(source)
+    files: list[str] = []
+    for p in paths:
+        if os.path.isdir(p):
+            inside = sorted(str(q) for q in Path(p).iterdir() if q.is_file())
+            if any(q.lower().endswith((".tif", ".tiff")) for q in inside):
+                return []
+            files.extend(q for q in inside if q.lower().endswith(IMAGE_SUFFIXES))
+        elif p.lower().endswith(IMAGE_SUFFIXES):
+            files.append(p)
+        else:
+            return []
+    return files
+
+
+def embed_images(args: argparse.Namespace, files: list[str], model: torch.nn.Module, device: torch.device,
+                 size: int, mean: torch.Tensor, std: torch.Tensor, pools: list[str], out: Path, rank: int) -> dict:
+    """One embedding per plain image (no georeferencing): the image (``--scale``d, normalised) resized to ``size``
+    x ``size`` px, encoded at the res of its ``--gsd`` (one value: the images' ground metres per pixel) rescaled to
+    the resized pixels (``util.gsd.rescale_res``). Rows: ``source`` (the file), ``height``/``width`` (the image's
+    px), ``gsd``, ``gsd_read`` (metres per pixel shown to the model), ``res``, empty geometry. Computed by rank 0
+    (no sharding, no resume: a folder of images is small next to a raster)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from inference.geoparquet import EMBEDDING_PREFIX, write_geoparquet
+    from util.gsd import reference_gsd_factor, rescale_res, window_res
+
+    if args.gsd is None or len(args.gsd) != 1:
+        raise harness.UserError(f"--input {' '.join(args.input)}: plain images (no georeferencing) need --gsd with "
+                                f"one value, their metres per pixel")
+    if args.dense is not None:
+        raise harness.UserError("--dense: needs georeferenced rasters; plain images have no grid to write it on")
+    gsd = float(args.gsd[0])
+    reference = float(args.reference_gsd or gsd)
+    n = 0
+    if rank == 0:
+        cols: dict[str, list] = {k: [] for k in ("source", "tile", "row", "col", "height", "width", "gsd",
+                                                 "gsd_read", "res", "valid_fraction", "footprint_wgs84")}
+        vecs: dict[str, list] = {p: [] for p in pools}
+        in_chans = int(mean.numel())
+        for chunk in batches(list(enumerate(files)), args.batch_size):
+            batch, res = [], []
+            for i, path in chunk:
+                try:
+                    with Image.open(path) as im:
+                        arr = np.asarray(im.convert("RGB") if in_chans == 3 else im, dtype=np.float32)
+                except OSError as err:
+                    raise harness.UserError(f"--input {path}: not a readable image ({err})") from None
+                arr = arr[..., None] if arr.ndim == 2 else arr
+                if arr.shape[-1] != in_chans:
+                    raise harness.UserError(f"--input {path}: {arr.shape[-1]} band(s), but the model takes {in_chans}")
+                h, w = arr.shape[:2]
+                x = torch.from_numpy(arr).permute(2, 0, 1)[None] / args.scale
+                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+                batch.append((x - mean[:, None, None]) / std[:, None, None])
+                side = math.sqrt(h * w)  # ground side of the image, in its own pixels
+                res.append(rescale_res(window_res(size, size, args.base_resolution)
+                                       * reference_gsd_factor(gsd, reference), side, size))
+                for k, v in (("source", path), ("tile", i), ("row", 0), ("col", 0), ("height", h), ("width", w),
+                             ("gsd", gsd), ("gsd_read", gsd * side / size), ("valid_fraction", 1.0),
+                             ("footprint_wgs84", None)):
+                    cols[k].append(v)
+            cols["res"].extend(float(r) for r in res)
+            for k, v in embed_batch(model, torch.stack(batch).to(device),
+                                    torch.tensor(res, dtype=torch.float32).to(device), pools).items():
+                vecs[k].append(v)
+        settings = {"checkpoint": os.path.abspath(args.checkpoint_path), "input": [str(s) for s in args.input],
+                    "gsd": [gsd], "size": size, "pool": pools, "mean": mean.tolist(), "std": std.tolist(),
+                    "reference_gsd": reference, "base_resolution": args.base_resolution, "images": True}
+        write_geoparquet(out, cols, [None] * len(files), None,
+                         {f"{EMBEDDING_PREFIX}{p}": np.concatenate(v) for p, v in vecs.items()}, metadata=settings)
+        n = len(files)
+        print(f"wrote {n} image embeddings (no georeferencing) to {out}")
+    dist_util.barrier()
+    dist_util.cleanup()
+    return {"output": str(out), "windows": n, "computed_blocks": 0, "skipped_blocks": 0, "dense": []}
+
+
 # ----------------------------------------------------------------------------------------------------- main
 def main(args: argparse.Namespace) -> dict:
     """Embed every window; returns ``{"output", "windows", "computed_blocks", "skipped_blocks"}``."""
@@ -159,6 +284,7 @@ def main(args: argparse.Namespace) -> dict:
         raise harness.UserError(f"--gsd {' '.join(map(str, args.gsd))}: every GSD must be a positive number of metres")
     source = expand_inputs(args.input)
     label = " ".join(args.input)
+    images = image_files(source)
 
     model, saved_args = load_encoder(args.checkpoint_path)
     model = model.to(device)
@@ -171,18 +297,23 @@ def main(args: argparse.Namespace) -> dict:
     mean, std = (torch.tensor(v) for v in norm_stats(args, saved_args, in_chans))
     pools = [p for p in POOLS if p in args.pool]
 
+    if images:
+        return embed_images(args, images, model, device, size, mean, std, pools, out, rank)
     reader_kw = dict(band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob, crs=args.crs, nodata=args.nodata,
                      scale=args.scale, resampling=args.resampling, mosaic=args.mosaic)
     native = open_scene(source, None, size, **reader_kw)  # the files' own grid: CRS, bands, finest GSD
     check_scene(native, in_chans, label)
+    check_dtype(native, saved_args, label)
     finest = native_gsd(native)
     gsds = [float(g) for g in (args.gsd or [round(finest, 6)])]
-    for g in gsds:
-        if g < finest * (1 - UPSAMPLE_TOLERANCE):
-            line = (f"--gsd {g:g}: finer than the raster ({finest:.4g} m per pixel), so windows are upsampled "
-                    f"(no new detail)")
-            if args.no_upsample:
-                raise harness.UserError(f"{line}; drop that GSD or --no_upsample")
+    finer = [g for g in gsds if g < finest * (1 - UPSAMPLE_TOLERANCE)]
+    if finer:
+        line = (f"--gsd {' '.join(f'{g:g}' for g in finer)}: finer than the raster ({finest:.4g} m per pixel), so "
+                f"windows are upsampled (no new detail)")
+        if args.no_upsample:
+            raise harness.UserError(f"{line}; drop {'that GSD' if len(finer) == 1 else 'those GSDs'} or "
+                                    f"--no_upsample")
+        if rank == 0:
             print(f"WARNING: {line}")
     reference = float(args.reference_gsd or min(gsds))
     scenes = [open_scene(source, None if args.gsd is None else g, size, reference_gsd=reference, **reader_kw)
@@ -192,7 +323,20 @@ def main(args: argparse.Namespace) -> dict:
     # the plan: every block (row of windows) of every GSD; this rank's share
     plan: dict[Block, list] = {}
     for gi, ds in enumerate(scenes):
-        plan.update(blocks_of(window_grid(ds.tile_shapes, size, stride), gi))
+        windows = window_grid(ds.tile_shapes, size, stride)
+        if args.dense is not None:  # origins on the patch grid: window tokens fall on whole dense cells
+            windows = list(dict.fromkeys((t, r - r % patch, c - c % patch) for t, r, c in windows))
+        plan.update(blocks_of(windows, gi))
+    dense = dense_paths(args.dense, gsds) if args.dense is not None else []
+    if dense:
+        if len(scenes[0].tile_shapes) > 1:
+            raise harness.UserError(f"--dense: --input {label} has {len(scenes[0].tile_shapes)} rasters; --dense "
+                                    f"writes the grid of one raster: give one (merge the tiles first)")
+        if stride % patch:
+            raise harness.UserError(f"--stride {stride}: --dense needs a multiple of the model's patch {patch}")
+        for d in dense:
+            if d.exists() and not args.overwrite:
+                raise harness.UserError(f"--dense {d} exists; pass --overwrite to replace it (or choose another name)")
     if not plan:
         smallest = min(min(h, w) for ds in scenes for h, w in ds.tile_shapes)
         raise harness.UserError(f"--input {label}: no {size} px window fits (smallest read grid side {smallest} px); "
@@ -203,7 +347,8 @@ def main(args: argparse.Namespace) -> dict:
                 "input": [str(s) for s in args.input],
                 "gsd": gsds, "size": size, "stride": stride, "pool": pools, "mean": mean.tolist(),
                 "std": std.tolist(), "reference_gsd": reference, "base_resolution": args.base_resolution,
-                "reader": {k: v for k, v in reader_kw.items()}, "blocks": len(plan)}
+                "reader": {k: v for k, v in reader_kw.items()}, "blocks": len(plan),
+                "dense": [str(d) for d in dense]}
     store = BlockStore(out.parent / f"{out.name}.blocks")
     if rank == 0:
         try:
@@ -224,11 +369,11 @@ def main(args: argparse.Namespace) -> dict:
             skipped += 1
             continue
         ds = scenes[block.gsd_index]
-        vecs: dict[str, list] = {p: [] for p in pools}
+        vecs: dict[str, list] = {p: [] for p in pools + ["patch"] * bool(dense)}
         cols: dict[str, list] = {"gsd_read": [], "valid_fraction": [], "transform": [], "res": []}
         for chunk in batches(plan[block], args.batch_size):
             images, res, meta = _window_rows(ds, list(chunk), size, args.base_resolution, mean, std)
-            for k, v in embed_batch(model, images.to(device), res.to(device), pools).items():
+            for k, v in embed_batch(model, images.to(device), res.to(device), pools + ["patch"] * bool(dense)).items():
                 vecs[k].append(v)
             for k in meta:
                 cols[k].extend(meta[k])
@@ -241,10 +386,45 @@ def main(args: argparse.Namespace) -> dict:
     n = 0
     if rank == 0:
         n = assemble(out, store, sorted(plan), scenes, gsds, size, crs, pools, settings)
+        for gi, path in enumerate(dense):
+            write_dense(path, store, [b for b in sorted(plan) if b.gsd_index == gi], scenes[gi], patch, crs)
         store.remove()
-        print(f"wrote {n} window embeddings at {len(gsds)} GSD(s) to {out}")
+        print(f"wrote {n} window embeddings at {len(gsds)} GSD(s) to {out}"
+              + "".join(f"; patch tokens to {d}" for d in dense))
     dist_util.cleanup()
-    return {"output": str(out), "windows": n, "computed_blocks": computed, "skipped_blocks": skipped}
+    return {"output": str(out), "windows": n, "computed_blocks": computed, "skipped_blocks": skipped,
+            "dense": [str(d) for d in dense]}
+
+
+def write_dense(path: Path, store: BlockStore, blocks: list[Block], ds, patch: int, crs: str) -> None:
+    """The patch tokens of one GSD's blocks as a float32 GeoTIFF of D bands on the read grid of tile 0 scaled by
+    ``patch`` (cell ``(i, j)`` = read-grid pixels ``[i*p, (i+1)*p) x [j*p, (j+1)*p)``), written block by block
+    (one block's tokens in memory) to a temporary file renamed into place when complete; where windows overlap the
+    later one (row, then column order) wins."""
+    import rasterio
+    from affine import Affine
+    from rasterio.windows import Window
+
+    from util.io import atomic_write
+
+    h, w = ds.tile_shapes[0]
+    height, width = h // patch, w // patch
+    dim = int(store.load(blocks[0])["vec_patch"].shape[-1])
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": dim, "dtype": "float32", "crs": crs,
+               "transform": Affine(*ds.tile_index["transform"].iloc[0][:6]) @ Affine.scale(patch),
+               "compress": "deflate", "predictor": 3, "interleave": "pixel"}
+    if min(width, height) >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+
+    def write(tmp: str) -> None:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            for block in blocks:
+                part = store.load(block)
+                for (_, r, c), tokens in zip(part["windows"].tolist(), part["vec_patch"]):
+                    g = tokens.shape[0]
+                    dst.write(np.moveaxis(tokens, -1, 0), window=Window(c // patch, r // patch, g, g))
+
+    atomic_write(path, write, by_name=True)
 
 
 def assemble(out: Path, store: BlockStore, blocks: list[Block], scenes: list, gsds: list[float], size: int,

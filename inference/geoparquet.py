@@ -28,11 +28,12 @@ def _pyarrow():
     return pa, pq
 
 
-def write_geoparquet(path: str | Path, columns: Mapping[str, Sequence[Any]], geometry: Sequence[Any], crs: str,
+def write_geoparquet(path: str | Path, columns: Mapping[str, Sequence[Any]], geometry: Sequence[Any], crs: str | None,
                      vectors: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None) -> Path:
     """Write one GeoParquet file atomically (an existing ``path`` is replaced only by a complete file).
 
-    ``columns``: plain columns of N values; ``geometry``: N shapely geometries in ``crs``; ``vectors``: name ->
+    ``columns``: plain columns of N values; ``geometry``: N shapely geometries in ``crs`` (None, with ``crs``
+    None: images without georeferencing, stored as empty geometries of unknown CRS); ``vectors``: name ->
     ``[N, D]`` array stored as a fixed-size ``float32`` list column; ``metadata``: JSON stored under the file
     metadata key ``scalemae``.
     """
@@ -46,12 +47,13 @@ def write_geoparquet(path: str | Path, columns: Mapping[str, Sequence[Any]], geo
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         data[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), int(arr.shape[1]))
     data["geometry"] = pa.array(shapely.to_wkb(geoms).tolist(), type=pa.binary())
-    kinds = sorted({shapely.get_type_id(g) for g in geoms})
+    kinds = sorted({shapely.get_type_id(g) for g in geoms if g is not None})
     names = {0: "Point", 3: "Polygon", 6: "MultiPolygon"}
     geo = {"version": "1.0.0", "primary_column": "geometry",
            "columns": {"geometry": {"encoding": "WKB", "geometry_types": [names.get(k, "Unknown") for k in kinds],
-                                    "crs": CRS.from_user_input(crs).to_json_dict(),
-                                    "bbox": [float(v) for v in shapely.total_bounds(geoms)]}}}
+                                    "crs": None if crs is None else CRS.from_user_input(crs).to_json_dict()}}}
+    if any(g is not None for g in geoms):
+        geo["columns"]["geometry"]["bbox"] = [float(v) for v in shapely.total_bounds(geoms)]
     meta = {b"geo": json.dumps(geo).encode()}
     if metadata:
         meta[b"scalemae"] = json.dumps(metadata, sort_keys=True, default=str).encode()

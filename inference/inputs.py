@@ -9,7 +9,7 @@ from typing import Any
 
 import harness
 
-__all__ = ["norm_stats", "expand_inputs", "check_scene"]
+__all__ = ["norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype"]
 
 
 def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tuple[list[float], list[float]]:
@@ -56,3 +56,27 @@ def check_scene(ds, in_chans: int, source: str) -> None:
     if ds.num_bands != in_chans:
         raise harness.UserError(f"--input {source}: {ds.num_bands} band(s), but the model takes {in_chans}; "
                                 f"select bands (--band_files) matching its training data")
+
+
+def recorded_dtype(saved_args: Any) -> str | None:
+    """The raster dtype a checkpoint's saved args record (key ``raster_dtype`` at any depth, e.g. a data config's),
+    else None (no checkpoint of this project records it yet: the check is then skipped)."""
+    stack = [saved_args] if isinstance(saved_args, dict) else []
+    while stack:
+        item = stack.pop()
+        if isinstance(item.get("raster_dtype"), str):
+            return item["raster_dtype"]
+        stack.extend(v for v in item.values() if isinstance(v, dict))
+    return None
+
+
+def check_dtype(ds, saved_args: Any, source: str) -> None:
+    """One line when the scene's pixel dtype differs from the one the checkpoint was trained on (where recorded)."""
+    want = recorded_dtype(saved_args)
+    if want is None:
+        return
+    have = sorted({str(d) for d in ds.tile_index["dtype"]})
+    if have != [want]:
+        raise harness.UserError(f"--input {source}: pixels of dtype {', '.join(have)}, but the checkpoint was "
+                                f"trained on {want} rasters; convert them (gdal_translate -ot ...) or use a checkpoint "
+                                f"trained on {', '.join(have)} data")

@@ -225,6 +225,7 @@ def test_bad_input_one_line_each(world, tmp_path, capsys):
         (embed_args(world, tmp_path / "o.parquet", source=str(tmp_path / "none" / "*.tif")), "matches no file"),
         (embed_args(world, tmp_path / "o.parquet", "--input_size", "40"), "not a multiple of the model's patch 16"),
         (embed_args(world, tmp_path / "o.txt"), "give a .parquet file name"),
+        (embed_args(world, tmp_path / "o.parquet", "--dense", str(tmp_path / "d.png")), "--dense"),
     ]
     for argv, expected in cases:
         line = census(world, tmp_path, capsys, argv)
@@ -343,3 +344,124 @@ def test_predicted_geotiff_keeps_georeferencing_and_nodata(world, segmenter, tmp
     err = capsys.readouterr()
     assert exc.value.code == 2 and "exists; pass --overwrite" in err.err and "Traceback" not in err.err + err.out
     assert (tmp_path / "one" / "one_pred.tif").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------- exported encoder, bad input (2)
+def test_exported_encoder_gives_the_pretraining_checkpoints_embeddings(world, tmp_path):
+    """tools/export_encoder.py output (.pth + sidecar, .safetensors): the same embeddings as the checkpoint it came
+    from (models_vit recomputes the positional embedding from ``res``; the stored table at the export's res is not
+    used), normalised with the mean/std the export recorded."""
+    pytest.importorskip("pyarrow", reason="GeoParquet needs pyarrow (install_requires)")
+    import geopandas as gpd
+
+    from util.weights import export_encoder
+
+    mean, std = ["0.4", "0.5", "0.6"], ["0.2", "0.25", "0.3"]
+    paths = export_encoder(str(world["ckpt"]), tmp_path / "enc", res=2.0, mean=[float(v) for v in mean],
+                           std=[float(v) for v in std])["paths"]
+    ref = tmp_path / "ref.parquet"
+    run_embed(embed_args(world, ref, "--gsd", "2", "--mean", *mean, "--std", *std))
+    a = gpd.read_parquet(ref)
+    default = run_embed(embed_args(world, tmp_path / "imagenet.parquet", "--gsd", "2"))["output"]
+    assert not np.allclose(np.stack(gpd.read_parquet(default)["embedding_cls"]), np.stack(a["embedding_cls"]),
+                           atol=1e-3)  # the recorded stats matter: ImageNet's give other embeddings
+    for kind in ("pth", "safetensors"):
+        out = tmp_path / f"{kind}.parquet"
+        argv = embed_args(world, out, "--gsd", "2")
+        argv[argv.index("--checkpoint_path") + 1] = str(paths[kind])
+        run_embed(argv)
+        b = gpd.read_parquet(out)
+        assert a[["row", "col", "gsd", "res"]].equals(b[["row", "col", "gsd", "res"]])
+        for col in ("embedding_cls", "embedding_mean"):
+            np.testing.assert_allclose(np.stack(b[col]), np.stack(a[col]), atol=1e-5, rtol=1e-5)
+
+
+def test_upsampling_warns_once_and_a_recorded_dtype_is_checked(world, tmp_path, capsys):
+    pytest.importorskip("pyarrow", reason="GeoParquet needs pyarrow (install_requires)")
+    import rasterio
+
+    from inference.inputs import check_dtype
+    from inference.tiling import open_scene
+
+    run_embed(embed_args(world, tmp_path / "up.parquet", "--gsd", "0.5", "0.75", "1", "--pool", "cls"))
+    out = capsys.readouterr().out
+    warnings_ = [ln for ln in out.splitlines() if "WARNING" in ln]
+    assert len(warnings_) == 1 and warnings_[0].startswith("WARNING: --gsd 0.5 0.75: finer than the raster"), out
+    run_embed(embed_args(world, tmp_path / "native.parquet", "--gsd", "1", "--pool", "cls"))
+    assert "WARNING" not in capsys.readouterr().out
+
+    with rasterio.open(world["utm"]) as src:
+        have = src.dtypes[0]
+    other = "uint8" if have != "uint8" else "uint16"
+    ckpt = torch.load(world["ckpt"], weights_only=False)
+    ckpt["args"] = {**ckpt["args"], "data": {"raster_dtype": other}}
+    torch.save(ckpt, tmp_path / "typed.pth")
+    argv = embed_args(world, tmp_path / "o.parquet")
+    argv[argv.index("--checkpoint_path") + 1] = str(tmp_path / "typed.pth")
+    line = census(world, tmp_path, capsys, argv)
+    assert f"pixels of dtype {have}, but the checkpoint was trained on {other} rasters" in line, line
+    ds = open_scene(str(world["utm"]), None, SIZE)
+    check_dtype(ds, {"data": {"raster_dtype": have}}, "x")  # the recorded dtype: accepted
+    check_dtype(ds, {"model": "mae_vit_tiny_patch16"}, "x")  # nothing recorded: no check
+
+
+def test_dense_patch_tokens_geotiff(world, tmp_path):
+    """--dense: D bands at 1/16 of the read grid, transform = read-grid transform x patch, each cell the patch token
+    of the encoder's direct forward of the window that covers it; one file per GSD."""
+    pytest.importorskip("pyarrow", reason="GeoParquet needs pyarrow (install_requires)")
+    import geopandas as gpd
+    import models_vit
+    import rasterio
+    from util.weights import IMAGENET_MEAN, IMAGENET_STD
+
+    dense = tmp_path / "dense.tif"
+    result = run_embed(embed_args(world, tmp_path / "d.parquet", "--gsd", "1", "2", "--dense", str(dense)))
+    paths = [tmp_path / "dense_1m.tif", tmp_path / "dense_2m.tif"]
+    assert result["dense"] == [str(p) for p in paths] and all(p.is_file() for p in paths)
+    gdf = gpd.read_parquet(tmp_path / "d.parquet")
+    with rasterio.open(paths[0]) as src:
+        assert (src.count, src.height, src.width, src.dtypes[0]) == (192, 6, 8, "float32")
+        assert src.transform == UTM @ Affine.scale(16) and src.crs.to_epsg() == 32610
+        cells = src.read()
+    with rasterio.open(paths[1]) as src:  # 48 x 64 read grid at 2 m: 3 x 4 cells of 32 m
+        assert (src.count, src.height, src.width) == (192, 3, 4)
+        assert src.transform == Affine(32.0, 0.0, 500000.0, 0.0, -32.0, 4200000.0)
+        coarse = src.read()
+    assert np.isfinite(coarse).all() and np.abs(coarse).sum(0).min() > 0  # every cell written
+    enc = models_vit.import_encoder(str(world["ckpt"])).eval()
+    for r, c in ((0, 0), (64, 96)):
+        x = torch.from_numpy(world["arr"][:, r:r + SIZE, c:c + SIZE].astype(np.float32) / 3000.0)
+        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        res = float(gdf[(gdf["gsd"] == 1.0) & (gdf["row"] == r) & (gdf["col"] == c)]["res"].iloc[0])
+        with torch.no_grad():
+            tokens = enc.forward_features(x[None], torch.tensor([res]))[0, 1:].reshape(2, 2, -1).numpy()
+        np.testing.assert_allclose(cells[:, r // 16:r // 16 + 2, c // 16:c // 16 + 2], np.moveaxis(tokens, -1, 0),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_plain_image_folder_one_embedding_per_image(world, tmp_path, capsys):
+    """A folder of PNGs (no georeferencing): one row per image, empty geometry, the file as source, res of --gsd
+    rescaled to the resized pixels; an image of the window size equals the encoder's direct forward."""
+    pytest.importorskip("pyarrow", reason="GeoParquet needs pyarrow (install_requires)")
+    import geopandas as gpd
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    small = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    Image.fromarray(small).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / "b.png")
+    out = tmp_path / "photos.parquet"
+    argv = embed_args(world, out, "--gsd", "0.5", source=str(folder))
+    argv[argv.index("--scale") + 1] = "255"
+    assert run_embed(argv)["windows"] == 2
+    gdf = gpd.read_parquet(out)
+    assert gdf.crs is None and gdf.geometry.isna().all()
+    assert list(gdf["source"]) == [str(folder / "a.png"), str(folder / "b.png")]
+    assert list(gdf["width"]) == [SIZE, 64] and list(gdf["gsd"]) == [0.5, 0.5]
+    assert np.allclose(gdf["res"], [1.0, 2.0]) and np.allclose(gdf["gsd_read"], [0.5, 1.0])  # 64 px shown as 32
+    direct = _direct(world, small.transpose(2, 0, 1).astype(np.float64) * (3000.0 / 255.0), 1.0)
+    np.testing.assert_allclose(np.asarray(gdf["embedding_cls"].iloc[0]), direct["cls"], atol=1e-5, rtol=1e-5)
+    line = census(world, tmp_path, capsys, embed_args(world, tmp_path / "x.parquet", source=str(folder)))
+    assert "plain images (no georeferencing) need --gsd with one value" in line, line
