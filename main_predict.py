@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -40,7 +40,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
     g.add_argument("--scale", default=1.0, type=float, help="raw values are divided by it (255 for 8-bit imagery)")
     g.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
-    g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the raster's own)")
+    g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the checkpoint's training "
+                                                           "GSD, else the raster's own)")
     g = p.add_argument_group("model")
     g.add_argument("--resume", required=True, help="segmentation checkpoint of main_segment.py")
     g.add_argument("--input_size", default=None, type=int, help="window px (default the checkpoint's)")
@@ -48,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                              "window; 0: no blending)")
     g.add_argument("--mean", nargs="+", type=float, default=None, help="per-band mean after --scale")
     g.add_argument("--std", nargs="+", type=float, default=None, help="per-band std after --scale")
-    g.add_argument("--reference_gsd", default=None, type=float, help="metres per pixel of res = base_resolution")
+    g.add_argument("--reference_gsd", default=None, type=float, help="metres per pixel of res = base_resolution "
+                                                                     "(default the training data's, else --gsd)")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", required=True, help="folder of the <tile>_pred.tif files")
     g.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
@@ -60,8 +62,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_segmenter(path: str) -> tuple[torch.nn.Module, dict, list]:
-    """``(model in eval mode, its training args, classes)`` of a main_segment.py checkpoint."""
+def load_segmenter(path: str) -> tuple[torch.nn.Module, dict, list, dict]:
+    """``(model in eval mode, its training args, classes, its training data config)`` of a main_segment.py
+    checkpoint (the data config: :func:`training_data`)."""
     import models_seg
     from util.checkpoint import strip_module_prefix
 
@@ -79,7 +82,38 @@ def load_segmenter(path: str) -> tuple[torch.nn.Module, dict, list]:
         out_indices=saved.get("out_indices"), channels=int(saved["head_channels"]),
         aux_channels=saved.get("aux_channels") or None)
     model.load_state_dict(state)
-    return model.eval(), saved, classes
+    return model.eval(), saved, classes, training_data(path, saved, ckpt.get("data"))
+
+
+def training_data(path: str, saved: dict, ckpt_data: Any = None) -> dict:
+    """The ``data`` section of the config a segmentation checkpoint was trained with (``{}`` when not found).
+
+    Looked up in order: the checkpoint's own ``data`` entry, the run's resolved ``config.yaml`` next to the
+    checkpoint (``harness.save_run_config``: ``{"args": ..., "data": ...}``), the YAML file of its ``--config``.
+    """
+    import yaml
+
+    if isinstance(ckpt_data, dict):
+        return dict(ckpt_data)
+    candidates = [Path(path).resolve().parent / "config.yaml"]
+    if saved.get("config"):
+        candidates.append(Path(os.path.expanduser(str(saved["config"]))))
+    for cand in candidates:
+        try:
+            doc = yaml.safe_load(cand.read_text(encoding="utf-8")) if cand.is_file() else None
+        except (OSError, yaml.YAMLError):
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
+            return dict(doc["data"])
+    return {}
+
+
+def training_gsd(data: dict) -> tuple[Optional[float], Optional[float]]:
+    """``(read GSD, reference GSD)`` in metres of a training ``data`` section: its ``target_gsd`` (else its
+    ``reference_gsd``) and its ``reference_gsd``; None where the config has none."""
+    ref = data.get("reference_gsd")
+    gsd = data.get("target_gsd") or ref
+    return (float(gsd) if gsd else None), (float(ref) if ref else None)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -89,7 +123,14 @@ def main(args: argparse.Namespace) -> dict:
     device = harness.setup(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     source = expand_inputs(args.input)
-    model, saved, classes = load_segmenter(args.resume)
+    model, saved, classes, data = load_segmenter(args.resume)
+    trained_gsd, trained_ref = training_gsd(data)
+    gsd = args.gsd if args.gsd is not None else trained_gsd
+    reference_gsd = args.reference_gsd or trained_ref or gsd
+    if rank == 0:
+        print(f"read grid: {gsd:g} m ({'--gsd' if args.gsd is not None else 'the training GSD of the checkpoint'})"
+              if gsd is not None else "read grid: each raster's native GSD (the checkpoint records no training GSD; "
+                                      "pass --gsd to choose one)")
     model = model.to(device)
     in_chans = int(model.backbone.patch_embed.proj.weight.shape[1])
     size = int(args.input_size or saved["input_size"])
@@ -101,9 +142,9 @@ def main(args: argparse.Namespace) -> dict:
     stride = size - overlap
     mean, std = (torch.tensor(v) for v in norm_stats(args, saved, in_chans))
     base_resolution = float(saved.get("base_resolution", 1.0))
-    ds = open_scene(source, args.gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
+    ds = open_scene(source, gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
                     crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
-                    reference_gsd=args.reference_gsd or args.gsd)
+                    reference_gsd=reference_gsd)
     check_scene(ds, in_chans, " ".join(args.input))
     out_dir = Path(args.output_dir)
     names = [f"{Path(str(p)).stem}_pred.tif" for p in ds.tile_index["path"]]
@@ -118,7 +159,7 @@ def main(args: argparse.Namespace) -> dict:
                                     f"use a smaller --input_size or a finer --gsd")
         plan += [Block(0, t, a) for a, _ in strip_bounds(h, stride)]
     store = BlockStore(out_dir / ".predict.blocks")
-    settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": args.gsd, "size": size,
+    settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": gsd, "size": size,
                 "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan)}
     if rank == 0:
         harness.make_folder(out_dir, "--output_dir")

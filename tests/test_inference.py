@@ -52,9 +52,10 @@ def run_embed(argv: list[str]) -> dict:
     return main_embed.main(main_embed.get_args_parser().parse_args(argv))
 
 
-def launch(argv: list[str], env: dict | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:
+def launch(argv: list[str], env: dict | None = None, torchrun: bool = False,
+           script: str = "main_embed.py") -> subprocess.CompletedProcess:
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
-                              else []) + [str(REPO / "main_embed.py"), *argv]
+                              else []) + [str(REPO / script), *argv]
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**base, **(env or {})})
 
@@ -343,3 +344,33 @@ def test_predicted_geotiff_keeps_georeferencing_and_nodata(world, segmenter, tmp
     err = capsys.readouterr()
     assert exc.value.code == 2 and "exists; pass --overwrite" in err.err and "Traceback" not in err.err + err.out
     assert (tmp_path / "one" / "one_pred.tif").read_bytes() == before
+
+
+def predict_args(ckpt: Path, source: Path, out: Path, *extra: str) -> list[str]:
+    return ["--input", str(source), "--resume", str(ckpt), "--scale", "3000", "--device", "cpu", "--overlap", "8",
+            "--batch_size", "4", "--output_dir", str(out), *extra]
+
+
+def test_default_gsd_is_the_checkpoints_training_gsd(world, segmenter, tmp_path, capsys):
+    import shutil
+
+    import main_predict
+    import rasterio
+
+    ckpt = tmp_path / "run" / "checkpoint-latest.pth"
+    ckpt.parent.mkdir()
+    shutil.copy(segmenter[1], ckpt)
+    (ckpt.parent / "config.yaml").write_text("args: {}\ndata: {target_gsd: 2.0, reference_gsd: 1.0}\n")
+    run = lambda out, *extra: main_predict.main(main_predict.get_args_parser().parse_args(  # noqa: E731
+        predict_args(ckpt, world["utm"], tmp_path / out, *extra)))
+    run("trained")
+    assert "read grid: 2 m (the training GSD of the checkpoint)" in capsys.readouterr().out
+    run("given", "--gsd", "1")
+    with rasterio.open(tmp_path / "trained" / "utm_pred.tif") as a, rasterio.open(tmp_path / "given" / "utm_pred.tif") as b:
+        assert a.transform == UTM @ Affine.scale(2.0) and a.shape == (48, 64)
+        assert b.transform == UTM and b.shape == (96, 128)
+    (ckpt.parent / "config.yaml").unlink()  # no training GSD recorded: the raster's own, with a note
+    run("native")
+    assert "each raster's native GSD" in capsys.readouterr().out
+    with rasterio.open(tmp_path / "native" / "utm_pred.tif") as c:
+        assert c.transform == UTM
