@@ -160,15 +160,20 @@ def main(args: argparse.Namespace) -> dict:
         plan += [Block(0, t, a) for a, _ in strip_bounds(h, stride)]
     store = BlockStore(out_dir / ".predict.blocks")
     settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": gsd, "size": size,
-                "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan)}
+                "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan),
+                "reference_gsd": reference_gsd, "scale": args.scale, "crs": args.crs, "nodata": args.nodata,
+                "band_files": args.band_files, "resampling": args.resampling}
     if rank == 0:
         harness.make_folder(out_dir, "--output_dir")
         try:
-            store.open(settings)
+            already = store.open(settings)
         except StoreMismatch as err:
             if not args.overwrite:
                 raise harness.UserError(f"{err}: remove that folder or pass --overwrite") from None
-            store.open(settings, fresh=True)
+            print(f"NOTE: {err}: started over (--overwrite)")
+            already = store.open(settings, fresh=True)
+        if already:
+            print(f"resuming: {already} of {len(plan)} strips already done ({store.folder})")
     dist_util.barrier()
     weights = blend_weights(size, overlap)
 

@@ -300,6 +300,9 @@ def segmenter(world):
 
     torch.manual_seed(0)
     model = models_seg.build_segmentation_model("vit_tiny_patch16", 3, img_size=SIZE, channels=16, aux_channels=0)
+    with torch.no_grad():  # a sharper classifier: every class is predicted somewhere (foreground for polygons)
+        model.decode_head.conv_seg.weight.mul_(50.0)
+        model.decode_head.conv_seg.bias.zero_()
     path = world["root"] / "seg.pth"
     torch.save({"model": model.state_dict(), "classes": ["background", "a", "b"], "writer": "main_segment",
                 "args": {"model": "vit_tiny_patch16", "input_size": SIZE, "head_channels": 16, "aux_channels": 0,
@@ -374,3 +377,46 @@ def test_default_gsd_is_the_checkpoints_training_gsd(world, segmenter, tmp_path,
     assert "each raster's native GSD" in capsys.readouterr().out
     with rasterio.open(tmp_path / "native" / "utm_pred.tif") as c:
         assert c.transform == UTM
+
+
+@pytest.fixture(scope="module")
+def single_pred(world, segmenter):
+    """One process predicting the UTM raster (4 strips of 24 rows): the reference of the next two tests."""
+    out = world["root"] / "pred_single"
+    proc = launch(predict_args(segmenter[1], world["utm"], out), script="main_predict.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "utm_pred.tif"
+
+
+def _pixels_and_grid(path: Path):
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return ds.read(), ds.transform, ds.crs, ds.nodata
+
+
+def test_predict_two_processes_equal_one(world, segmenter, single_pred, tmp_path):
+    proc = launch(predict_args(segmenter[1], world["utm"], tmp_path), torchrun=True, script="main_predict.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _pixels_and_grid(single_pred), _pixels_and_grid(tmp_path / "utm_pred.tif")
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1:] == b[1:] and len(np.unique(a[0])) > 1
+    assert not (tmp_path / ".predict.blocks").exists()
+
+
+def test_predict_resume_after_sigkill_gives_the_same_file(world, segmenter, single_pred, tmp_path):
+    argv = predict_args(segmenter[1], world["utm"], tmp_path)
+    killed = launch(argv, env={"SCALEMAE_FAULT": "after_rename:2:g*.npz"}, script="main_predict.py")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    blocks = tmp_path / ".predict.blocks"
+    assert not (tmp_path / "utm_pred.tif").exists() and len(list(blocks.glob("*.npz"))) == 2
+    # the first strip is not written again: a fault on its file name would kill the resumed run
+    resumed = launch(argv, env={"SCALEMAE_FAULT": "after_rename:1:g00-t00000-r0000000.npz"},
+                     script="main_predict.py")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming: 2 of 4 strips already done" in resumed.stdout
+    a, b = _pixels_and_grid(single_pred), _pixels_and_grid(tmp_path / "utm_pred.tif")
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1:] == b[1:]
+    assert (tmp_path / "utm_pred.tif").read_bytes() == single_pred.read_bytes()
+    assert not blocks.exists()
