@@ -420,3 +420,30 @@ def test_predict_resume_after_sigkill_gives_the_same_file(world, segmenter, sing
     assert a[1:] == b[1:]
     assert (tmp_path / "utm_pred.tif").read_bytes() == single_pred.read_bytes()
     assert not blocks.exists()
+
+
+def test_predict_optional_outputs_and_cog_layout(world, segmenter, tmp_path):
+    import geopandas as gpd
+    import main_predict
+    import rasterio
+    from PIL import Image
+
+    main_predict.main(main_predict.get_args_parser().parse_args(predict_args(
+        segmenter[1], world["utm"], tmp_path, "--probabilities", "--polygons", "--preview", "--preview_size", "40",
+        "--blocksize", "32")))
+    with rasterio.open(tmp_path / "utm_pred.tif") as pred, rasterio.open(tmp_path / "utm_prob.tif") as prob:
+        assert (prob.crs, prob.transform, prob.shape, prob.nodata) == (pred.crs, pred.transform, pred.shape, 255)
+        assert prob.count == 3 and prob.scales == (1 / 254,) * 3 and prob.descriptions == ("background", "a", "b")
+        for ds in (pred, prob):  # COG layout: tiled, internal overviews, the COG driver's layout tag
+            assert ds.profile["tiled"] and ds.block_shapes[0] == (32, 32)
+            assert ds.overviews(1) == [2, 4] and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        classes, p = pred.read(1), prob.read().astype(np.int32)
+    assert (p.sum(0) - 254).__abs__().max() <= 2  # probabilities sum to one (rounding)
+    chosen = np.take_along_axis(p, classes[None].astype(np.int64), 0)[0]
+    assert (chosen >= p.max(0) - 1).all() and (p.argmax(0) == classes).mean() > 0.95  # the class map's arg-max
+    gdf = gpd.read_file(tmp_path / "utm_pred.gpkg")
+    assert len(gdf) > 0 and gdf.crs.to_epsg() == 32610 and set(gdf["class_id"]) == set(np.unique(classes)) - {0}
+    fg = classes > 0  # the polygons cover exactly the foreground pixels
+    assert gdf.area.sum() == pytest.approx(fg.sum() * 1.0)
+    preview = Image.open(tmp_path / "utm_preview.png")
+    assert preview.size == (40, 30) and preview.mode == "RGBA"
