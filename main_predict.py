@@ -24,8 +24,8 @@ import torch
 
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
-from inference.tiling import Block, BlockStore, StoreMismatch, axis_starts, open_scene, shard
-from inference.inputs import check_scene, expand_inputs, norm_stats
+from inference.tiling import Block, BlockStore, StoreMismatch, axis_starts, native_gsd, open_scene, shard
+from inference.inputs import check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
 
@@ -43,6 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--crs", default=None, help="read every raster in this CRS")
     g.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
     g.add_argument("--scale", default=1.0, type=float, help="raw values are divided by it (255 for 8-bit imagery)")
+    g.add_argument("--no_upsample", action="store_true", help="a read GSD finer than the raster is an error "
+                                                              "(default: a warning, the raster is upsampled)")
     g.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
     g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the checkpoint's training "
                                                            "GSD, else the raster's own)")
@@ -157,6 +159,12 @@ def main(args: argparse.Namespace) -> dict:
     stride = size - overlap
     mean, std = (torch.tensor(v) for v in norm_stats(args, saved, in_chans))
     base_resolution = float(saved.get("base_resolution", 1.0))
+    if gsd is not None:
+        native = open_scene(source, None, size, band_files=args.band_files, scene_glob=args.scene_glob,
+                            glob=args.glob, crs=args.crs, nodata=args.nodata, scale=args.scale)
+        check_scene(native, in_chans, " ".join(args.input))
+        check_upsampling(gsd, native_gsd(native), args.no_upsample,
+                         "--gsd" if args.gsd is not None else "the training GSD")
     ds = open_scene(source, gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
                     crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
                     reference_gsd=reference_gsd)

@@ -447,3 +447,25 @@ def test_predict_optional_outputs_and_cog_layout(world, segmenter, tmp_path):
     assert gdf.area.sum() == pytest.approx(fg.sum() * 1.0)
     preview = Image.open(tmp_path / "utm_preview.png")
     assert preview.size == (40, 30) and preview.mode == "RGBA"
+
+
+def test_predict_bad_input_one_line_each(world, segmenter, tmp_path, capsys):
+    import main_predict
+
+    ckpt = segmenter[1]
+    cases = [
+        (predict_args(ckpt, world["root"] / "nocrs.tif", tmp_path / "o"), "no CRS"),
+        (predict_args(ckpt, world["root"] / "four.tif", tmp_path / "o"), "4 band(s), but the model takes 3"),
+        (predict_args(ckpt, world["utm"], tmp_path / "o", "--gsd", "0.5", "--no_upsample"),
+         "--gsd 0.5: finer than the raster"),
+        (predict_args(ckpt, world["utm"], tmp_path / "o", "--blocksize", "40"), "--blocksize 40: must be"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exc:
+            harness.run(main_predict.main, main_predict.get_args_parser(), argv)
+        captured = capsys.readouterr()
+        text = (captured.out + captured.err).strip()
+        lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+        assert exc.value.code == 2 and "Traceback" not in text and len(lines) == 1, text
+        assert expected in lines[0], (argv, lines[0])
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.tif"))
