@@ -382,9 +382,10 @@ def test_default_gsd_is_the_checkpoints_training_gsd(world, segmenter, tmp_path,
 @pytest.fixture(scope="module")
 def single_pred(world, segmenter):
     """One process predicting the UTM raster (4 strips of 24 rows): the reference of the next two tests."""
+    import main_predict
+
     out = world["root"] / "pred_single"
-    proc = launch(predict_args(segmenter[1], world["utm"], out), script="main_predict.py")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main_predict.main(main_predict.get_args_parser().parse_args(predict_args(segmenter[1], world["utm"], out)))
     return out / "utm_pred.tif"
 
 
