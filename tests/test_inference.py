@@ -369,7 +369,8 @@ def test_default_gsd_is_the_checkpoints_training_gsd(world, segmenter, tmp_path,
     run("trained")
     assert "read grid: 2 m (the training GSD of the checkpoint)" in capsys.readouterr().out
     run("given", "--gsd", "1")
-    with rasterio.open(tmp_path / "trained" / "utm_pred.tif") as a, rasterio.open(tmp_path / "given" / "utm_pred.tif") as b:
+    with rasterio.open(tmp_path / "trained" / "utm_pred.tif") as a, \
+            rasterio.open(tmp_path / "given" / "utm_pred.tif") as b:
         assert a.transform == UTM @ Affine.scale(2.0) and a.shape == (48, 64)
         assert b.transform == UTM and b.shape == (96, 128)
     (ckpt.parent / "config.yaml").unlink()  # no training GSD recorded: the raster's own, with a note

@@ -18,7 +18,8 @@ import numpy as np
 
 from util.io import atomic_write
 
-__all__ = ["PALETTE", "class_colour", "write_prediction_geotiff", "polygonize_prediction", "overlay_image", "PredictionWriter"]
+__all__ = ["PALETTE", "class_colour", "write_prediction_geotiff", "polygonize_prediction", "overlay_image",
+           "PredictionWriter"]
 
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60)]
