@@ -3,30 +3,34 @@
     python main_predict.py --input scene.tif --resume output_dir/seg/checkpoint-latest.pth --output_dir preds/
     torchrun --nproc_per_node=4 main_predict.py --input 'tiles/*.tif' --resume ... --output_dir preds/
 
-Each tile's read grid (at ``--gsd`` metres, default the raster's own) is cut into ``--input_size`` windows (default
-the checkpoint's) every ``input_size - overlap`` px; class probabilities of overlapping windows are blended with
-linear edge ramps (``inference/blend.py``: no seams) and the arg-max is written to ``<output_dir>/<tile>_pred.tif``:
-a tiled, deflate-compressed uint8 GeoTIFF with overviews on the read grid (the source's CRS and transform at that
-GSD); pixels without valid input stay nodata (255). Output strips are sharded over ranks and kept in
-``<output_dir>/.predict.blocks/`` until every tile is written: a killed run resumes where it stopped.
+Each tile's read grid (at ``--gsd`` metres, default the checkpoint's training GSD, else the raster's own) is cut
+into ``--input_size`` windows (default the checkpoint's) every ``input_size - overlap`` px; class probabilities of
+overlapping windows are blended with linear edge ramps (``inference/blend.py``: no seams) and the arg-max is written
+to ``<output_dir>/<tile>_pred.tif``: a uint8 Cloud-Optimized GeoTIFF (tiled, deflate, internal overviews) on the
+read grid (the source's CRS and transform at that GSD); pixels without valid input stay nodata (255). Optional:
+``_prob.tif`` (class probabilities), ``_pred.gpkg`` (polygons), ``_preview.png``. Output strips are sharded over
+ranks and kept in ``<output_dir>/.predict.blocks/`` until every tile is written: a killed run resumes where it
+stopped.
 """
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
-from inference.tiling import Block, BlockStore, StoreMismatch, axis_starts, open_scene, shard
-from inference.inputs import check_scene, expand_inputs, norm_stats
+from inference.tiling import Block, BlockStore, StoreMismatch, axis_starts, native_gsd, open_scene, shard
+from inference.inputs import check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
+from util.io import atomic_write
 
 NODATA = 255
+PROB_SCALE = 254  # probabilities in _prob.tif: uint8 value / PROB_SCALE
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -39,8 +43,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--crs", default=None, help="read every raster in this CRS")
     g.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
     g.add_argument("--scale", default=1.0, type=float, help="raw values are divided by it (255 for 8-bit imagery)")
+    g.add_argument("--no_upsample", action="store_true", help="a read GSD finer than the raster is an error "
+                                                              "(default: a warning, the raster is upsampled)")
     g.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
-    g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the raster's own)")
+    g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the checkpoint's training "
+                                                           "GSD, else the raster's own)")
     g = p.add_argument_group("model")
     g.add_argument("--resume", required=True, help="segmentation checkpoint of main_segment.py")
     g.add_argument("--input_size", default=None, type=int, help="window px (default the checkpoint's)")
@@ -48,10 +55,22 @@ def get_args_parser() -> argparse.ArgumentParser:
                                                              "window; 0: no blending)")
     g.add_argument("--mean", nargs="+", type=float, default=None, help="per-band mean after --scale")
     g.add_argument("--std", nargs="+", type=float, default=None, help="per-band std after --scale")
-    g.add_argument("--reference_gsd", default=None, type=float, help="metres per pixel of res = base_resolution")
+    g.add_argument("--reference_gsd", default=None, type=float, help="metres per pixel of res = base_resolution "
+                                                                     "(default the training data's, else --gsd)")
     g = p.add_argument_group("run")
     g.add_argument("--output_dir", required=True, help="folder of the <tile>_pred.tif files")
     g.add_argument("--overwrite", action="store_true", help="replace existing prediction files")
+    g.add_argument("--probabilities", action="store_true", help="also <tile>_prob.tif: class probabilities, one "
+                                                                "uint8 band per class (value / 254; nodata 255)")
+    g.add_argument("--polygons", action="store_true", help="also <tile>_pred.gpkg: polygons of the predicted "
+                                                           "non-background classes")
+    g.add_argument("--simplify", default=0.0, type=float, help="with --polygons: simplification tolerance in CRS "
+                                                               "units (0 keeps the pixel outlines)")
+    g.add_argument("--preview", action="store_true", help="also <tile>_preview.png: the class map in colour, "
+                                                          "at most --preview_size px on a side")
+    g.add_argument("--preview_size", default=1024, type=int, help="longest side of the preview PNG in px")
+    g.add_argument("--blocksize", default=256, type=int, help="tile size of the output COGs in px (a multiple of "
+                                                              "16); overviews halve until one fits a tile")
     g.add_argument("--batch_size", default=8, type=int, help="windows per forward (bounds the memory)")
     g.add_argument("--device", default="cuda", help="cuda or cpu; falls back to cpu when CUDA is unavailable")
     g.add_argument("--seed", default=0, type=int, help="torch/numpy seed (predictions do not depend on it)")
@@ -60,8 +79,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_segmenter(path: str) -> tuple[torch.nn.Module, dict, list]:
-    """``(model in eval mode, its training args, classes)`` of a main_segment.py checkpoint."""
+def load_segmenter(path: str) -> tuple[torch.nn.Module, dict, list, dict]:
+    """``(model in eval mode, its training args, classes, its training data config)`` of a main_segment.py
+    checkpoint (the data config: :func:`training_data`)."""
     import models_seg
     from util.checkpoint import strip_module_prefix
 
@@ -79,7 +99,38 @@ def load_segmenter(path: str) -> tuple[torch.nn.Module, dict, list]:
         out_indices=saved.get("out_indices"), channels=int(saved["head_channels"]),
         aux_channels=saved.get("aux_channels") or None)
     model.load_state_dict(state)
-    return model.eval(), saved, classes
+    return model.eval(), saved, classes, training_data(path, saved, ckpt.get("data"))
+
+
+def training_data(path: str, saved: dict, ckpt_data: Any = None) -> dict:
+    """The ``data`` section of the config a segmentation checkpoint was trained with (``{}`` when not found).
+
+    Looked up in order: the checkpoint's own ``data`` entry, the run's resolved ``config.yaml`` next to the
+    checkpoint (``harness.save_run_config``: ``{"args": ..., "data": ...}``), the YAML file of its ``--config``.
+    """
+    import yaml
+
+    if isinstance(ckpt_data, dict):
+        return dict(ckpt_data)
+    candidates = [Path(path).resolve().parent / "config.yaml"]
+    if saved.get("config"):
+        candidates.append(Path(os.path.expanduser(str(saved["config"]))))
+    for cand in candidates:
+        try:
+            doc = yaml.safe_load(cand.read_text(encoding="utf-8")) if cand.is_file() else None
+        except (OSError, yaml.YAMLError):
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
+            return dict(doc["data"])
+    return {}
+
+
+def training_gsd(data: dict) -> tuple[Optional[float], Optional[float]]:
+    """``(read GSD, reference GSD)`` in metres of a training ``data`` section: its ``target_gsd`` (else its
+    ``reference_gsd``) and its ``reference_gsd``; None where the config has none."""
+    ref = data.get("reference_gsd")
+    gsd = data.get("target_gsd") or ref
+    return (float(gsd) if gsd else None), (float(ref) if ref else None)
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -89,7 +140,14 @@ def main(args: argparse.Namespace) -> dict:
     device = harness.setup(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     source = expand_inputs(args.input)
-    model, saved, classes = load_segmenter(args.resume)
+    model, saved, classes, data = load_segmenter(args.resume)
+    trained_gsd, trained_ref = training_gsd(data)
+    gsd = args.gsd if args.gsd is not None else trained_gsd
+    reference_gsd = args.reference_gsd or trained_ref or gsd
+    if rank == 0:
+        print(f"read grid: {gsd:g} m ({'--gsd' if args.gsd is not None else 'the training GSD of the checkpoint'})"
+              if gsd is not None else "read grid: each raster's native GSD (the checkpoint records no training GSD; "
+                                      "pass --gsd to choose one)")
     model = model.to(device)
     in_chans = int(model.backbone.patch_embed.proj.weight.shape[1])
     size = int(args.input_size or saved["input_size"])
@@ -101,14 +159,23 @@ def main(args: argparse.Namespace) -> dict:
     stride = size - overlap
     mean, std = (torch.tensor(v) for v in norm_stats(args, saved, in_chans))
     base_resolution = float(saved.get("base_resolution", 1.0))
-    ds = open_scene(source, args.gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
+    if gsd is not None:
+        native = open_scene(source, None, size, band_files=args.band_files, scene_glob=args.scene_glob,
+                            glob=args.glob, crs=args.crs, nodata=args.nodata, scale=args.scale)
+        check_scene(native, in_chans, " ".join(args.input))
+        check_upsampling(gsd, native_gsd(native), args.no_upsample)  # also for the training GSD as default
+    ds = open_scene(source, gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
                     crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
-                    reference_gsd=args.reference_gsd or args.gsd)
+                    reference_gsd=reference_gsd)
     check_scene(ds, in_chans, " ".join(args.input))
     out_dir = Path(args.output_dir)
-    names = [f"{Path(str(p)).stem}_pred.tif" for p in ds.tile_index["path"]]
+    harness.require(args.blocksize >= 16 and args.blocksize % 16 == 0,
+                    f"--blocksize {args.blocksize}: must be a positive multiple of 16")
+    stems = [Path(str(p)).stem for p in ds.tile_index["path"]]
+    names = [f"{stem}_pred.tif" for stem in stems]
     if not args.overwrite:
-        existing = [n for n in names if (out_dir / n).exists()]
+        existing = [f"{stem}{suffix}" for stem in stems for suffix in output_suffixes(args)
+                    if (out_dir / f"{stem}{suffix}").exists()]
         if existing:
             raise harness.UserError(f"--output_dir {out_dir}: {existing[0]} exists; pass --overwrite to replace it")
     plan = []
@@ -118,16 +185,21 @@ def main(args: argparse.Namespace) -> dict:
                                     f"use a smaller --input_size or a finer --gsd")
         plan += [Block(0, t, a) for a, _ in strip_bounds(h, stride)]
     store = BlockStore(out_dir / ".predict.blocks")
-    settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": args.gsd, "size": size,
-                "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan)}
+    settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": gsd, "size": size,
+                "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan),
+                "reference_gsd": reference_gsd, "scale": args.scale, "crs": args.crs, "nodata": args.nodata,
+                "band_files": args.band_files, "resampling": args.resampling, "probabilities": args.probabilities}
     if rank == 0:
         harness.make_folder(out_dir, "--output_dir")
         try:
-            store.open(settings)
+            already = store.open(settings)
         except StoreMismatch as err:
             if not args.overwrite:
                 raise harness.UserError(f"{err}: remove that folder or pass --overwrite") from None
-            store.open(settings, fresh=True)
+            print(f"NOTE: {err}: started over (--overwrite)")
+            already = store.open(settings, fresh=True)
+        if already:
+            print(f"resuming: {already} of {len(plan)} strips already done ({store.folder})")
     dist_util.barrier()
     weights = blend_weights(size, overlap)
 
@@ -157,45 +229,110 @@ def main(args: argparse.Namespace) -> dict:
         probs, valid = blend_strip(predictor(block.tile), axis_starts(h, size, stride), axis_starts(w, size, stride),
                                    w, size, a, b, weights, args.batch_size)
         pred = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
-        store.save(block, {"pred": pred})
+        arrays = {"pred": pred}
+        if args.probabilities:
+            arrays["prob"] = np.where(valid[None], np.rint(probs * PROB_SCALE), NODATA).astype(np.uint8)
+        store.save(block, arrays)
         computed += 1
     dist_util.barrier()
     outputs = []
     if rank == 0:
-        for t, name in enumerate(names):
-            outputs.append(str(write_tile(out_dir / name, store, [b for b in plan if b.tile == t], ds, t,
-                                          len(classes))))
+        for t, stem in enumerate(stems):
+            mine = sorted(b for b in plan if b.tile == t)
+            outputs += [str(p) for p in write_outputs(out_dir, stem, store, mine, ds, t, classes, args)]
         store.remove()
-        print(f"wrote {len(outputs)} prediction GeoTIFF(s) to {out_dir}")
+        print(f"wrote {len(outputs)} file(s) for {len(stems)} raster(s) to {out_dir}")
     dist_util.cleanup()
     return {"outputs": outputs, "computed_blocks": computed, "skipped_blocks": skipped}
 
 
-def write_tile(path: Path, store: BlockStore, blocks: list, ds, tile: int, num_classes: int) -> Path:
-    """One tile's strips into a tiled, compressed uint8 GeoTIFF (nodata 255, overviews), atomically."""
+def output_suffixes(args: argparse.Namespace) -> list[str]:
+    """File name endings written per tile (``<tile><suffix>``) with these flags."""
+    return (["_pred.tif"] + (["_prob.tif"] if args.probabilities else []) + (["_pred.gpkg"] if args.polygons else [])
+            + (["_preview.png"] if args.preview else []))
+
+
+def write_cog(path: Path, profile: dict[str, Any], fill: Callable[[Any], None], overview_resampling: str,
+              blocksize: int) -> Path:
+    """A Cloud-Optimized GeoTIFF at ``path``, atomically: ``fill(dataset)`` writes the pixels (strip by strip)
+    into a tiled staging GeoTIFF, which GDAL's COG driver copies with internal overviews (halving until one fits
+    a ``blocksize`` tile, ``overview_resampling``), deflate compression and the COG IFD order."""
+    import rasterio
+    import rasterio.shutil
+
+    def write(tmp: str) -> None:
+        stage = f"{tmp}.stage.tif"
+        try:
+            with rasterio.open(stage, "w", driver="GTiff", tiled=True, blockxsize=blocksize, blockysize=blocksize,
+                               compress="deflate", **profile) as dst:
+                fill(dst)
+            rasterio.shutil.copy(stage, tmp, driver="COG", BLOCKSIZE=blocksize, COMPRESS="DEFLATE",
+                                 OVERVIEW_RESAMPLING=overview_resampling, OVERVIEWS="AUTO", BIGTIFF="IF_SAFER")
+        finally:
+            if os.path.exists(stage):
+                os.unlink(stage)
+
+    return atomic_write(path, write, by_name=True)
+
+
+def write_outputs(out_dir: Path, stem: str, store: BlockStore, blocks: list, ds, tile: int, classes: list,
+                  args: argparse.Namespace) -> list[Path]:
+    """One tile's files from its finished strips ``blocks``: ``<stem>_pred.tif`` (uint8 class ids, nodata 255,
+    palette) and, as asked, ``_prob.tif`` ([K] uint8 bands, probability * 254, nodata 255, same grid),
+    ``_pred.gpkg`` (``util.seg_outputs.polygonize_prediction`` of the class map) and ``_preview.png``."""
     import rasterio
     from affine import Affine
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
-    from util.io import atomic_write
+    from util.seg_outputs import class_colour, polygonize_prediction
 
     h, w = ds.tile_shapes[tile]
-    profile: dict[str, Any] = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8",
-                               "nodata": NODATA, "crs": str(ds.tile_index["crs"].iloc[tile]),
-                               "transform": Affine(*ds.tile_index["transform"].iloc[tile][:6]),
-                               "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    crs = str(ds.tile_index["crs"].iloc[tile])
+    transform = Affine(*ds.tile_index["transform"].iloc[tile][:6])
+    grid = {"width": w, "height": h, "crs": crs, "transform": transform, "nodata": NODATA, "dtype": "uint8"}
+    k = max(len(classes), 2)
 
-    def write(tmp: str) -> None:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            for block in sorted(blocks):
-                pred = store.load(block)["pred"]
-                dst.write(pred[None], window=Window(0, block.row, w, pred.shape[0]))
-            factors = [f for f in (2, 4, 8, 16, 32) if min(h, w) // f >= 64]
-            if factors:
-                dst.build_overviews(factors, Resampling.mode)
+    def fill(key: str) -> Callable[[Any], None]:
+        def run(dst) -> None:
+            for block in blocks:
+                arr = store.load(block)[key]
+                arr = arr[None] if arr.ndim == 2 else arr
+                dst.write(arr, window=Window(0, block.row, w, arr.shape[1]))
+            if key == "pred":
+                dst.write_colormap(1, {c: (*class_colour(c), 255) for c in range(k)})
+            else:  # the scale as metadata: unscaled values are probabilities; band names are the classes
+                dst.scales = [1.0 / PROB_SCALE] * dst.count
+                for i, name in enumerate(classes, 1):
+                    dst.set_band_description(i, str(name))
+        return run
 
-    return atomic_write(path, write, by_name=True)
+    pred_path = write_cog(out_dir / f"{stem}_pred.tif", {**grid, "count": 1}, fill("pred"), "MODE", args.blocksize)
+    written = [pred_path]
+    if args.probabilities:
+        written.append(write_cog(out_dir / f"{stem}_prob.tif", {**grid, "count": len(classes)}, fill("prob"),
+                                 "AVERAGE", args.blocksize))
+    if args.polygons:
+        with rasterio.open(pred_path) as src:
+            pred = src.read(1)
+        pred[pred == NODATA] = 0  # nodata is no region
+        gdf = polygonize_prediction(pred, transform, crs, classes, args.simplify)
+        target = out_dir / f"{stem}_pred.gpkg"
+        written.append(atomic_write(target, lambda tmp: gdf.to_file(tmp, layer="predictions", driver="GPKG"),
+                                    by_name=True))
+    if args.preview:
+        from PIL import Image
+
+        scale = min(1.0, args.preview_size / max(h, w))
+        shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+        with rasterio.open(pred_path) as src:  # read from the overviews: memory of the preview only
+            small = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+        lut = np.zeros((256, 4), np.uint8)
+        lut[:k] = [(*class_colour(c), 255) for c in range(k)]
+        target = out_dir / f"{stem}_preview.png"
+        written.append(atomic_write(target, lambda tmp: Image.fromarray(lut[small], "RGBA").save(tmp, format="PNG"),
+                                    by_name=True))
+    return written
 
 
 if __name__ == "__main__":

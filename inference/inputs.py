@@ -9,7 +9,11 @@ from typing import Any
 
 import harness
 
-__all__ = ["norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype"]
+__all__ = ["norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype", "check_upsampling",
+           "UPSAMPLE_TOLERANCE"]
+
+# a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
+UPSAMPLE_TOLERANCE = 0.01
 
 
 def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tuple[list[float], list[float]]:
@@ -80,3 +84,17 @@ def check_dtype(ds, saved_args: Any, source: str) -> None:
         raise harness.UserError(f"--input {source}: pixels of dtype {', '.join(have)}, but the checkpoint was "
                                 f"trained on {want} rasters; convert them (gdal_translate -ot ...) or use a checkpoint "
                                 f"trained on {', '.join(have)} data")
+
+
+def check_upsampling(gsd: float, finest: float, refuse: bool, flag: str = "--gsd") -> None:
+    """A read GSD ``gsd`` finer than the scene's ``finest`` ground GSD (metres): a warning (rank 0 prints), or one
+    line with ``refuse`` (``--no_upsample``)."""
+    from util import dist as dist_util
+
+    if gsd < finest * (1 - UPSAMPLE_TOLERANCE):
+        line = f"{flag} {gsd:g}: finer than the raster ({finest:.4g} m per pixel), so windows are upsampled " \
+               f"(no new detail)"
+        if refuse:
+            raise harness.UserError(f"{line}; give a coarser {flag} or drop --no_upsample")
+        if dist_util.is_main_process():
+            print(f"WARNING: {line}")

@@ -52,9 +52,10 @@ def run_embed(argv: list[str]) -> dict:
     return main_embed.main(main_embed.get_args_parser().parse_args(argv))
 
 
-def launch(argv: list[str], env: dict | None = None, torchrun: bool = False) -> subprocess.CompletedProcess:
+def launch(argv: list[str], env: dict | None = None, torchrun: bool = False,
+           script: str = "main_embed.py") -> subprocess.CompletedProcess:
     cmd = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun
-                              else []) + [str(REPO / "main_embed.py"), *argv]
+                              else []) + [str(REPO / script), *argv]
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**base, **(env or {})})
 
@@ -300,6 +301,9 @@ def segmenter(world):
 
     torch.manual_seed(0)
     model = models_seg.build_segmentation_model("vit_tiny_patch16", 3, img_size=SIZE, channels=16, aux_channels=0)
+    with torch.no_grad():  # a sharper classifier: every class is predicted somewhere (foreground for polygons)
+        model.decode_head.conv_seg.weight.mul_(50.0)
+        model.decode_head.conv_seg.bias.zero_()
     path = world["root"] / "seg.pth"
     torch.save({"model": model.state_dict(), "classes": ["background", "a", "b"], "writer": "main_segment",
                 "args": {"model": "vit_tiny_patch16", "input_size": SIZE, "head_channels": 16, "aux_channels": 0,
@@ -465,3 +469,127 @@ def test_plain_image_folder_one_embedding_per_image(world, tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(gdf["embedding_cls"].iloc[0]), direct["cls"], atol=1e-5, rtol=1e-5)
     line = census(world, tmp_path, capsys, embed_args(world, tmp_path / "x.parquet", source=str(folder)))
     assert "plain images (no georeferencing) need --gsd with one value" in line, line
+
+
+def predict_args(ckpt: Path, source: Path, out: Path, *extra: str) -> list[str]:
+    return ["--input", str(source), "--resume", str(ckpt), "--scale", "3000", "--device", "cpu", "--overlap", "8",
+            "--batch_size", "4", "--output_dir", str(out), *extra]
+
+
+def test_default_gsd_is_the_checkpoints_training_gsd(world, segmenter, tmp_path, capsys):
+    import shutil
+
+    import main_predict
+    import rasterio
+
+    ckpt = tmp_path / "run" / "checkpoint-latest.pth"
+    ckpt.parent.mkdir()
+    shutil.copy(segmenter[1], ckpt)
+    (ckpt.parent / "config.yaml").write_text("args: {}\ndata: {target_gsd: 2.0, reference_gsd: 1.0}\n")
+    run = lambda out, *extra: main_predict.main(main_predict.get_args_parser().parse_args(  # noqa: E731
+        predict_args(ckpt, world["utm"], tmp_path / out, *extra)))
+    run("trained")
+    assert "read grid: 2 m (the training GSD of the checkpoint)" in capsys.readouterr().out
+    run("given", "--gsd", "1")
+    with rasterio.open(tmp_path / "trained" / "utm_pred.tif") as a, \
+            rasterio.open(tmp_path / "given" / "utm_pred.tif") as b:
+        assert a.transform == UTM @ Affine.scale(2.0) and a.shape == (48, 64)
+        assert b.transform == UTM and b.shape == (96, 128)
+    (ckpt.parent / "config.yaml").unlink()  # no training GSD recorded: the raster's own, with a note
+    run("native")
+    assert "each raster's native GSD" in capsys.readouterr().out
+    with rasterio.open(tmp_path / "native" / "utm_pred.tif") as c:
+        assert c.transform == UTM
+
+
+@pytest.fixture(scope="module")
+def single_pred(world, segmenter):
+    """One process predicting the UTM raster (4 strips of 24 rows): the reference of the next two tests."""
+    import main_predict
+
+    out = world["root"] / "pred_single"
+    main_predict.main(main_predict.get_args_parser().parse_args(predict_args(segmenter[1], world["utm"], out)))
+    return out / "utm_pred.tif"
+
+
+def _pixels_and_grid(path: Path):
+    import rasterio
+
+    with rasterio.open(path) as ds:
+        return ds.read(), ds.transform, ds.crs, ds.nodata
+
+
+def test_predict_two_processes_equal_one(world, segmenter, single_pred, tmp_path):
+    proc = launch(predict_args(segmenter[1], world["utm"], tmp_path), torchrun=True, script="main_predict.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _pixels_and_grid(single_pred), _pixels_and_grid(tmp_path / "utm_pred.tif")
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1:] == b[1:] and len(np.unique(a[0])) > 1
+    assert not (tmp_path / ".predict.blocks").exists()
+
+
+def test_predict_resume_after_sigkill_gives_the_same_file(world, segmenter, single_pred, tmp_path):
+    argv = predict_args(segmenter[1], world["utm"], tmp_path)
+    killed = launch(argv, env={"SCALEMAE_FAULT": "after_rename:2:g*.npz"}, script="main_predict.py")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    blocks = tmp_path / ".predict.blocks"
+    assert not (tmp_path / "utm_pred.tif").exists() and len(list(blocks.glob("*.npz"))) == 2
+    # the first strip is not written again: a fault on its file name would kill the resumed run
+    resumed = launch(argv, env={"SCALEMAE_FAULT": "after_rename:1:g00-t00000-r0000000.npz"},
+                     script="main_predict.py")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming: 2 of 4 strips already done" in resumed.stdout
+    a, b = _pixels_and_grid(single_pred), _pixels_and_grid(tmp_path / "utm_pred.tif")
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1:] == b[1:]
+    assert (tmp_path / "utm_pred.tif").read_bytes() == single_pred.read_bytes()
+    assert not blocks.exists()
+
+
+def test_predict_optional_outputs_and_cog_layout(world, segmenter, tmp_path):
+    import geopandas as gpd
+    import main_predict
+    import rasterio
+    from PIL import Image
+
+    main_predict.main(main_predict.get_args_parser().parse_args(predict_args(
+        segmenter[1], world["utm"], tmp_path, "--probabilities", "--polygons", "--preview", "--preview_size", "40",
+        "--blocksize", "32")))
+    with rasterio.open(tmp_path / "utm_pred.tif") as pred, rasterio.open(tmp_path / "utm_prob.tif") as prob:
+        assert (prob.crs, prob.transform, prob.shape, prob.nodata) == (pred.crs, pred.transform, pred.shape, 255)
+        assert prob.count == 3 and prob.scales == (1 / 254,) * 3 and prob.descriptions == ("background", "a", "b")
+        for ds in (pred, prob):  # COG layout: tiled, internal overviews, the COG driver's layout tag
+            assert ds.profile["tiled"] and ds.block_shapes[0] == (32, 32)
+            assert ds.overviews(1) == [2, 4] and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        classes, p = pred.read(1), prob.read().astype(np.int32)
+    assert (p.sum(0) - 254).__abs__().max() <= 2  # probabilities sum to one (rounding)
+    chosen = np.take_along_axis(p, classes[None].astype(np.int64), 0)[0]
+    assert (chosen >= p.max(0) - 1).all() and (p.argmax(0) == classes).mean() > 0.95  # the class map's arg-max
+    gdf = gpd.read_file(tmp_path / "utm_pred.gpkg")
+    assert len(gdf) > 0 and gdf.crs.to_epsg() == 32610 and set(gdf["class_id"]) == set(np.unique(classes)) - {0}
+    fg = classes > 0  # the polygons cover exactly the foreground pixels
+    assert gdf.area.sum() == pytest.approx(fg.sum() * 1.0)
+    preview = Image.open(tmp_path / "utm_preview.png")
+    assert preview.size == (40, 30) and preview.mode == "RGBA"
+
+
+def test_predict_bad_input_one_line_each(world, segmenter, tmp_path, capsys):
+    import main_predict
+
+    ckpt = segmenter[1]
+    cases = [
+        (predict_args(ckpt, world["root"] / "nocrs.tif", tmp_path / "o"), "no CRS"),
+        (predict_args(ckpt, world["root"] / "four.tif", tmp_path / "o"), "4 band(s), but the model takes 3"),
+        (predict_args(ckpt, world["utm"], tmp_path / "o", "--gsd", "0.5", "--no_upsample"),
+         "--gsd 0.5: finer than the raster"),
+        (predict_args(ckpt, world["utm"], tmp_path / "o", "--blocksize", "40"), "--blocksize 40: must be"),
+    ]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as exc:
+            harness.run(main_predict.main, main_predict.get_args_parser(), argv)
+        captured = capsys.readouterr()
+        text = (captured.out + captured.err).strip()
+        lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
+        assert exc.value.code == 2 and "Traceback" not in text and len(lines) == 1, text
+        assert expected in lines[0], (argv, lines[0])
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").glob("*.tif"))

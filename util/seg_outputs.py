@@ -18,14 +18,19 @@ import numpy as np
 
 from util.io import atomic_write
 
-__all__ = ["PALETTE", "write_prediction_geotiff", "polygonize_prediction", "overlay_image", "PredictionWriter"]
+__all__ = ["PALETTE", "class_colour", "write_prediction_geotiff", "polygonize_prediction", "overlay_image",
+           "PredictionWriter"]
 
 PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60)]
 
 
-def _colour(cls: int) -> tuple[int, int, int]:
+def class_colour(cls: int) -> tuple[int, int, int]:
+    """RGB of class id ``cls`` in prediction maps (background 0 black; the palette repeats)."""
     return PALETTE[cls % len(PALETTE)] if cls else PALETTE[0]
+
+
+_colour = class_colour
 
 
 def write_prediction_geotiff(path: str | os.PathLike, pred: np.ndarray, transform: Optional[Sequence[float]],
