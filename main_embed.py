@@ -34,13 +34,11 @@ import torch
 import harness
 from inference.tiling import Block, BlockStore, StoreMismatch, batches, blocks_of, native_gsd, open_scene, shard, \
     window_grid
-from inference.inputs import check_dtype, check_scene, expand_inputs, norm_stats
+from inference.inputs import check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # plain images: no georeferencing, one embedding per image
-# a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
-UPSAMPLE_TOLERANCE = 0.01
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -306,15 +304,7 @@ def main(args: argparse.Namespace) -> dict:
     check_dtype(native, saved_args, label)
     finest = native_gsd(native)
     gsds = [float(g) for g in (args.gsd or [round(finest, 6)])]
-    finer = [g for g in gsds if g < finest * (1 - UPSAMPLE_TOLERANCE)]
-    if finer:
-        line = (f"--gsd {' '.join(f'{g:g}' for g in finer)}: finer than the raster ({finest:.4g} m per pixel), so "
-                f"windows are upsampled (no new detail)")
-        if args.no_upsample:
-            raise harness.UserError(f"{line}; drop {'that GSD' if len(finer) == 1 else 'those GSDs'} or "
-                                    f"--no_upsample")
-        if rank == 0:
-            print(f"WARNING: {line}")
+    check_upsampling(gsds, finest, args.no_upsample)
     reference = float(args.reference_gsd or min(gsds))
     scenes = [open_scene(source, None if args.gsd is None else g, size, reference_gsd=reference, **reader_kw)
               for g in gsds]

@@ -163,7 +163,7 @@ def main(args: argparse.Namespace) -> dict:
         native = open_scene(source, None, size, band_files=args.band_files, scene_glob=args.scene_glob,
                             glob=args.glob, crs=args.crs, nodata=args.nodata, scale=args.scale)
         check_scene(native, in_chans, " ".join(args.input))
-        check_upsampling(gsd, native_gsd(native), args.no_upsample)  # also for the training GSD as default
+        check_upsampling([gsd], native_gsd(native), args.no_upsample)  # also for the training GSD as default
     ds = open_scene(source, gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
                     crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
                     reference_gsd=reference_gsd)

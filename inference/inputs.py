@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import glob as globmod
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import harness
 
@@ -86,15 +86,17 @@ def check_dtype(ds, saved_args: Any, source: str) -> None:
                                 f"trained on {', '.join(have)} data")
 
 
-def check_upsampling(gsd: float, finest: float, refuse: bool, flag: str = "--gsd") -> None:
-    """A read GSD ``gsd`` finer than the scene's ``finest`` ground GSD (metres): a warning (rank 0 prints), or one
-    line with ``refuse`` (``--no_upsample``)."""
+def check_upsampling(gsds: Sequence[float], finest: float, refuse: bool, flag: str = "--gsd") -> None:
+    """Read GSDs finer than the scene's ``finest`` ground GSD (metres): one warning line naming them all (rank 0
+    prints), or one error line with ``refuse`` (``--no_upsample``)."""
     from util import dist as dist_util
 
-    if gsd < finest * (1 - UPSAMPLE_TOLERANCE):
-        line = f"{flag} {gsd:g}: finer than the raster ({finest:.4g} m per pixel), so windows are upsampled " \
-               f"(no new detail)"
-        if refuse:
-            raise harness.UserError(f"{line}; give a coarser {flag} or drop --no_upsample")
-        if dist_util.is_main_process():
-            print(f"WARNING: {line}")
+    finer = [float(g) for g in gsds if g < finest * (1 - UPSAMPLE_TOLERANCE)]
+    if not finer:
+        return
+    line = f"{flag} {' '.join(f'{g:g}' for g in finer)}: finer than the raster ({finest:.4g} m per pixel), so " \
+           f"windows are upsampled (no new detail)"
+    if refuse:
+        raise harness.UserError(f"{line}; give a coarser {flag} or drop --no_upsample")
+    if dist_util.is_main_process():
+        print(f"WARNING: {line}")
