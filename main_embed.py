@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import harness
-from inference.tiling import Block, BlockStore, StoreMismatch, batches, blocks_of, native_gsd, open_scene, shard, \
+from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, open_scene, open_store, shard, \
     window_grid
 from inference.inputs import check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
@@ -340,17 +340,7 @@ def main(args: argparse.Namespace) -> dict:
                 "reader": {k: v for k, v in reader_kw.items()}, "blocks": len(plan),
                 "dense": [str(d) for d in dense]}
     store = BlockStore(out.parent / f"{out.name}.blocks")
-    if rank == 0:
-        try:
-            already = store.open(settings)
-        except StoreMismatch as err:
-            if not args.overwrite:
-                raise harness.UserError(f"{err}: remove that folder or pass --overwrite to start over") from None
-            print(f"NOTE: {err}: started over (--overwrite)")
-            already = store.open(settings, fresh=True)
-        if already:
-            print(f"resuming: {already} of {len(plan)} window rows already done ({store.folder})")
-    dist_util.barrier()
+    open_store(store, settings, args.overwrite, len(plan), "window rows")
 
     mine = shard(sorted(plan), rank, world)
     computed = skipped = 0

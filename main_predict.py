@@ -24,7 +24,7 @@ import torch
 
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
-from inference.tiling import Block, BlockStore, StoreMismatch, axis_starts, native_gsd, open_scene, shard
+from inference.tiling import Block, BlockStore, axis_starts, native_gsd, open_scene, open_store, shard
 from inference.inputs import check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
@@ -191,16 +191,7 @@ def main(args: argparse.Namespace) -> dict:
                 "band_files": args.band_files, "resampling": args.resampling, "probabilities": args.probabilities}
     if rank == 0:
         harness.make_folder(out_dir, "--output_dir")
-        try:
-            already = store.open(settings)
-        except StoreMismatch as err:
-            if not args.overwrite:
-                raise harness.UserError(f"{err}: remove that folder or pass --overwrite") from None
-            print(f"NOTE: {err}: started over (--overwrite)")
-            already = store.open(settings, fresh=True)
-        if already:
-            print(f"resuming: {already} of {len(plan)} strips already done ({store.folder})")
-    dist_util.barrier()
+    open_store(store, settings, args.overwrite, len(plan), "strips")
     weights = blend_weights(size, overlap)
 
     def predictor(tile: int):

@@ -28,7 +28,7 @@ import numpy as np
 
 from util.io import atomic_write, atomic_write_text
 
-__all__ = ["Block", "open_scene", "native_gsd", "axis_starts", "window_grid", "blocks_of", "shard", "batches",
+__all__ = ["Block", "open_store", "open_scene", "native_gsd", "axis_starts", "window_grid", "blocks_of", "shard", "batches",
            "BlockStore", "StoreMismatch"]
 
 T = TypeVar("T")
@@ -164,3 +164,23 @@ class BlockStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def open_store(store: BlockStore, settings: Mapping[str, Any], overwrite: bool, total: int, unit: str) -> None:
+    """Open a run's :class:`BlockStore` on rank 0 (every rank then meets at a barrier): a store left by a run with
+    other ``settings`` is one error line unless ``overwrite`` (then started over, said in one line); finished blocks
+    are announced as ``resuming: N of total <unit> already done``."""
+    import harness
+    from util import dist as dist_util
+
+    if dist_util.get_rank() == 0:
+        try:
+            already = store.open(settings)
+        except StoreMismatch as err:
+            if not overwrite:
+                raise harness.UserError(f"{err}: remove that folder or pass --overwrite to start over") from None
+            print(f"NOTE: {err}: started over (--overwrite)")
+            already = store.open(settings, fresh=True)
+        if already:
+            print(f"resuming: {already} of {total} {unit} already done ({store.folder})")
+    dist_util.barrier()
