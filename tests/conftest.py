@@ -29,6 +29,16 @@ def norm_layer_from_string(spec):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two (use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def data_dir() -> Path:
     return DATA_DIR
 

@@ -26,6 +26,7 @@ import torch
 import engine_pretrain
 import main_pretrain
 import harness
+from ranks import run_ranks
 from util import io as uio
 from harness.run_control import EXIT_PREEMPTED, LOCK_NAME
 
@@ -127,12 +128,7 @@ def rerun_and_check(out: Path, reference: dict, capsys) -> str:
     return printed
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 REFERENCE_RUN: list[Path] = []
@@ -512,23 +508,10 @@ def test_ddp_ranks_agree_on_the_stop_step_when_one_rank_is_signalled(tmp_path):
     flush (the engine's existing all-reduce, --print_freq 3: step 3) carried the flag."""
     script = tmp_path / "stop_ddp.py"
     script.write_text(STOP_DDP_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = subprocess_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
-    procs = [subprocess.Popen([sys.executable, str(script), str(REPO)], cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
-    outputs = []
-    for proc in procs:
-        try:
-            outputs.append(proc.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
+    ranks = run_ranks([str(script), str(REPO)], cwd=tmp_path, env=subprocess_env(), timeout=240)
+    outputs = [out for _, out in ranks]
     text = "\n".join(outputs)
-    assert all(p.returncode == 0 for p in procs), text
+    assert all(code == 0 for code, _ in ranks), text
     assert "RANK 0 steps [0, 1, 2, 3] agreed True requested False" in outputs[0], text
     assert "RANK 1 steps [0, 1, 2, 3] agreed True requested True" in outputs[1], text
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 
 import pytest
@@ -21,6 +20,7 @@ import main_linprobe
 import models_mae
 from engine_finetune import evaluate
 from harness.pretrained import resolve_model_name
+from ranks import free_port
 
 NUM_CLASSES = 4
 
@@ -288,12 +288,6 @@ def _eval_worker(rank, world, port, result_file):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="gloo tcp init")
 def test_evaluate_sums_counts_over_ranks(tmp_path):
     """7 samples over 2 ranks (4 + 3, no padding): the reduced accuracy/loss equal the single-process ones."""
@@ -302,7 +296,7 @@ def test_evaluate_sums_counts_over_ranks(tmp_path):
     result = tmp_path / "stats.json"
     # fork: no re-import of torch and this module in the children (spawn costs ~10 s on 2 cores)
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_eval_worker, args=(2, _free_port(), str(result)), nprocs=2, join=True, start_method=method)
+    mp.start_processes(_eval_worker, args=(2, free_port(), str(result)), nprocs=2, join=True, start_method=method)
     multi = json.loads(result.read_text())
     assert multi["n"] == single["n"] == 7
     for key in ("acc1", "acc5", "loss"):

@@ -20,7 +20,6 @@ import http.server
 import importlib.util
 import json
 import os
-import socket
 import stat
 import sys
 import threading
@@ -38,6 +37,7 @@ import main_segment
 import models_mae
 import models_vit
 import harness
+from ranks import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -338,16 +338,10 @@ def _knn_rank(rank: int, world: int, port: int, root: str, log_dir: str) -> None
         sys.stderr.flush()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.skipif("fork" not in mp.get_all_start_methods(), reason="forked gloo ranks")
 def test_warnings_are_printed_once_by_two_processes(world, tmp_path):
     """03 and 06 under two gloo processes: each warning line once (rank 0), and the kNN run still finishes."""
-    mp.start_processes(_knn_rank, args=(2, _free_port(), str(world), str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_knn_rank, args=(2, free_port(), str(world), str(tmp_path)), nprocs=2, join=True,
                        start_method="fork")
     text = "".join((tmp_path / f"rank{r}.txt").read_text() for r in range(2))
     assert text.count("--knn 50 is larger than the kNN bank (8 images)") == 1, text
@@ -392,7 +386,7 @@ def _fixed_logits() -> list:
 def test_probe_progress_lines_show_the_accuracy_of_all_ranks(tmp_path):
     """13: every progress line is over all ranks' images so far (both ranks print the same line); the last one
     equals the final global accuracy, also when the ranks' shards have different batch counts."""
-    mp.start_processes(_eval_rank, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_eval_rank, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     runs = [json.loads((tmp_path / f"eval{r}.json").read_text()) for r in range(2)]
     logits = torch.stack([x for x, _ in _fixed_logits()])
     labels = torch.stack([y for _, y in _fixed_logits()])

@@ -5,8 +5,6 @@ import argparse
 import builtins
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ranks import clean_env as rank_env, run_ranks
 from util import dist as du
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,32 +148,14 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_two_process_gloo(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(_WORKER)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
-    procs = [subprocess.Popen([sys.executable, str(script)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-             for r in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=90)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("2-process gloo run timed out")
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out
+    env = rank_env(PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ranks = run_ranks([str(script)], cwd=tmp_path, env=env, timeout=90)
+    for code, out in ranks:
+        assert code == 0, out
+    outs = [out for _, out in ranks]
     results = [json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))) for out in outs]
     expected = ([[float(2 * i), float(2 * i + 1)] for i in range(3)] +
                 [[100.0 + 2 * i, 101.0 + 2 * i] for i in range(5)])
