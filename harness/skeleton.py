@@ -132,6 +132,9 @@ class TrainingRun:
         self.log_writer = open_log_writer(args.log_dir) if dist_util.is_main_process() else None
         self.keeper = CheckpointKeeper(out_dir, writer)
         self.log = JsonlLogger(out_dir)
+        if resumed and isinstance(resumed.get("epoch"), int):
+            for note in self.log.reconcile(resumed["epoch"], resumed.get("log_entry")):
+                print(f"log.txt: {note}")
         self.history: list[dict[str, Any]] = []
         self.stop: Optional[StopRequest] = None
         self._state: Optional[Callable[[int], dict]] = None
@@ -202,7 +205,10 @@ class TrainingRun:
                 entry: dict[str, Any] = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch}
                 if evaluate is not None:
                     entry.update(evaluate(epoch))
-                keeper.save(state(epoch), f"the end of epoch {epoch}", epoch=epoch, args=args)
+                checkpoint = state(epoch)
+                if dist_util.is_main_process():  # the log line too: a resumed run writes it if the kill came first
+                    checkpoint["log_entry"] = entry
+                keeper.save(checkpoint, f"the end of epoch {epoch}", epoch=epoch, args=args)
                 self.history.append(entry)
                 self.log.log(entry)  # rank 0 only
                 if self.log_writer is not None:

@@ -180,6 +180,39 @@ class JsonlLogger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()
+            os.fsync(f.fileno())
+
+    def reconcile(self, epoch: int, entry: Optional[Mapping[str, Any]]) -> list[str]:
+        """Make the log agree with a resumed checkpoint of finished ``epoch`` (rank 0; returns what was mended).
+
+        A run killed while appending leaves a partial last line: it is dropped. Lines of epochs after ``epoch``
+        (their checkpoint was never kept) are dropped: the resumed run logs them again. A run killed between its
+        save and its log line lacks the line of ``epoch``: ``entry`` (the line the checkpoint carries) is appended.
+        The file is rewritten atomically, and only when something changed."""
+        if self.path is None or not dist_util.is_main_process():
+            return []
+        lines = (self.path.read_text(encoding="utf-8") if self.path.is_file() else "").split("\n")
+        mended: list[str] = []
+        if lines[-1]:  # no newline at the end: the last append was cut short
+            mended.append("dropped a partial last line")
+        kept, seen = [], set()
+        for line in lines[:-1]:
+            try:
+                line_epoch = json.loads(line).get("epoch")
+            except (ValueError, AttributeError):
+                mended.append("dropped an unreadable line")
+                continue
+            if isinstance(line_epoch, int) and line_epoch > epoch:
+                mended.append(f"dropped the line of epoch {line_epoch} (after the resumed epoch {epoch})")
+                continue
+            seen.add(line_epoch)
+            kept.append(line)
+        if entry is not None and epoch >= 0 and epoch not in seen:
+            kept.append(json.dumps(dict(entry), default=_json_default))
+            mended.append(f"added the missing line of epoch {epoch}")
+        if mended:
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        return mended
 
 
 def save_report(result: Mapping[str, Any], output_dir: str | os.PathLike, tag: str,
