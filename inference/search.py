@@ -26,15 +26,16 @@ def cosine_top_k(vectors: np.ndarray, query: np.ndarray, k: int, exclude: Sequen
 
 def window_at(gdf, x: float, y: float, crs: Optional[str] = None, gsd: Optional[float] = None) -> int:
     """Position (0-based row of ``gdf``) of the window containing the point ``(x, y)`` (in ``crs``, default the
-    file's): among the windows of ``gsd`` (default: the finest GSD with one), the one whose centre is nearest.
-    ``ValueError`` when no window contains the point."""
+    file's; a point on an edge or corner that windows share belongs to each): among the windows of ``gsd``
+    (default: the finest GSD with one), the one whose centre is nearest, the first row on a tie. ``ValueError``
+    when no window contains the point."""
     import shapely
     from pyproj import Transformer
 
     if crs is not None:
         x, y = Transformer.from_crs(crs, gdf.crs, always_xy=True).transform(x, y)
     point = shapely.Point(x, y)
-    hits = np.flatnonzero(shapely.contains_xy(np.asarray(gdf.geometry.values, dtype=object), x, y))
+    hits = np.flatnonzero(shapely.intersects_xy(np.asarray(gdf.geometry.values, dtype=object), x, y))  # edges too
     if gsd is not None:
         hits = hits[np.isclose(gdf["gsd"].to_numpy()[hits], gsd)]
     if len(hits) == 0:
