@@ -10,7 +10,7 @@ the same ``res`` rule (:func:`util.gsd.crop_res_pair`, computed per sample exact
 Everything is device-agnostic, so on CPU (libjpeg-turbo, the decoder of the CPU pipeline) it reproduces the CPU
 pipeline to float rounding (tests/test_gpu_pipeline.py). On CUDA the pixels differ from the CPU pipeline's by the
 decoder alone: nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few grey levels on some
-pixels (README "Differences from the original"). JPEG files only (other formats and GeoTIFF configs use the CPU
+pixels (docs/differences.md). JPEG files only (other formats and GeoTIFF configs use the CPU
 pipeline).
 """
 from __future__ import annotations

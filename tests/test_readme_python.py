@@ -1,4 +1,4 @@
-"""README.md's "Python" section runs exactly as written: every ```python block of the README, each in a fresh
+"""README.md's Python examples run exactly as written: every ```python block of the README, each in a fresh
 namespace and a fresh working folder that holds what a checkout's root holds for it (``config/``).
 
 The blocks carry their own ``assert`` lines (shapes, CRS, GSD, res), so a changed API or behaviour fails here and
@@ -22,14 +22,15 @@ def python_blocks() -> list[tuple[int, str]]:
     return [(text.count("\n", 0, m.start()) + 2, m.group(1)) for m in FENCE.finditer(text)]
 
 
-def test_readme_has_the_three_python_examples():
-    """The section exists and holds the three scripting tasks (a config -> dataset, a window -> pixels + labels +
-    res, features at a GSD)."""
+def test_readme_has_the_four_python_examples():
+    """The README holds the same kind of place found across two GSDs ("Apply a model") and the three scripting tasks
+    of its "Python" section (a config -> dataset, a window -> pixels + labels + res, features at a GSD)."""
     sources = [src for _, src in python_blocks()]
-    assert len(sources) == 3
-    assert "load_config(" in sources[0] and "build_pretrain_dataset(" in sources[0]
-    assert "WindowSpec(" in sources[1] and '["res"]' in sources[1]
-    assert "input_res=" in sources[2] and "util.gsd" in sources[2]
+    assert len(sources) == 4
+    assert "main_embed" in sources[0] and "search(" in sources[0] and '"--gsd", "0.5", "1"' in sources[0]
+    assert "load_config(" in sources[1] and "build_pretrain_dataset(" in sources[1]
+    assert "WindowSpec(" in sources[2] and '["res"]' in sources[2]
+    assert "input_res=" in sources[3] and "util.gsd" in sources[3]
 
 
 @pytest.mark.parametrize("line, source", [pytest.param(n, src, id=f"README.md:{n}") for n, src in python_blocks()])
