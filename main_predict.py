@@ -25,7 +25,7 @@ import torch
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, native_gsd, open_scene, open_store, shard
-from inference.inputs import check_scene, check_upsampling, expand_inputs, norm_stats
+from inference.inputs import check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
 
@@ -168,6 +168,7 @@ def main(args: argparse.Namespace) -> dict:
                     crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
                     reference_gsd=reference_gsd)
     check_scene(ds, in_chans, " ".join(args.input))
+    check_dtype(ds, {"args": saved, "data": data}, " ".join(args.input))  # where the training run recorded one
     out_dir = Path(args.output_dir)
     harness.require(args.blocksize >= 16 and args.blocksize % 16 == 0,
                     f"--blocksize {args.blocksize}: must be a positive multiple of 16")
@@ -270,13 +271,14 @@ def write_outputs(out_dir: Path, stem: str, store: BlockStore, blocks: list, ds,
                   args: argparse.Namespace) -> list[Path]:
     """One tile's files from its finished strips ``blocks``: ``<stem>_pred.tif`` (uint8 class ids, nodata 255,
     palette) and, as asked, ``_prob.tif`` ([K] uint8 bands, probability * 254, nodata 255, same grid),
-    ``_pred.gpkg`` (``util.seg_outputs.polygonize_prediction`` of the class map) and ``_preview.png``."""
+    ``_pred.gpkg`` (``util.seg_outputs.polygonize_strips`` of the class map read in strips of
+    ``--blocksize`` rows: the polygons of the whole map) and ``_preview.png``."""
     import rasterio
     from affine import Affine
     from rasterio.enums import Resampling
     from rasterio.windows import Window
 
-    from util.seg_outputs import class_colour, polygonize_prediction
+    from util.seg_outputs import class_colour, polygonize_strips
 
     h, w = ds.tile_shapes[tile]
     crs = str(ds.tile_index["crs"].iloc[tile])
@@ -304,10 +306,11 @@ def write_outputs(out_dir: Path, stem: str, store: BlockStore, blocks: list, ds,
         written.append(write_cog(out_dir / f"{stem}_prob.tif", {**grid, "count": len(classes)}, fill("prob"),
                                  "AVERAGE", args.blocksize))
     if args.polygons:
-        with rasterio.open(pred_path) as src:
-            pred = src.read(1)
-        pred[pred == NODATA] = 0  # nodata is no region
-        gdf = polygonize_prediction(pred, transform, crs, classes, args.simplify)
+        with rasterio.open(pred_path) as src:  # one strip of tile rows in memory at a time, plus the polygons
+            strips = ((r, src.read(1, window=Window(0, r, w, min(args.blocksize, h - r))))
+                      for r in range(0, h, args.blocksize))
+            gdf = polygonize_strips(((r, np.where(s == NODATA, 0, s)) for r, s in strips),  # nodata: no region
+                                    transform, crs, classes, args.simplify)
         target = out_dir / f"{stem}_pred.gpkg"
         written.append(atomic_write(target, lambda tmp: gdf.to_file(tmp, layer="predictions", driver="GPKG"),
                                     by_name=True))

@@ -104,6 +104,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--simplify", default=0.0, type=float, help="polygon simplification tolerance (CRS units)")
     g.add_argument("--overlays", action="store_true", help="also write overlay PNGs (prediction + label outline)")
     g.add_argument("--eval", action="store_true", help="evaluate (--resume or --checkpoint_path) and exit")
+    g.add_argument("--predict", nargs=argparse.REMAINDER, default=None, metavar="RASTER",
+                   help="not done here: segmentation maps of rasters are main_predict.py's; prints its command")
 
     harness.add_run_args(p, output_dir_default="./output_dir/segment",
                          output_dir_help="checkpoints, log.txt, config.yaml, IoU tables, predictions",
@@ -116,6 +118,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------------- checks
 def validate_args(args: argparse.Namespace) -> None:
     """Start-up checks of the flags (nothing is read or written yet); each failure is one line."""
+    if args.predict is not None:
+        raise harness.UserError(f"main_segment.py does not predict rasters; segmentation maps of rasters (sliding "
+                                f"windows, COG output) come from its sibling launcher: {predict_command(args)}")
     harness.require(args.batch_size >= 2,
                     f"--batch_size {args.batch_size}: needs >= 2 per process (BatchNorm in the heads)")
     harness.check_positive(args, "epochs", "accum_iter", "eval_freq", "input_size", "head_channels",
@@ -265,6 +270,26 @@ def train_loader(args: argparse.Namespace, train_ds, device: torch.device,
     harness.require(len(loader) > 0, f"data.length {length} gives {len(sampler)} windows per process, "
                                      f"fewer than --batch_size {args.batch_size}")
     return loader, sampler
+
+
+def predict_command(args: argparse.Namespace) -> str:
+    """The ``main_predict.py`` command for ``main_segment.py --predict RASTER ... [its flags]``: the rasters as
+    ``--input``, ``--resume``/``--output_dir`` from either side of ``--predict`` (placeholders when not given), the
+    flags after the rasters kept as they are."""
+    import shlex
+
+    rest = list(args.predict)
+    inputs = []
+    while rest and not rest[0].startswith("-"):
+        inputs.append(rest.pop(0))
+    cmd = ["python", "main_predict.py", "--input", *(inputs or ["RASTER"])]
+    given_after = {t.split("=")[0] for t in rest if t.startswith("--")}
+    if "--resume" not in given_after:
+        cmd += ["--resume", args.resume or "CHECKPOINT"]
+    if "--output_dir" not in given_after:
+        given = args.output_dir != get_args_parser().get_default("output_dir")
+        cmd += ["--output_dir", args.output_dir if given else "OUTPUT_DIR"]
+    return shlex.join(cmd + rest)
 
 
 # ------------------------------------------------------------------------------------------------------- main
