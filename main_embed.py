@@ -18,7 +18,8 @@ Search: ``python tools/search_embeddings.py OUTPUT --point X Y`` (``inference/se
 ``--dense PATH.tif``: the patch tokens too, as a D-band GeoTIFF at 1/patch of the read grid (:func:`write_dense`).
 Folders of plain JPEG/PNG images (no georeferencing): one row per image at the one ``--gsd`` given
 (:func:`embed_images`; sharded and resumed in blocks of ``--batch_size`` images). Exported encoders are normalised
-with the mean/std their export recorded. ``--ignore_dtype``: rasters of another pixel dtype than the checkpoint records.
+with the mean/std their export recorded. A raster of another pixel dtype than the checkpoint's ``raster_dtype`` is
+refused unless ``--ignore_dtype``.
 """
 from __future__ import annotations
 

@@ -13,13 +13,13 @@ was trained on: the same ``--scale`` then gives values on another range (uint16 
 * image folders (``SceneDataset``, ``DemoScenes``, the GPU pipeline's ``RawJpegDataset``): every image is decoded to
   8-bit RGB whatever the file holds, so the model saw ``uint8`` pixels.
 
-Several dtypes among the training files (:func:`pixel_dtypes` has more than one): nothing is recorded. One recorded dtype
-would refuse rasters the model was in fact trained on, and ``check_dtype`` compares against one dtype; a run that
+Several dtypes among the training files (:func:`pixel_dtypes` has more than one): nothing is recorded. One recorded
+dtype would refuse rasters the model was in fact trained on, and ``check_dtype`` compares against one dtype; a run that
 mixes dtypes under one ``scale`` has said that their values are comparable, which is all the check can tell.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 __all__ = ["RASTER_DTYPE_KEY", "DECODED_IMAGE_DTYPE", "pixel_dtypes"]
 

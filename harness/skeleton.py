@@ -113,8 +113,8 @@ def evaluate_only(out_dir: Path, args: argparse.Namespace, cfg: Optional[Mapping
 class TrainingRun:
     """One training run in ``out_dir``: created once the run is about to train (it records the pixel dtype of
     ``train_data``, the training dataset, as ``args.raster_dtype``: :func:`record_raster_dtype`; writes
-    ``config.yaml`` and its history entry, warns about ``dead_flags`` set by the user, opens TensorBoard on rank 0 and the
-    :class:`CheckpointKeeper` of ``writer``), then :meth:`train` runs the epoch loop (see the module docstring).
+    ``config.yaml`` and its history entry, warns about ``dead_flags`` set by the user, opens TensorBoard on rank 0
+    and the :class:`CheckpointKeeper` of ``writer``), then :meth:`train` runs the epoch loop (see the module docstring).
 
     Attributes the hooks may read: ``log_writer`` (None off rank 0), ``keeper``, ``history`` (one dict per
     finished epoch, as in ``log.txt``), ``start_step`` (the resumed step inside ``args.start_epoch``; 0 after the

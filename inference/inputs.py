@@ -11,8 +11,8 @@ from typing import Any, Sequence
 import harness
 from dataloaders.pixel_dtype import RASTER_DTYPE_KEY
 
-__all__ = ["add_reader_args", "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype", "check_upsampling",
-           "UPSAMPLE_TOLERANCE"]
+__all__ = ["add_reader_args", "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype",
+           "check_upsampling", "UPSAMPLE_TOLERANCE"]
 
 # a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
 UPSAMPLE_TOLERANCE = 0.01
