@@ -116,7 +116,8 @@ def test_segment_training_on_uint16_rasters_records_uint16(segmented):
 
 
 @pytest.mark.xfail(strict=True, reason="main_predict.py calls inference.inputs.check_dtype only with H2's change "
-                                       "(branch i20-predict3); remove this marker when both are merged")
+                                       "(branch i20-predict3), which must pass ignore=args.ignore_dtype; remove this "
+                                       "marker when both are merged")
 def test_predict_refuses_a_uint8_raster_with_a_uint16_checkpoint(segmented, tmp_path, capsys):
     """main_predict.py: one line, exit 2, nothing written; with --ignore_dtype the same raster is predicted."""
     import main_predict
