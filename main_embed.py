@@ -17,7 +17,9 @@ same flags, computes only the rows it had not finished. The output is written on
 Search: ``python tools/search_embeddings.py OUTPUT --point X Y`` (``inference/search.py``).
 ``--dense PATH.tif``: the patch tokens too, as a D-band GeoTIFF at 1/patch of the read grid (:func:`write_dense`).
 Folders of plain JPEG/PNG images (no georeferencing): one row per image at the one ``--gsd`` given
-(:func:`embed_images`). Exported encoders are normalised with the mean/std their export recorded.
+(:func:`embed_images`; sharded and resumed in blocks of ``--batch_size`` images). Exported encoders are normalised
+with the mean/std their export recorded. A raster of another pixel dtype than the checkpoint's ``raster_dtype`` is
+refused unless ``--ignore_dtype``.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 import harness
 from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, open_scene, open_store, shard, \
     window_grid
-from inference.inputs import check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
+from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
@@ -44,18 +46,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # plain images: no georeferencing, o
 def get_args_parser() -> argparse.ArgumentParser:
     p = harness.ArgumentParser("Scale-MAE per-window embeddings of rasters (GeoParquet)", add_help=True)
     g = p.add_argument_group("input")
-    g.add_argument("--input", required=True, nargs="+",
-                   help="raster file(s), folder(s) of GeoTIFFs or a quoted glob ('tiles/*.tif')")
-    g.add_argument("--band_files", nargs="+", default=None,
-                   help="per-band file patterns of band-file scenes ('*_B04.tif' ...), stacked in order")
-    g.add_argument("--scene_glob", default=None,
-                   help="with --band_files: scene folders under --input ('*'; default: --input itself)")
-    g.add_argument("--glob", default=None, help="file pattern under a folder --input (default *.tif / *.tiff)")
-    g.add_argument("--crs", default=None, help="read every raster in this CRS (needed when they differ)")
-    g.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
-    g.add_argument("--scale", default=1.0, type=float, help="raw values are divided by it (255 for 8-bit imagery)")
+    add_reader_args(g, input_help="; or plain JPEG/PNG images, a folder of them (no GeoTIFF in it) or their glob")
     g.add_argument("--mosaic", action="store_true", help="windows may cross tile edges (read from every tile)")
-    g.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
     g = p.add_argument_group("model")
     g.add_argument("--checkpoint_path", required=True,
                    help="released checkpoint, main_pretrain.py checkpoint or exported encoder (.safetensors/.pth)")
@@ -73,8 +65,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("run")
     g.add_argument("--gsd", nargs="+", type=float, default=None,
                    help="ground sample distances in metres to embed at (default: the raster's own)")
-    g.add_argument("--no_upsample", action="store_true", help="a --gsd finer than the raster is an error "
-                                                              "(default: a warning, the raster is upsampled)")
     g.add_argument("--output", required=True, help="GeoParquet file to write (.parquet)")
     g.add_argument("--dense", default=None, metavar="PATH.tif",
                    help="also write the patch tokens as a float32 GeoTIFF of D bands at 1/patch of the read grid "
@@ -204,16 +194,52 @@ def image_files(source: Any) -> list[str]:
     return files
 
 
-def embed_images(args: argparse.Namespace, files: list[str], model: torch.nn.Module, device: torch.device,
-                 size: int, mean: torch.Tensor, std: torch.Tensor, pools: list[str], out: Path, rank: int) -> dict:
-    """One embedding per plain image (no georeferencing): the image (``--scale``d, normalised) resized to ``size``
-    x ``size`` px, encoded at the res of its ``--gsd`` (one value: the images' ground metres per pixel) rescaled to
-    the resized pixels (``util.gsd.rescale_res``). Rows: ``source`` (the file), ``height``/``width`` (the image's
-    px), ``gsd``, ``gsd_read`` (metres per pixel shown to the model), ``res``, empty geometry. Computed by rank 0
-    (no sharding, no resume: a folder of images is small next to a raster)."""
+def image_shapes(files: list[str], in_chans: int) -> list[tuple[int, int]]:
+    """``(height, width)`` of every image, from the file headers (no pixels decoded), checked by every rank before
+    any work: one line for a file that is not an image or whose band count the model cannot take (3-band models
+    take any image, converted to RGB)."""
+    from PIL import Image
+
+    shapes = []
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                bands, (w, h) = len(im.getbands()), im.size
+        except OSError as err:
+            raise harness.UserError(f"--input {path}: not a readable image ({err})") from None
+        if in_chans != 3 and bands != in_chans:
+            raise harness.UserError(f"--input {path}: {bands} band(s), but the model takes {in_chans}")
+        shapes.append((int(h), int(w)))
+    return shapes
+
+
+def read_image(path: str, in_chans: int, size: int, scale: float) -> torch.Tensor:
+    """One plain image as ``[C, size, size]`` float32: ``/ scale``, resized (bilinear, antialiased); not
+    normalised."""
     import torch.nn.functional as F
     from PIL import Image
 
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB") if in_chans == 3 else im, dtype=np.float32)
+    except OSError as err:
+        raise harness.UserError(f"--input {path}: not a readable image ({err})") from None
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    x = torch.from_numpy(arr).permute(2, 0, 1)[None] / scale
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def embed_images(args: argparse.Namespace, files: list[str], model: torch.nn.Module, device: torch.device,
+                 size: int, mean: torch.Tensor, std: torch.Tensor, pools: list[str], out: Path, rank: int,
+                 world: int) -> dict:
+    """One embedding per plain image (no georeferencing): the image (``--scale``d, normalised) resized to ``size``
+    x ``size`` px, encoded at the res of its ``--gsd`` (one value: the images' ground metres per pixel) rescaled to
+    the resized pixels (``util.gsd.rescale_res``). Rows: ``source`` (the file), ``height``/``width`` (the image's
+    px), ``gsd``, ``gsd_read`` (metres per pixel shown to the model), ``res``, empty geometry.
+
+    As for rasters: the images are cut into blocks (``--batch_size`` images each, one forward), the blocks are
+    sharded over ranks and kept in ``<output>.blocks/`` (:class:`BlockStore`: a killed run started again with the
+    same flags computes only the blocks it had not finished); rank 0 writes the output once, complete."""
     from inference.geoparquet import EMBEDDING_PREFIX, write_geoparquet
     from util.gsd import reference_gsd_factor, rescale_res, window_res
 
@@ -224,48 +250,59 @@ def embed_images(args: argparse.Namespace, files: list[str], model: torch.nn.Mod
         raise harness.UserError("--dense: needs georeferenced rasters; plain images have no grid to write it on")
     gsd = float(args.gsd[0])
     reference = float(args.reference_gsd or gsd)
+    in_chans = int(mean.numel())
+    shapes = image_shapes(files, in_chans)
+    sides = [math.sqrt(h * w) for h, w in shapes]  # the ground side of each image, in its own pixels
+    res = [rescale_res(window_res(size, size, args.base_resolution) * reference_gsd_factor(gsd, reference), side,
+                       size) for side in sides]
+    per = int(args.batch_size)
+    plan = [Block(0, 0, b) for b in range(math.ceil(len(files) / per))]  # block b: images [b * per, (b + 1) * per)
+    settings = run_settings(args, size, pools, mean, std, gsd=[gsd], reference_gsd=reference, images=len(files),
+                            images_per_block=per, blocks=len(plan))
+    store = BlockStore(out.parent / f"{out.name}.blocks")
+    open_store(store, settings, args.overwrite, len(plan), f"blocks of {per} images")
+
+    computed = skipped = 0
+    for block in shard(plan, rank, world):
+        if store.done(block):
+            skipped += 1
+            continue
+        index = list(range(block.row * per, min(len(files), (block.row + 1) * per)))
+        images = torch.stack([(read_image(files[i], in_chans, size, args.scale) - mean[:, None, None])
+                              / std[:, None, None] for i in index])
+        vecs = embed_batch(model, images.to(device), torch.tensor([res[i] for i in index], dtype=torch.float32)
+                           .to(device), pools)
+        store.save(block, {"index": np.asarray(index, dtype=np.int64), **{f"vec_{k}": v for k, v in vecs.items()}})
+        computed += 1
+    dist_util.barrier()
     n = 0
     if rank == 0:
-        cols: dict[str, list] = {k: [] for k in ("source", "tile", "row", "col", "height", "width", "gsd",
-                                                 "gsd_read", "res", "valid_fraction", "footprint_wgs84")}
-        vecs: dict[str, list] = {p: [] for p in pools}
-        in_chans = int(mean.numel())
-        for chunk in batches(list(enumerate(files)), args.batch_size):
-            batch, res = [], []
-            for i, path in chunk:
-                try:
-                    with Image.open(path) as im:
-                        arr = np.asarray(im.convert("RGB") if in_chans == 3 else im, dtype=np.float32)
-                except OSError as err:
-                    raise harness.UserError(f"--input {path}: not a readable image ({err})") from None
-                arr = arr[..., None] if arr.ndim == 2 else arr
-                if arr.shape[-1] != in_chans:
-                    raise harness.UserError(f"--input {path}: {arr.shape[-1]} band(s), but the model takes {in_chans}")
-                h, w = arr.shape[:2]
-                x = torch.from_numpy(arr).permute(2, 0, 1)[None] / args.scale
-                x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-                batch.append((x - mean[:, None, None]) / std[:, None, None])
-                side = math.sqrt(h * w)  # ground side of the image, in its own pixels
-                res.append(rescale_res(window_res(size, size, args.base_resolution)
-                                       * reference_gsd_factor(gsd, reference), side, size))
-                for k, v in (("source", path), ("tile", i), ("row", 0), ("col", 0), ("height", h), ("width", w),
-                             ("gsd", gsd), ("gsd_read", gsd * side / size), ("valid_fraction", 1.0),
-                             ("footprint_wgs84", None)):
-                    cols[k].append(v)
-            cols["res"].extend(float(r) for r in res)
-            for k, v in embed_batch(model, torch.stack(batch).to(device),
-                                    torch.tensor(res, dtype=torch.float32).to(device), pools).items():
-                vecs[k].append(v)
-        settings = {"checkpoint": os.path.abspath(args.checkpoint_path), "input": [str(s) for s in args.input],
-                    "gsd": [gsd], "size": size, "pool": pools, "mean": mean.tolist(), "std": std.tolist(),
-                    "reference_gsd": reference, "base_resolution": args.base_resolution, "images": True}
-        write_geoparquet(out, cols, [None] * len(files), None,
-                         {f"{EMBEDDING_PREFIX}{p}": np.concatenate(v) for p, v in vecs.items()}, metadata=settings)
-        n = len(files)
+        parts = [store.load(block) for block in plan]
+        index = np.concatenate([part["index"] for part in parts]).tolist()
+        cols = {"source": [files[i] for i in index], "tile": index, "row": [0] * len(index), "col": [0] * len(index),
+                "height": [shapes[i][0] for i in index], "width": [shapes[i][1] for i in index],
+                "gsd": [gsd] * len(index), "gsd_read": [gsd * sides[i] / size for i in index],
+                "res": [float(res[i]) for i in index], "valid_fraction": [1.0] * len(index),
+                "footprint_wgs84": [None] * len(index)}
+        write_geoparquet(out, cols, [None] * len(index), None,
+                         {f"{EMBEDDING_PREFIX}{p}": np.concatenate([part[f"vec_{p}"] for part in parts])
+                          for p in pools}, metadata=settings)
+        store.remove()
+        n = len(index)
         print(f"wrote {n} image embeddings (no georeferencing) to {out}")
-    dist_util.barrier()
     dist_util.cleanup()
-    return {"output": str(out), "windows": n, "computed_blocks": 0, "skipped_blocks": 0, "dense": []}
+    return {"output": str(out), "windows": n, "computed_blocks": computed, "skipped_blocks": skipped, "dense": []}
+
+
+def run_settings(args: argparse.Namespace, size: int, pools: list[str], mean: torch.Tensor, std: torch.Tensor,
+                 **more: Any) -> dict:
+    """The settings a block store (and the output's metadata) records: what the embeddings depend on; a resumed
+    run must match them (``open_store``). ``more``: the input-specific ones."""
+    ck = os.stat(args.checkpoint_path) if os.path.isfile(args.checkpoint_path) else None
+    return {"checkpoint": os.path.abspath(args.checkpoint_path),  # another file there must not resume blocks
+            "checkpoint_stat": [ck.st_size, ck.st_mtime_ns] if ck else None,
+            "input": [str(s) for s in args.input], "size": size, "pool": pools, "mean": mean.tolist(),
+            "std": std.tolist(), "base_resolution": args.base_resolution, **more}
 
 
 # ----------------------------------------------------------------------------------------------------- main
@@ -296,12 +333,12 @@ def main(args: argparse.Namespace) -> dict:
     pools = [p for p in POOLS if p in args.pool]
 
     if images:
-        return embed_images(args, images, model, device, size, mean, std, pools, out, rank)
+        return embed_images(args, images, model, device, size, mean, std, pools, out, rank, world)
     reader_kw = dict(band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob, crs=args.crs, nodata=args.nodata,
                      scale=args.scale, resampling=args.resampling, mosaic=args.mosaic)
     native = open_scene(source, None, size, **reader_kw)  # the files' own grid: CRS, bands, finest GSD
     check_scene(native, in_chans, label)
-    check_dtype(native, saved_args, label)
+    check_dtype(native, saved_args, label, ignore=args.ignore_dtype)
     finest = native_gsd(native)
     gsds = [float(g) for g in (args.gsd or [round(finest, 6)])]
     check_upsampling(gsds, finest, args.no_upsample)
@@ -331,14 +368,9 @@ def main(args: argparse.Namespace) -> dict:
         smallest = min(min(h, w) for ds in scenes for h, w in ds.tile_shapes)
         raise harness.UserError(f"--input {label}: no {size} px window fits (smallest read grid side {smallest} px); "
                                 f"use a smaller --input_size, a finer --gsd or --mosaic")
-    ck = os.stat(args.checkpoint_path) if os.path.isfile(args.checkpoint_path) else None
-    settings = {"checkpoint": os.path.abspath(args.checkpoint_path),  # another file there must not resume blocks
-                "checkpoint_stat": [ck.st_size, ck.st_mtime_ns] if ck else None,
-                "input": [str(s) for s in args.input],
-                "gsd": gsds, "size": size, "stride": stride, "pool": pools, "mean": mean.tolist(),
-                "std": std.tolist(), "reference_gsd": reference, "base_resolution": args.base_resolution,
-                "reader": {k: v for k, v in reader_kw.items()}, "blocks": len(plan),
-                "dense": [str(d) for d in dense]}
+    settings = run_settings(args, size, pools, mean, std, gsd=gsds, stride=stride, reference_gsd=reference,
+                            reader={k: v for k, v in reader_kw.items()}, blocks=len(plan),
+                            dense=[str(d) for d in dense])
     store = BlockStore(out.parent / f"{out.name}.blocks")
     open_store(store, settings, args.overwrite, len(plan), "window rows")
 

@@ -25,7 +25,7 @@ import torch
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, native_gsd, open_scene, open_store, shard
-from inference.inputs import check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
+from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
 
@@ -36,16 +36,7 @@ PROB_SCALE = 254  # probabilities in _prob.tif: uint8 value / PROB_SCALE
 def get_args_parser() -> argparse.ArgumentParser:
     p = harness.ArgumentParser("Scale-MAE segmentation maps of rasters (sliding windows, blended)", add_help=True)
     g = p.add_argument_group("input")
-    g.add_argument("--input", required=True, nargs="+", help="raster file(s), folder(s) or a quoted glob")
-    g.add_argument("--band_files", nargs="+", default=None, help="per-band file patterns of band-file scenes")
-    g.add_argument("--scene_glob", default=None, help="with --band_files: scene folders under --input")
-    g.add_argument("--glob", default=None, help="file pattern under a folder --input")
-    g.add_argument("--crs", default=None, help="read every raster in this CRS")
-    g.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
-    g.add_argument("--scale", default=1.0, type=float, help="raw values are divided by it (255 for 8-bit imagery)")
-    g.add_argument("--no_upsample", action="store_true", help="a read GSD finer than the raster is an error "
-                                                              "(default: a warning, the raster is upsampled)")
-    g.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
+    add_reader_args(g)
     g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the checkpoint's training "
                                                            "GSD, else the raster's own)")
     g = p.add_argument_group("model")
@@ -168,7 +159,8 @@ def main(args: argparse.Namespace) -> dict:
                     crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
                     reference_gsd=reference_gsd)
     check_scene(ds, in_chans, " ".join(args.input))
-    check_dtype(ds, {"args": saved, "data": data}, " ".join(args.input))  # where the training run recorded one
+    check_dtype(ds, {"args": saved, "data": data}, " ".join(args.input),  # where the training run recorded one
+                ignore=args.ignore_dtype)
     out_dir = Path(args.output_dir)
     harness.require(args.blocksize >= 16 and args.blocksize % 16 == 0,
                     f"--blocksize {args.blocksize}: must be a positive multiple of 16")

@@ -450,7 +450,7 @@ def main(args: argparse.Namespace) -> dict:
 
     # --- the run starts: from here on the output folder describes it
     run = harness.TrainingRun(args, out_dir, WRITER, cfg, parser=get_args_parser(), dead_flags=DEAD_FLAGS,
-                              start_step=start_step, resumed=checkpoint)
+                              start_step=start_step, resumed=checkpoint, train_data=loader)
     run.resume_sampler(sampler, args.batch_size)
     figures = ReconstructionFigures(model_without_ddp, cfg, out_dir, run.log_writer)
     results: dict[str, Any] = {}

@@ -344,7 +344,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = len(loader)
 
     # --- the run starts: from here on the output folder describes it
-    run = harness.TrainingRun(args, out_dir, WRITER, cfg, start_step=start_step, resumed=resumed, classes=classes)
+    run = harness.TrainingRun(args, out_dir, WRITER, cfg, start_step=start_step, resumed=resumed, classes=classes,
+                              train_data=train_ds)
     run.resume_sampler(sampler, args.batch_size)
 
     def train_epoch(epoch: int, stop: harness.StopRequest) -> dict[str, float]:

@@ -19,6 +19,8 @@ Modules (import them directly; this package imports nothing heavy on its own):
   ``mask_to_classes``). ``seg_synthetic``: the synthetic building scenes of the demo and tests.
 * ``splits``      -- writing split lists and SHA256SUMS (``tools/make_splits.py``).
 * ``synthetic``   -- deterministic synthetic scenes and GeoTIFFs for tests and the demo.
+* ``pixel_dtype`` -- ``pixel_dtypes``: the pixel dtype(s) of the files a training dataset reads (what a training
+  run records as ``raster_dtype`` for inference to check).
 * ``stats``, ``errors`` -- normalisation statistics; ``DataError`` / ``MissingDataError``.
 
 Resolution (``res``) semantics: ``res`` is a *relative* ground sample distance that multiplies the patch-grid

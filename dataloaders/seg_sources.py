@@ -154,6 +154,7 @@ class MaskPairSource:
         self.ignore_index = int(ignore_index)
         self.mosaic = False
         self.shapes, self.transforms, self.crs = [], [], []
+        self.dtypes: List[str] = []  # each image's pixel dtype as read (dataloaders.pixel_dtype)
         self._cache: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
         counts = set()
         self.raw_values: set = set()  # every raw value of the masks (start-up checks of data.mask_values)
@@ -168,6 +169,7 @@ class MaskPairSource:
             self.shapes.append((int(img.shape[1]), int(img.shape[2])))
             self.transforms.append(transform)
             self.crs.append(crs)
+            self.dtypes.append(str(img.dtype))
         if len(counts) > 1:
             raise DataError(f"{img_dir}: images have different band counts {sorted(counts)}; set data.bands")
         self.num_bands = counts.pop()
@@ -204,5 +206,6 @@ class MaskPairSource:
         from shapely.geometry import box
 
         rows = [{"path": p, "width": w, "height": h, "region_px": box(0, 0, w, h), "area_m2": float(w * h),
-                 "geometry": box(0, 0, w, h)} for p, (h, w) in zip(self.paths, self.shapes)]
+                 "dtype": dtype, "geometry": box(0, 0, w, h)}
+                for p, (h, w), dtype in zip(self.paths, self.shapes, self.dtypes)]
         return gpd.GeoDataFrame(rows, geometry="geometry")

@@ -5,7 +5,8 @@ One module per concern:
 * ``harness.errors`` -- ``UserError``, ``run`` (one-line errors, rank 0), ``ArgumentParser``, ``require``;
 * ``harness.flags`` -- the shared flag groups (run, schedule, data + loader, distributed), dead-flag warnings;
 * ``harness.devices`` -- ``setup`` (process group, device, seed, threads, workers), ``build_optimizer`` (AdamW + AMP);
-* ``harness.output`` -- ``prepare_output`` (folder, lock, cleanup), ``save_run_config``, ``resolve_data_config``;
+* ``harness.output`` -- ``prepare_output`` (folder, lock, cleanup), ``save_run_config``, ``record_raster_dtype``,
+  ``resolve_data_config``;
 * ``harness.checkpoints`` -- resume (``find_resume``, ``read_checkpoint``, ``restore_training_state``), the
   crash-consistent ``CheckpointKeeper``, ``load_resumed_weights``;
 * ``harness.run_control`` -- the output folder's ``run.lock`` and ``StopRequest`` (SIGTERM/SIGUSR1, exit 75);
@@ -26,7 +27,8 @@ from harness.checkpoints import (OLD_ASIDE, VERIFIED, CheckpointKeeper, checkpoi
                                  find_resume, load_resumed_weights, nothing_left, read_checkpoint,
                                  remove_stale_temp_files, restore_training_state, rng_state, set_rng_state,
                                  state_is_finite)
-from harness.output import make_folder, open_log_writer, prepare_output, resolve_data_config, save_run_config
+from harness.output import (make_folder, open_log_writer, prepare_output, record_raster_dtype, resolve_data_config,
+                            save_run_config)
 from harness.skeleton import TrainingRun, evaluate_only, start_optimizer, stop_preempted, training_run
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "OLD_ASIDE", "VERIFIED", "CheckpointKeeper", "checkpoint_kind", "checkpoint_writer", "find_resume",
     "load_resumed_weights", "nothing_left", "read_checkpoint", "remove_stale_temp_files", "restore_training_state",
     "rng_state", "set_rng_state", "state_is_finite",
-    "make_folder", "open_log_writer", "prepare_output", "resolve_data_config", "save_run_config",
+    "make_folder", "open_log_writer", "prepare_output", "record_raster_dtype", "resolve_data_config",
+    "save_run_config",
     "TrainingRun", "evaluate_only", "start_optimizer", "stop_preempted", "training_run",
 ]

@@ -15,7 +15,7 @@ from harness.errors import UserError
 from harness.run_control import take_output_lock
 
 __all__ = ["SHIPPED_CONFIGS", "DEFAULT_DATA_ROOT", "resolve_data_config", "prepare_output", "make_folder",
-           "save_run_config", "open_log_writer"]
+           "save_run_config", "record_raster_dtype", "open_log_writer"]
 
 _REPO = Path(__file__).resolve().parent.parent  # the launchers live in the repository root
 SHIPPED_CONFIGS = _REPO / "config"
@@ -112,6 +112,22 @@ def save_run_config(out_dir: str | os.PathLike, args: argparse.Namespace, cfg: O
         return save_config(resolved, Path(out_dir) / f"{name}.yaml")
     except OSError as err:
         raise UserError(f"--output_dir {out_dir}: cannot write {name}.yaml: {_os_reason(err)}") from None
+
+
+def record_raster_dtype(args: argparse.Namespace, train_data: Any) -> Optional[str]:
+    """Set ``args.raster_dtype`` to the pixel dtype of the rasters ``train_data`` reads
+    (``dataloaders.pixel_dtype.pixel_dtypes``), so that ``config.yaml`` and every checkpoint's ``args`` record it
+    and inference can refuse rasters of another dtype. Several dtypes: None, and one ``NOTE:`` line saying that
+    inference will not check the dtype. Returns what was recorded."""
+    from dataloaders.pixel_dtype import RASTER_DTYPE_KEY, pixel_dtypes
+
+    dtypes = pixel_dtypes(train_data)
+    recorded = dtypes[0] if len(dtypes) == 1 else None
+    setattr(args, RASTER_DTYPE_KEY, recorded)
+    if len(dtypes) > 1 and dist_util.is_main_process():
+        print(f"NOTE: the training rasters have pixel dtypes {', '.join(dtypes)}: no {RASTER_DTYPE_KEY} is recorded, "
+              f"so main_embed.py/main_predict.py will not check the dtype of the rasters they read")
+    return recorded
 
 
 def open_log_writer(log_dir: str | os.PathLike):

@@ -40,7 +40,7 @@ from harness.checkpoints import CheckpointKeeper, nothing_left, restore_training
 from harness.devices import build_optimizer
 from harness.errors import cleanup_quietly, is_rank0, report_error
 from harness.flags import warn_dead_flags
-from harness.output import open_log_writer, save_run_config
+from harness.output import open_log_writer, record_raster_dtype, save_run_config
 from harness.run_control import EXIT_PREEMPTED, StopRequest
 
 __all__ = ["stop_preempted", "training_run", "start_optimizer", "evaluate_only", "TrainingRun"]
@@ -111,9 +111,10 @@ def evaluate_only(out_dir: Path, args: argparse.Namespace, cfg: Optional[Mapping
 
 
 class TrainingRun:
-    """One training run in ``out_dir``: created once the run is about to train (it writes ``config.yaml`` and its
-    history entry, warns about ``dead_flags`` set by the user, opens TensorBoard on rank 0 and the
-    :class:`CheckpointKeeper` of ``writer``), then :meth:`train` runs the epoch loop (see the module docstring).
+    """One training run in ``out_dir``: created once the run is about to train (it records the pixel dtype of
+    ``train_data``, the training dataset, as ``args.raster_dtype``: :func:`record_raster_dtype`; writes
+    ``config.yaml`` and its history entry, warns about ``dead_flags`` set by the user, opens TensorBoard on rank 0
+    and the :class:`CheckpointKeeper` of ``writer``), then :meth:`train` runs the epoch loop (see the module docstring).
 
     Attributes the hooks may read: ``log_writer`` (None off rank 0), ``keeper``, ``history`` (one dict per
     finished epoch, as in ``log.txt``), ``start_step`` (the resumed step inside ``args.start_epoch``; 0 after the
@@ -123,7 +124,10 @@ class TrainingRun:
 
     def __init__(self, args: argparse.Namespace, out_dir: Path, writer: str, cfg: Optional[Mapping], *,
                  parser: Optional[argparse.ArgumentParser] = None, dead_flags: Optional[Mapping[str, str]] = None,
-                 start_step: int = 0, resumed: Optional[Mapping] = None, **config_extra: Any) -> None:
+                 start_step: int = 0, resumed: Optional[Mapping] = None, train_data: Any = None,
+                 **config_extra: Any) -> None:
+        if train_data is not None:  # before anything is saved: config.yaml and every checkpoint's args record it
+            record_raster_dtype(args, train_data)
         save_run_config(out_dir, args, cfg, **config_extra)
         if dead_flags and parser is not None:
             warn_dead_flags(args, parser, dead_flags)

@@ -1,5 +1,6 @@
-"""What the inference launchers (``main_embed.py``, ``main_predict.py``) check and resolve the same way: the input
-rasters (``--input`` paths and globs), the scene against the model (CRS, band count) and the normalisation."""
+"""What the inference launchers (``main_embed.py``, ``main_predict.py``) share: the reader flags
+(:func:`add_reader_args`), the input rasters (``--input`` paths and globs), the scene checked against the model (CRS,
+band count, the pixel dtype it was trained on) and the normalisation."""
 from __future__ import annotations
 
 import argparse
@@ -8,12 +9,39 @@ import os
 from typing import Any, Sequence
 
 import harness
+from dataloaders.pixel_dtype import RASTER_DTYPE_KEY
 
-__all__ = ["norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype", "check_upsampling",
-           "UPSAMPLE_TOLERANCE"]
+__all__ = ["add_reader_args", "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype",
+           "check_upsampling", "UPSAMPLE_TOLERANCE"]
 
 # a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
 UPSAMPLE_TOLERANCE = 0.01
+
+
+def add_reader_args(group: Any, input_help: str = "") -> None:
+    """The flags both inference launchers read rasters with (an ``argparse`` parser or argument group ``group``):
+    ``--input`` (``input_help`` appended to its help), the GeoTIFF reader's options (``--band_files``,
+    ``--scene_glob``, ``--glob``, ``--crs``, ``--nodata``, ``--scale``, ``--resampling``, as the data configs' keys)
+    and the checks of the input against the model that a user may relax (``--no_upsample``, ``--ignore_dtype``)."""
+    group.add_argument("--input", required=True, nargs="+",
+                       help="raster file(s), folder(s) of GeoTIFFs or a quoted glob ('tiles/*.tif')" + input_help)
+    group.add_argument("--band_files", nargs="+", default=None,
+                       help="per-band file patterns of band-file scenes ('*_B04.tif' ...), stacked in order")
+    group.add_argument("--scene_glob", default=None,
+                       help="with --band_files: scene folders under --input ('*'; default: --input itself)")
+    group.add_argument("--glob", default=None, help="file pattern under a folder --input (default *.tif / *.tiff)")
+    group.add_argument("--crs", default=None, help="read every raster in this CRS (needed when they differ)")
+    group.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
+    group.add_argument("--scale", default=1.0, type=float,
+                       help="raw values are divided by it (255 for 8-bit imagery)")
+    group.add_argument("--no_upsample", action="store_true",
+                       help="a read GSD finer than the raster is an error (default: a warning, the raster is "
+                            "upsampled)")
+    group.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
+    group.add_argument("--ignore_dtype", action="store_true",
+                       help=f"read rasters whose pixel dtype differs from the one the checkpoint was trained on "
+                            f"({RASTER_DTYPE_KEY}; default: an error), e.g. float32 rasters holding the training "
+                            f"values: --scale must then bring them to the training range")
 
 
 def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tuple[list[float], list[float]]:
@@ -63,27 +91,36 @@ def check_scene(ds, in_chans: int, source: str) -> None:
 
 
 def recorded_dtype(saved_args: Any) -> str | None:
-    """The raster dtype a checkpoint's saved args record (key ``raster_dtype`` at any depth, e.g. a data config's),
-    else None (no checkpoint of this project records it yet: the check is then skipped)."""
+    """The raster dtype a checkpoint's saved args record (key ``raster_dtype`` at any depth: the training launchers
+    save it in their args, ``harness.record_raster_dtype``), else None (the released checkpoint, checkpoints written
+    before it was recorded, runs on mixed dtypes: the check is then skipped)."""
     stack = [saved_args] if isinstance(saved_args, dict) else []
     while stack:
         item = stack.pop()
-        if isinstance(item.get("raster_dtype"), str):
-            return item["raster_dtype"]
+        if isinstance(item.get(RASTER_DTYPE_KEY), str):
+            return item[RASTER_DTYPE_KEY]
         stack.extend(v for v in item.values() if isinstance(v, dict))
     return None
 
 
-def check_dtype(ds, saved_args: Any, source: str) -> None:
-    """One line when the scene's pixel dtype differs from the one the checkpoint was trained on (where recorded)."""
+def check_dtype(ds, saved_args: Any, source: str, ignore: bool = False) -> None:
+    """One line when the scene's pixel dtype differs from the one the checkpoint was trained on (where recorded);
+    ``ignore`` (``--ignore_dtype``): one ``NOTE:`` line (rank 0) instead, and the run goes on."""
+    from util import dist as dist_util
+
     want = recorded_dtype(saved_args)
     if want is None:
         return
     have = sorted({str(d) for d in ds.tile_index["dtype"]})
-    if have != [want]:
-        raise harness.UserError(f"--input {source}: pixels of dtype {', '.join(have)}, but the checkpoint was "
-                                f"trained on {want} rasters; convert them (gdal_translate -ot ...) or use a checkpoint "
-                                f"trained on {', '.join(have)} data")
+    if have == [want]:
+        return
+    line = f"--input {source}: pixels of dtype {', '.join(have)}, but the checkpoint was trained on {want} rasters"
+    if not ignore:
+        raise harness.UserError(f"{line}; convert them (gdal_translate -ot ...), use a checkpoint trained on "
+                                f"{', '.join(have)} data, or pass --ignore_dtype if --scale brings their values to "
+                                f"the training range")
+    if dist_util.is_main_process():
+        print(f"NOTE: {line} (--ignore_dtype: read as they are)")
 
 
 def check_upsampling(gsds: Sequence[float], finest: float, refuse: bool, flag: str = "--gsd") -> None:
