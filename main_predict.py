@@ -27,8 +27,7 @@ import torch
 
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
-from inference.tiling import (Block, BlockStore, axis_starts, native_gsd, neighbour_sides, open_scene, open_store,
-                              shard)
+from inference.tiling import Block, BlockStore, axis_starts, native_gsd, neighbour_sides, open_scene, open_store, shard
 from inference.inputs import check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
@@ -50,10 +49,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_upsample", action="store_true", help="a read GSD finer than the raster is an error "
                                                               "(default: a warning, the raster is upsampled)")
     g.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
-    g.add_argument("--mosaic", action="store_true", help="tiles of one mosaic: windows near a tile edge with a "
-                                                         "neighbouring tile reach into it (no seams between tiles)")
     g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the checkpoint's training "
                                                            "GSD, else the raster's own)")
+    g.add_argument("--mosaic", action="store_true", help="tiles of one mosaic: windows near a tile edge with a "
+                                                         "neighbouring tile reach into it (no seams between tiles)")
     g = p.add_argument_group("model")
     g.add_argument("--resume", required=True, help="segmentation checkpoint of main_segment.py")
     g.add_argument("--input_size", default=None, type=int, help="window px (default the checkpoint's)")
