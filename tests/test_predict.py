@@ -1,6 +1,6 @@
 """main_predict.py beyond tests/test_inference.py: polygons built strip by strip (equal to the whole map's),
-Web Mercator and band-file rasters, the COG layout checked byte by byte (tests/cog_layout.py), the training dtype,
-and the hint of ``main_segment.py --predict``."""
+Web Mercator and band-file rasters, the COG layout checked byte by byte (tests/cog_layout.py), ``--mosaic`` tiles
+equal to the whole raster cropped (no seams), the training dtype, and the hint of ``main_segment.py --predict``."""
 from __future__ import annotations
 
 import shlex
