@@ -1,14 +1,17 @@
 """Segmentation maps of whole rasters with a main_segment.py checkpoint: sliding windows, overlap, smooth blending.
 
     python main_predict.py --input scene.tif --resume output_dir/seg/checkpoint-latest.pth --output_dir preds/
-    torchrun --nproc_per_node=4 main_predict.py --input 'tiles/*.tif' --resume ... --output_dir preds/
+    torchrun --nproc_per_node=4 main_predict.py --input 'tiles/*.tif' --mosaic --resume ... --output_dir preds/
 
 Each tile's read grid (at ``--gsd`` metres, default the checkpoint's training GSD, else the raster's own) is cut
 into ``--input_size`` windows (default the checkpoint's) every ``input_size - overlap`` px; class probabilities of
 overlapping windows are blended with linear edge ramps (``inference/blend.py``: no seams) and the arg-max is written
 to ``<output_dir>/<tile>_pred.tif``: a uint8 Cloud-Optimized GeoTIFF (tiled, deflate, internal overviews) on the
 read grid (the source's CRS and transform at that GSD); pixels without valid input stay nodata (255). Optional:
-``_prob.tif`` (class probabilities), ``_pred.gpkg`` (polygons), ``_preview.png``. Output strips are sharded over
+``_prob.tif`` (class probabilities), ``_pred.gpkg`` (polygons), ``_preview.png``. With ``--mosaic`` (tiles of one
+mosaic) a tile's windows continue past each edge where another tile lies (``inference.tiling.neighbour_sides``,
+``mosaic_margin``), read from every tile they touch: pixels near a tile edge get the neighbour's context and the
+maps of neighbouring tiles meet without seams; each tile's files stay on its own grid. Output strips are sharded over
 ranks and kept in ``<output_dir>/.predict.blocks/`` until every tile is written: a killed run resumes where it
 stopped.
 """
@@ -24,7 +27,7 @@ import torch
 
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
-from inference.tiling import Block, BlockStore, axis_starts, native_gsd, open_scene, open_store, shard
+from inference.tiling import Block, BlockStore, axis_starts, native_gsd, neighbour_sides, open_scene, open_store, shard
 from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
@@ -39,6 +42,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_reader_args(g)
     g.add_argument("--gsd", default=None, type=float, help="read grid in metres (default the checkpoint's training "
                                                            "GSD, else the raster's own)")
+    g.add_argument("--mosaic", action="store_true", help="tiles of one mosaic: windows near a tile edge with a "
+                                                         "neighbouring tile reach into it (no seams between tiles)")
     g = p.add_argument_group("model")
     g.add_argument("--resume", required=True, help="segmentation checkpoint of main_segment.py")
     g.add_argument("--input_size", default=None, type=int, help="window px (default the checkpoint's)")
@@ -60,8 +65,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--preview", action="store_true", help="also <tile>_preview.png: the class map in colour, "
                                                           "at most --preview_size px on a side")
     g.add_argument("--preview_size", default=1024, type=int, help="longest side of the preview PNG in px")
-    g.add_argument("--blocksize", default=256, type=int, help="tile size of the output COGs in px (a multiple of "
-                                                              "16); overviews halve until one fits a tile")
+    g.add_argument("--blocksize", default=256, type=int, help="tile size of the output COGs and their overviews "
+                                                              "in px (a power of two, 64 to 4096); overviews "
+                                                              "halve until one fits a tile")
     g.add_argument("--batch_size", default=8, type=int, help="windows per forward (bounds the memory)")
     g.add_argument("--device", default="cuda", help="cuda or cpu; falls back to cpu when CUDA is unavailable")
     g.add_argument("--seed", default=0, type=int, help="torch/numpy seed (predictions do not depend on it)")
@@ -157,13 +163,14 @@ def main(args: argparse.Namespace) -> dict:
         check_upsampling([gsd], native_gsd(native), args.no_upsample)  # also for the training GSD as default
     ds = open_scene(source, gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
                     crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
-                    reference_gsd=reference_gsd)
+                    mosaic=args.mosaic, reference_gsd=reference_gsd)
     check_scene(ds, in_chans, " ".join(args.input))
     check_dtype(ds, {"args": saved, "data": data}, " ".join(args.input),  # where the training run recorded one
                 ignore=args.ignore_dtype)
     out_dir = Path(args.output_dir)
-    harness.require(args.blocksize >= 16 and args.blocksize % 16 == 0,
-                    f"--blocksize {args.blocksize}: must be a positive multiple of 16")
+    harness.require(64 <= args.blocksize <= 4096 and args.blocksize & (args.blocksize - 1) == 0,
+                    f"--blocksize {args.blocksize}: must be a power of two from 64 to 4096 (GDAL writes the "
+                    f"overviews of other sizes in 128 px tiles)")
     stems = [Path(str(p)).stem for p in ds.tile_index["path"]]
     names = [f"{stem}_pred.tif" for stem in stems]
     if not args.overwrite:
@@ -171,17 +178,21 @@ def main(args: argparse.Namespace) -> dict:
                     if (out_dir / f"{stem}{suffix}").exists()]
         if existing:
             raise harness.UserError(f"--output_dir {out_dir}: {existing[0]} exists; pass --overwrite to replace it")
-    plan = []
+    plan, layouts = [], []  # layouts: (row starts, col starts) of each tile's windows
     for t, (h, w) in enumerate(ds.tile_shapes):
-        if h < size or w < size:
+        top, bottom, left, right = neighbour_sides(ds, t) if args.mosaic else (False,) * 4
+        layouts.append((axis_starts(h, size, stride, top, bottom), axis_starts(w, size, stride, left, right)))
+        if not layouts[-1][0] or not layouts[-1][1]:
             raise harness.UserError(f"{names[t]}: the read grid ({h}x{w} px) is smaller than one {size} px window; "
-                                    f"use a smaller --input_size or a finer --gsd")
+                                    f"use a smaller --input_size or a finer --gsd"
+                                    + ("" if args.mosaic else ", or --mosaic where it has neighbouring tiles"))
         plan += [Block(0, t, a) for a, _ in strip_bounds(h, stride)]
     store = BlockStore(out_dir / ".predict.blocks")
     settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": gsd, "size": size,
                 "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan),
                 "reference_gsd": reference_gsd, "scale": args.scale, "crs": args.crs, "nodata": args.nodata,
-                "band_files": args.band_files, "resampling": args.resampling, "probabilities": args.probabilities}
+                "band_files": args.band_files, "resampling": args.resampling, "probabilities": args.probabilities,
+                "mosaic": args.mosaic}
     if rank == 0:
         harness.make_folder(out_dir, "--output_dir")
     open_store(store, settings, args.overwrite, len(plan), "strips")
@@ -210,8 +221,8 @@ def main(args: argparse.Namespace) -> dict:
             continue
         h, w = ds.tile_shapes[block.tile]
         a, b = block.row, min(block.row + stride, h)
-        probs, valid = blend_strip(predictor(block.tile), axis_starts(h, size, stride), axis_starts(w, size, stride),
-                                   w, size, a, b, weights, args.batch_size)
+        probs, valid = blend_strip(predictor(block.tile), *layouts[block.tile], w, size, a, b, weights,
+                                   args.batch_size)
         pred = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
         arrays = {"pred": pred}
         if args.probabilities:
@@ -263,8 +274,8 @@ def write_outputs(out_dir: Path, stem: str, store: BlockStore, blocks: list, ds,
                   args: argparse.Namespace) -> list[Path]:
     """One tile's files from its finished strips ``blocks``: ``<stem>_pred.tif`` (uint8 class ids, nodata 255,
     palette) and, as asked, ``_prob.tif`` ([K] uint8 bands, probability * 254, nodata 255, same grid),
-    ``_pred.gpkg`` (``util.seg_outputs.polygonize_strips`` of the class map read in strips of
-    ``--blocksize`` rows: the polygons of the whole map) and ``_preview.png``."""
+    ``_pred.gpkg`` (``util.seg_outputs.polygonize_strips`` of the class map's finished strips: the polygons of
+    the whole map) and ``_preview.png``."""
     import rasterio
     from affine import Affine
     from rasterio.enums import Resampling
@@ -297,12 +308,10 @@ def write_outputs(out_dir: Path, stem: str, store: BlockStore, blocks: list, ds,
     if args.probabilities:
         written.append(write_cog(out_dir / f"{stem}_prob.tif", {**grid, "count": len(classes)}, fill("prob"),
                                  "AVERAGE", args.blocksize))
-    if args.polygons:
-        with rasterio.open(pred_path) as src:  # one strip of tile rows in memory at a time, plus the polygons
-            strips = ((r, src.read(1, window=Window(0, r, w, min(args.blocksize, h - r))))
-                      for r in range(0, h, args.blocksize))
-            gdf = polygonize_strips(((r, np.where(s == NODATA, 0, s)) for r, s in strips),  # nodata: no region
-                                    transform, crs, classes, args.simplify)
+    if args.polygons:  # from the finished strips, one in memory at a time (plus the polygons)
+        strips = ((block.row, store.load(block)["pred"]) for block in blocks)
+        gdf = polygonize_strips(((r, np.where(s == NODATA, 0, s)) for r, s in strips),  # nodata: no region
+                                transform, crs, classes, args.simplify)
         target = out_dir / f"{stem}_pred.gpkg"
         written.append(atomic_write(target, lambda tmp: gdf.to_file(tmp, layer="predictions", driver="GPKG"),
                                     by_name=True))

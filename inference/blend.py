@@ -39,6 +39,8 @@ def blend_strip(predict: Callable[[list[tuple[int, int]]], tuple[np.ndarray, np.
     """``(probabilities [K, b - a, width] float32, valid [b - a, width] bool)`` of output rows ``[a, b)``.
 
     ``predict(windows)`` takes ``[(row, col), ...]`` and returns ``(probs [N, K, S, S], valid [N, S, S])``.
+    Windows may reach past the output on any side (rows before 0 or past the strip, columns before 0 or past
+    ``width``: a mosaic tile's windows reaching into its neighbours); only their pixels inside are blended.
     """
     acc, wsum, valid = None, np.zeros((b - a, width), np.float64), np.zeros((b - a, width), bool)
     todo = [(r, c) for r in rows_meeting(row_starts, size, a, b) for c in col_starts]
@@ -49,8 +51,9 @@ def blend_strip(predict: Callable[[list[tuple[int, int]]], tuple[np.ndarray, np.
             acc = np.zeros((probs.shape[1], b - a, width), np.float64)
         for (r, c), p, v in zip(chunk, probs, ok):
             lo, hi = max(a, r), min(b, r + size)
-            src = slice(lo - r, hi - r)
-            acc[:, lo - a:hi - a, c:c + size] += p[:, src] * weights[src]
-            wsum[lo - a:hi - a, c:c + size] += weights[src]
-            valid[lo - a:hi - a, c:c + size] |= v[src]
+            left, right = max(0, c), min(width, c + size)  # a window may start before column 0 / end past width
+            rows, cols = slice(lo - r, hi - r), slice(left - c, right - c)
+            acc[:, lo - a:hi - a, left:right] += p[:, rows, cols] * weights[rows, cols]
+            wsum[lo - a:hi - a, left:right] += weights[rows, cols]
+            valid[lo - a:hi - a, left:right] |= v[rows, cols]
     return (acc / np.maximum(wsum, 1e-12)).astype(np.float32), valid

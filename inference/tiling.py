@@ -5,7 +5,9 @@ band-file scenes): :func:`open_scene` builds it with the read grid at the reques
 window is read by the project's reader ("one pixel, one value"), never by a second one.
 
 * :func:`axis_starts` / :func:`window_grid` -- windows of ``size`` px every ``stride`` px over each tile's read grid;
-  the last window of a row / column is moved back inside the tile, so the grid covers the tile completely;
+  the last window of a row / column is moved back inside the tile, so the grid covers the tile completely; on a
+  side where a mosaic tile has a neighbour (:func:`neighbour_sides`) the windows continue past the edge instead
+  (:func:`mosaic_margin`);
 * :func:`blocks_of` / :func:`shard` -- windows grouped into *blocks* (one row of windows of one tile), the unit of
   sharding over ranks and of resuming;
 * :class:`BlockStore` -- a folder of finished blocks, each written atomically (``util.io.atomic_write``), with a
@@ -28,7 +30,8 @@ import numpy as np
 
 from util.io import atomic_write, atomic_write_text
 
-__all__ = ["Block", "open_store", "open_scene", "native_gsd", "axis_starts", "window_grid", "blocks_of", "shard", "batches",
+__all__ = ["Block", "open_store", "open_scene", "native_gsd", "axis_starts", "mosaic_margin", "neighbour_sides",
+           "window_grid", "blocks_of", "shard", "batches",
            "BlockStore", "StoreMismatch"]
 
 T = TypeVar("T")
@@ -66,17 +69,52 @@ def native_gsd(ds) -> float:
     return min(float(info.gsd) for infos in ds.tile_index["infos"] for info in infos)
 
 
-def axis_starts(length: int, size: int, stride: int) -> list[int]:
-    """Start offsets of windows of ``size`` every ``stride`` px along an axis of ``length`` px, the last one moved
-    back to end at ``length`` (``[]`` when ``length < size``)."""
+def axis_starts(length: int, size: int, stride: int, before: bool = False, after: bool = False) -> list[int]:
+    """Start offsets of windows of ``size`` every ``stride`` px along an axis of ``length`` px.
+
+    Inside the axis (the default), the last window is moved back to end at ``length`` (``[]`` when
+    ``length < size``). ``before`` / ``after``: there is data past that end (a neighbouring tile of a mosaic), so
+    the windows continue on the same stride grid (offsets ``k * stride``) past it: every window of that grid that
+    meets ``[0, length)`` on that side, i.e. starting from ``-mosaic_margin(size, stride)`` / up to ``length - 1``.
+    """
     if size <= 0 or stride <= 0:
         raise ValueError(f"window size and stride must be positive, got {size} and {stride}")
-    if length < size:
+    first = -mosaic_margin(size, stride) if before else 0
+    last = length - 1 if after else length - size  # the last start allowed
+    if not (before or after) and length < size:
         return []
-    starts = list(range(0, length - size + 1, stride))
-    if starts[-1] + size < length:
-        starts.append(length - size)
+    starts = list(range(first, last + 1, stride))
+    if not after and (not starts or starts[-1] + size < length):
+        starts.append(length - size)  # the last window ends at `length` (before it: into the neighbour)
     return starts
+
+
+def mosaic_margin(size: int, stride: int) -> int:
+    """Px a window layout reaches past a tile edge with a neighbour: the largest multiple of ``stride`` below
+    ``size``, so that every window of the tile's stride grid that meets the tile is kept (a pixel near the edge is
+    blended from the same windows as in the merged mosaic, when the tiles' origins lie on one stride grid)."""
+    return (size - 1) // stride * stride
+
+
+def neighbour_sides(ds, tile: int) -> tuple[bool, bool, bool, bool]:
+    """``(top, bottom, left, right)``: whether another tile of the scene ``ds`` (a ``GeoTiffDataset``) covers the
+    pixels right past that edge of ``tile``'s read grid (a one-pixel band along the edge, kept half a pixel clear
+    of the edge line and of the corners: tiles that only share the edge line or a corner do not count)."""
+    from affine import Affine
+
+    from dataloaders.geo_index import crs_to_string, grid_footprint, to_crs
+
+    h, w = ds.tile_shapes[tile]
+    transform = Affine(*tuple(ds.tile_index["transform"].iloc[tile])[:6])
+    crs, index_crs = str(ds.tile_index["crs"].iloc[tile]), crs_to_string(ds.tile_index.crs)
+    sindex = ds.tile_index.sindex
+    out = []
+    for r0, r1, c0, c1 in ((-1.0, -0.5, 0.5, w - 0.5), (h + 0.5, h + 1.0, 0.5, w - 0.5),
+                           (0.5, h - 0.5, -1.0, -0.5), (0.5, h - 0.5, w + 0.5, w + 1.0)):
+        band = grid_footprint(transform @ Affine.translation(c0, r0), c1 - c0, r1 - r0)
+        hits = {int(i) for i in sindex.query(to_crs(band, crs, index_crs), predicate="intersects")}
+        out.append(bool(hits - {tile}))
+    return out[0], out[1], out[2], out[3]
 
 
 def window_grid(tile_shapes: Sequence[tuple[int, int]], size: int, stride: int) -> list[tuple[int, int, int]]:

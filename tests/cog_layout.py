@@ -9,6 +9,8 @@ BigTIFF, either byte order), without GDAL or rasterio, and held to the rules of 
 * image data are stored from the smallest overview to the full resolution: all tiles of an overview before any
   tile of the next larger image;
 * within each image, tiles are in row-major order at increasing offsets;
+* (this project's rule, beyond the specification) the overviews have the full image's tile size, so a reader's
+  request of one tile covers the same ground ratio at every level;
 * GDAL's structural-metadata "ghost" block after the header says ``LAYOUT=IFDS_BEFORE_DATA`` and
   ``BLOCK_ORDER=ROW_MAJOR``.
 """
@@ -90,6 +92,9 @@ def cog_problems(path: str | Path) -> list[str]:
             problems.append(f"IFD {i} is not an overview (NewSubfileType {small.get(SUBFILE)})")
         if not (small.get(WIDTH) < big.get(WIDTH) and small.get(HEIGHT) < big.get(HEIGHT)):
             problems.append(f"IFD {i} is not smaller than IFD {i - 1}")
+        if (small.get(TILE_W), small.get(TILE_H)) != (ifds[0].get(TILE_W), ifds[0].get(TILE_H)):
+            problems.append(f"IFD {i}: tiles of {small.get(TILE_W)} x {small.get(TILE_H)} px, the full image's are "
+                            f"{ifds[0].get(TILE_W)} x {ifds[0].get(TILE_H)}")
     offsets = [[o for o in ifd.tags[TILE_OFFSETS] if o] for ifd in ifds]  # 0: a sparse (empty) tile
     first_data = min((o for per in offsets for o in per), default=len(data))
     if max(ifd.offset for ifd in ifds) > first_data:

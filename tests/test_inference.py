@@ -554,13 +554,13 @@ def test_predict_optional_outputs_and_cog_layout(world, segmenter, tmp_path):
 
     main_predict.main(main_predict.get_args_parser().parse_args(predict_args(
         segmenter[1], world["utm"], tmp_path, "--probabilities", "--polygons", "--preview", "--preview_size", "40",
-        "--blocksize", "32")))
+        "--blocksize", "64")))
     with rasterio.open(tmp_path / "utm_pred.tif") as pred, rasterio.open(tmp_path / "utm_prob.tif") as prob:
         assert (prob.crs, prob.transform, prob.shape, prob.nodata) == (pred.crs, pred.transform, pred.shape, 255)
         assert prob.count == 3 and prob.scales == (1 / 254,) * 3 and prob.descriptions == ("background", "a", "b")
         for ds in (pred, prob):  # COG layout: tiled, internal overviews, the COG driver's layout tag
-            assert ds.profile["tiled"] and ds.block_shapes[0] == (32, 32)
-            assert ds.overviews(1) == [2, 4] and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+            assert ds.profile["tiled"] and ds.block_shapes[0] == (64, 64)
+            assert ds.overviews(1) == [2] and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
         classes, p = pred.read(1), prob.read().astype(np.int32)
     assert (p.sum(0) - 254).__abs__().max() <= 2  # probabilities sum to one (rounding)
     chosen = np.take_along_axis(p, classes[None].astype(np.int64), 0)[0]
@@ -583,6 +583,8 @@ def test_predict_bad_input_one_line_each(world, segmenter, tmp_path, capsys):
         (predict_args(ckpt, world["utm"], tmp_path / "o", "--gsd", "0.5", "--no_upsample"),
          "--gsd 0.5: finer than the raster"),
         (predict_args(ckpt, world["utm"], tmp_path / "o", "--blocksize", "40"), "--blocksize 40: must be"),
+        (predict_args(ckpt, world["utm"], tmp_path / "o", "--blocksize", "96"),
+         "--blocksize 96: must be a power of two from 64 to 4096"),
     ]
     for argv, expected in cases:
         with pytest.raises(SystemExit) as exc:

@@ -1,6 +1,6 @@
 """main_predict.py beyond tests/test_inference.py: polygons built strip by strip (equal to the whole map's),
-Web Mercator and band-file rasters, the COG layout checked byte by byte (tests/cog_layout.py), the training dtype,
-and the hint of ``main_segment.py --predict``."""
+Web Mercator and band-file rasters, the COG layout checked byte by byte (tests/cog_layout.py), ``--mosaic`` tiles
+equal to the whole raster cropped (no seams), the training dtype, and the hint of ``main_segment.py --predict``."""
 from __future__ import annotations
 
 import shlex
@@ -99,21 +99,22 @@ def test_strip_polygons_equal_the_whole_maps_property(pred, height, blocky, simp
 
 # ----------------------------------------------------------------------------- polygons and COGs of a real run
 def test_predicted_polygons_and_cog_layout(world, segmenter, tmp_path):  # noqa: F811
-    """--blocksize 16: the class map is polygonised in 6 strips of 16 rows; the GeoPackage holds the polygons of
-    the whole map. Both COGs pass the byte-level layout check; a tiled GeoTIFF with overviews added after its
-    data does not."""
+    """The class map is polygonised from its 4 finished strips of 24 rows (the stride); the GeoPackage holds the
+    polygons of the whole map. Both COGs (--blocksize 64) pass the byte-level layout check; a tiled GeoTIFF with
+    overviews added after its data does not, nor does GDAL's COG of 32 px tiles (its overviews get 128 px tiles:
+    hence --blocksize 32 is refused)."""
     import geopandas as gpd
 
     main_predict.main(main_predict.get_args_parser().parse_args(predict_args(
         segmenter[1], world["utm"], tmp_path, "--probabilities", "--polygons", "--simplify", "0.8",
-        "--blocksize", "16")))
+        "--blocksize", "64")))
     with rasterio.open(tmp_path / "utm_pred.tif") as src:
         classes, transform, crs = src.read(1), src.transform, src.crs
     gdf = gpd.read_file(tmp_path / "utm_pred.gpkg")
     assert gdf.crs == crs and list(gdf.columns) == ["class_id", "class", "area", "geometry"]
     expected = reference_regions(classes, transform, 0.8)
     crossing = [g for _, g in reference_regions(classes, transform, 0.0)
-                if (4200000.0 - g.bounds[3]) // 16 != (4200000.0 - g.bounds[1] - 1) // 16]
+                if (4200000.0 - g.bounds[3]) // 24 != (4200000.0 - g.bounds[1] - 1) // 24]
     assert len(crossing) >= 3  # regions cut by the strips
     assert_same_regions(gdf, expected)  # the checkpoint's classes: background, a, b
 
@@ -121,8 +122,8 @@ def test_predicted_polygons_and_cog_layout(world, segmenter, tmp_path):  # noqa:
         path = tmp_path / name
         assert cog_problems(path) == [], name
         ifds, _ = read_ifds(path)
-        assert [(i.get(257), i.get(256)) for i in ifds] == [(96, 128), (48, 64), (24, 32), (12, 16)]
-        assert ifds[0].get(322) == ifds[0].get(323) == 16 and all(i.get(277, 1) == bands for i in ifds)
+        assert [(i.get(257), i.get(256)) for i in ifds] == [(96, 128), (48, 64)]  # halved until it fits a tile
+        assert all(i.get(322) == i.get(323) == 64 and i.get(277, 1) == bands for i in ifds)
     plain = tmp_path / "plain.tif"  # not cloud-optimised: overviews built after the data
     with rasterio.open(plain, "w", driver="GTiff", width=128, height=96, count=1, dtype="uint8", tiled=True,
                        blockxsize=16, blockysize=16, crs=crs, transform=transform) as dst:
@@ -132,6 +133,11 @@ def test_predicted_polygons_and_cog_layout(world, segmenter, tmp_path):  # noqa:
     problems = cog_problems(plain)
     assert "an IFD comes after image data" in problems and any("come before data of its overview" in p
                                                                for p in problems), problems
+    small = tmp_path / "small_tiles.tif"  # what --blocksize 32 would give
+    main_predict.write_cog(small, {"width": 128, "height": 96, "count": 1, "dtype": "uint8", "crs": crs,
+                                   "transform": transform}, lambda dst: dst.write(classes[None]), "MODE", 32)
+    assert cog_problems(small) == ["IFD 1: tiles of 128 x 128 px, the full image's are 32 x 32",
+                                   "IFD 2: tiles of 128 x 128 px, the full image's are 32 x 32"]
 
 
 # --------------------------------------------------------------------------- Web Mercator and band-file scenes
@@ -224,6 +230,105 @@ def test_band_files_at_10_and_20_m_equal_the_stacked_raster(segmenter, tmp_path)
     hole = np.zeros((64, 64), bool)
     hole[10:18, 40:54] = True
     assert (bands[0][hole] == 255).all() and (bands[0][~hole] < 3).all()
+
+
+# ------------------------------------------------------------------------------------ mosaics: no seams at tile edges
+def tiles_of(arr: np.ndarray, folder: Path, rows: list[int], cols: list[int], skip=()) -> dict[str, tuple]:
+    """``arr`` cut at ``rows`` x ``cols`` into tiles on its UTM grid: ``{stem: (row0, row1, col0, col1)}``."""
+    out = {}
+    for i, (r0, r1) in enumerate(zip(rows, rows[1:])):
+        for j, (c0, c1) in enumerate(zip(cols, cols[1:])):
+            if (i, j) not in skip:
+                write_tile(folder / f"t{i}{j}.tif", arr[:, r0:r1, c0:c1], UTM @ Affine.translation(c0, r0),
+                           "EPSG:32610")
+                out[f"t{i}{j}"] = (r0, r1, c0, c1)
+    return out
+
+
+def test_mosaic_windows_continue_past_edges_with_a_neighbour(tmp_path):
+    from inference.tiling import axis_starts, mosaic_margin, neighbour_sides, open_scene
+
+    assert mosaic_margin(32, 24) == 24 and mosaic_margin(32, 32) == 0 and mosaic_margin(32, 8) == 24
+    assert axis_starts(72, 32, 24) == [0, 24, 40]  # inside: the last window moved back
+    assert axis_starts(72, 32, 24, before=True) == [-24, 0, 24, 40]
+    assert axis_starts(72, 32, 24, after=True) == [0, 24, 48]  # on the stride grid, past the end
+    assert axis_starts(72, 32, 24, True, True) == [-24, 0, 24, 48]
+    assert axis_starts(20, 32, 24, before=True) == [-24, -12] and axis_starts(20, 32, 24, after=True) == [0]
+    assert axis_starts(20, 32, 24) == [] and axis_starts(64, 32, 32, True, True) == [0, 32]
+    arr = fake_values(1, 40, 60, seed=10)
+    three = tiles_of(arr, tmp_path / "three", [0, 20, 40], [0, 30, 60], skip={(1, 1)})
+    ds = open_scene(sorted(str(tmp_path / "three" / f"{t}.tif") for t in three), None, 16, mosaic=True)
+    sides = {Path(p).stem: neighbour_sides(ds, t) for t, p in enumerate(ds.tile_index["path"])}
+    # (top, bottom, left, right): edge lines and corners shared with a missing tile's neighbours do not count
+    assert sides == {"t00": (False, True, False, True), "t01": (False, False, True, False),
+                     "t10": (True, False, False, False)}
+    diagonal = tiles_of(arr, tmp_path / "diagonal", [0, 20, 40], [0, 30, 60], skip={(0, 1), (1, 0)})
+    ds = open_scene(sorted(str(tmp_path / "diagonal" / f"{t}.tif") for t in diagonal), None, 16, mosaic=True)
+    assert [neighbour_sides(ds, t) for t in range(2)] == [(False,) * 4] * 2
+
+
+def test_mosaic_tiles_equal_the_whole_raster_cropped(segmenter, tmp_path, monkeypatch):  # noqa: F811
+    """A 120 x 144 px raster cut into 2 x 2 tiles on its grid at row 72 and column 72 (multiples of the 24 px
+    stride, so the tiles' windows lie on the whole raster's window grid). With --mosaic each tile's blended class
+    probabilities equal the whole raster's cropped to the tile, and so do its class map (where the whole map's two
+    best classes are not tied) and its georeferencing. Without --mosaic the pixels along the inner tile edges
+    differ (their windows stop at the edge), while the pixels whose windows are those of the whole raster agree."""
+    from inference.tiling import axis_starts
+
+    arr = fake_values(3, 120, 144, seed=9)
+    whole_src = write_tile(tmp_path / "whole.tif", arr, UTM, "EPSG:32610")
+    tiles = tiles_of(arr, tmp_path / "tiles", [0, 72, 120], [0, 72, 144])
+    blend = main_predict.blend_strip
+
+    def run(source: Path, out: str, *extra: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """``{stem: (blended probabilities [K, h, w] float32, class map [h, w])}`` of one in-process run."""
+        strips: list = []
+
+        def spy(*a, **kw):
+            strips.append(blend(*a, **kw))  # one process: each tile's strips in order, tile after tile
+            return strips[-1]
+        monkeypatch.setattr(main_predict, "blend_strip", spy)
+        result = main_predict.main(main_predict.get_args_parser().parse_args(predict_args(
+            segmenter[1], source, tmp_path / out, *extra)))
+        got = {}
+        for path in result["outputs"]:
+            with rasterio.open(path) as src:
+                pred = src.read(1)
+                assert src.crs.to_epsg() == 32610
+                stem = Path(path).stem[:-len("_pred")]
+                r0, r1, c0, c1 = tiles.get(stem, (0, 120, 0, 144))
+                assert src.transform == UTM @ Affine.translation(c0, r0) and pred.shape == (r1 - r0, c1 - c0)
+            n = -(-pred.shape[0] // 24)  # strips of one stride
+            got[stem] = (np.concatenate([p for p, _ in strips[:n]], axis=1), pred)
+            del strips[:n]
+        assert not strips
+        return got
+
+    whole_probs, whole_pred = run(whole_src, "whole")["whole"]
+    top2 = np.sort(whole_probs, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-3  # not a tie: the arg-max cannot flip with float noise
+    assert clear.mean() > 0.95 and len(np.unique(whole_pred)) == 3
+    mosaic = run(tmp_path / "tiles", "mosaic", "--mosaic")
+    plain = run(tmp_path / "tiles", "plain")
+    assert sorted(mosaic) == sorted(plain) == sorted(tiles)
+    edge_differs = []
+    for stem, (r0, r1, c0, c1) in tiles.items():
+        crop = whole_probs[:, r0:r1, c0:c1]
+        np.testing.assert_allclose(mosaic[stem][0], crop, rtol=0, atol=1e-5)
+        ok = clear[r0:r1, c0:c1]
+        np.testing.assert_array_equal(mosaic[stem][1][ok], whole_pred[r0:r1, c0:c1][ok])
+        # without --mosaic: equal where each axis has the whole raster's windows, different along inner edges
+        same = [np.array([{s + o for s in axis_starts(n, 32, 24) if s <= i - o < s + 32}
+                          == {s for s in axis_starts(total, 32, 24) if s <= i < s + 32} for i in range(o, o + n)])
+                for o, n, total in ((r0, r1 - r0, 120), (c0, c1 - c0, 144))]
+        coincide = same[0][:, None] & same[1][None, :]
+        assert coincide.any() and not coincide.all()
+        np.testing.assert_allclose(plain[stem][0][:, coincide], crop[:, coincide], rtol=0, atol=1e-5)
+        inner = np.zeros(crop.shape[1:], bool)  # the row / column next to each edge shared with another tile
+        inner[-1 if r0 == 0 else 0, :] = True
+        inner[:, -1 if c0 == 0 else 0] = True
+        edge_differs.append(np.abs(plain[stem][0] - crop)[:, inner].max())
+    assert min(edge_differs) > 0.01, edge_differs
 
 
 # ------------------------------------------------------------------------------------------- refused runs
