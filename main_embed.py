@@ -34,6 +34,7 @@ import torch
 import harness
 from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, open_scene, open_store, shard, \
     window_grid
+from inference.tiling import bound_gdal_cache
 from inference.inputs import check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 
@@ -272,6 +273,7 @@ def embed_images(args: argparse.Namespace, files: list[str], model: torch.nn.Mod
 def main(args: argparse.Namespace) -> dict:
     """Embed every window; returns ``{"output", "windows", "computed_blocks", "skipped_blocks"}``."""
     device = harness.setup(args)
+    bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     out = check_output(args)
     for flag in ("batch_size", "input_size", "stride"):

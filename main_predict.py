@@ -25,6 +25,7 @@ import torch
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, native_gsd, open_scene, open_store, shard
+from inference.tiling import bound_gdal_cache
 from inference.inputs import check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
@@ -138,6 +139,7 @@ def main(args: argparse.Namespace) -> dict:
     from util.gsd import window_res
 
     device = harness.setup(args)
+    bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     source = expand_inputs(args.input)
     model, saved, classes, data = load_segmenter(args.resume)
