@@ -440,39 +440,33 @@ def assemble(out: Path, store: BlockStore, blocks: list[Block], scenes: list, gs
     to_wgs84 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform
     count = 0
 
-    def group(parts: list[Block]) -> tuple[dict, list, dict]:
-        cols: dict[str, list] = {k: [] for k in ("source", "tile", "row", "col", "height", "width", "gsd",
-                                                 "gsd_read", "res", "valid_fraction", "footprint_wgs84")}
-        geoms, vecs = [], {p: [] for p in pools}
-        for block in parts:
+    def groups():
+        nonlocal count
+        cols: dict[str, list] = {}
+        for i, block in enumerate(blocks):
+            if not cols:  # a new group
+                cols = {k: [] for k in ("source", "tile", "row", "col", "height", "width", "gsd", "gsd_read", "res",
+                                        "valid_fraction")}
+                geoms, vecs = [], {p: [] for p in pools}
             part = store.load(block)
             ds = scenes[block.gsd_index]
-            for i, (t, r, c) in enumerate(part["windows"].tolist()):
-                a = Affine(*part["transform"][i])
+            for j, (t, r, c) in enumerate(part["windows"].tolist()):
+                a = Affine(*part["transform"][j])
                 geoms.append(Polygon([a @ (u, v) for u, v in ((0, 0), (size, 0), (size, size), (0, size))]))
                 cols["source"].append(str(ds.tile_index["path"].iloc[t]))
                 for k, v in (("tile", t), ("row", r), ("col", c), ("height", size), ("width", size)):
                     cols[k].append(int(v))
                 cols["gsd"].append(gsds[block.gsd_index])
                 for k in ("gsd_read", "res", "valid_fraction"):
-                    cols[k].append(float(part[k][i]))
+                    cols[k].append(float(part[k][j]))
             for p in pools:
                 vecs[p].append(part[f"vec_{p}"])
-        cols["footprint_wgs84"] = shapely.to_wkt(shapely.transform(np.asarray(geoms, dtype=object), to_wgs84,
-                                                                   interleaved=False)).tolist()
-        return cols, geoms, {f"{EMBEDDING_PREFIX}{p}": np.concatenate(v) for p, v in vecs.items()}
-
-    def groups():
-        nonlocal count
-        pending, rows = [], 0
-        for i, block in enumerate(blocks):
-            pending.append(block)
-            with np.load(store.path(block), allow_pickle=False) as z:
-                rows += len(z["windows"])
-            if rows >= ROWS_PER_GROUP or i == len(blocks) - 1:
-                count += rows
-                yield group(pending)
-                pending, rows = [], 0
+            if len(geoms) >= ROWS_PER_GROUP or i == len(blocks) - 1:
+                cols["footprint_wgs84"] = shapely.to_wkt(shapely.transform(np.asarray(geoms, dtype=object), to_wgs84,
+                                                                           interleaved=False)).tolist()
+                count += len(geoms)
+                yield cols, geoms, {f"{EMBEDDING_PREFIX}{p}": np.concatenate(v) for p, v in vecs.items()}
+                cols = {}
 
     write_geoparquet_parts(out, groups(), crs, ["Polygon"], footprint_bounds(store, blocks, size), settings)
     return count

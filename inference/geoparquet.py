@@ -78,7 +78,10 @@ def write_geoparquet_parts(path: str | Path, parts: Iterable[tuple[Mapping[str, 
                 table = _table(pa, columns, geometry, vectors)
                 if writer is None:
                     schema = table.schema.with_metadata(meta)
-                    writer = pq.ParquetWriter(tmp, schema)
+                    # dictionary pages only for plain columns: an embedding's floats rarely repeat, and a
+                    # dictionary page per row group would only add to the file
+                    writer = pq.ParquetWriter(tmp, schema, use_dictionary=[n for n in schema.names if n != "geometry"
+                                                                           and n not in vectors])
                 writer.write_table(table.replace_schema_metadata(meta).cast(schema))
             if writer is None:
                 raise ValueError(f"{path}: no rows to write")
