@@ -51,6 +51,11 @@ def write_raster(path: Path, side: int, dtype: str, high: int, seed: int = 0) ->
     return path
 
 
+def started() -> tuple[str, str]:
+    """``(commit, UTC date)`` now: call it when the bench begins (the tree may change while it runs)."""
+    return commit(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def commit() -> str:
     """The repository's short commit, ``+dirty`` when tracked files differ from it."""
     try:
@@ -102,13 +107,13 @@ def run_sides(script: str, sizes: list[int], prepare: Callable[[Path, int], list
     return rows
 
 
-def report(bench: str, args: argparse.Namespace, rows: list[dict], **extra: Any) -> None:
-    """Print the bench's JSON object (settings, machine, commit, date, runs)."""
+def report(bench: str, args: argparse.Namespace, rows: list[dict], started: tuple[str, str], **extra: Any) -> None:
+    """Print the bench's JSON object (settings, machine, ``started`` = (commit, UTC date) when it began, runs)."""
     from bench_utils import machine_info
 
     info = machine_info()
     print(json.dumps({"bench": bench, "model": args.model, "window": args.window, **extra, "device": "cpu",
-                      "commit": commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "commit": started[0], "date": started[1],
                       "machine": {k: info[k] for k in ("cpu", "cpu_count", "mem_total_gib", "torch")},
                       "runs": rows}, indent=1))
 
@@ -139,6 +144,7 @@ def main() -> None:
     if args.child is not None:
         child(args)
         return
+    begun = started()
     import torch
 
     import models_mae
@@ -153,7 +159,7 @@ def main() -> None:
         torch.save({"model": models_mae.MODELS[args.model]().state_dict(), "args": {"model": args.model}},
                    Path(tmp) / "model.pth")
         rows = run_sides(__file__, args.sizes, prepare, Path(tmp))
-    report("embed", args, rows, gsd=args.gsd or "native", batch_size=args.batch_size)
+    report("embed", args, rows, begun, gsd=args.gsd or "native", batch_size=args.batch_size)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_embed import measure, report, run_sides, write_raster  # noqa: E402  (also puts the repo on sys.path)
+from bench_embed import measure, report, run_sides, started, write_raster  # noqa: E402  (also puts the repo on sys.path)
 
 CLASSES = ["background", "a", "b"]
 
@@ -69,6 +69,7 @@ def main() -> None:
     if args.child is not None:
         child(args)
         return
+    begun = started()
     import shutil
 
     import torch
@@ -90,7 +91,7 @@ def main() -> None:
                              "aux_channels": 0, "out_indices": None, "base_resolution": 1.0}},
                    Path(tmp) / "seg.pth")
         rows = run_sides(__file__, args.sizes, prepare, Path(tmp))
-    report("predict", args, rows, overlap=args.overlap, batch_size=args.batch_size,
+    report("predict", args, rows, begun, overlap=args.overlap, batch_size=args.batch_size,
            head_channels=args.head_channels, probabilities=args.probabilities)
 
 
