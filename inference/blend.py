@@ -4,7 +4,8 @@ The output rows of a tile are cut into strips of ``stride`` rows (:func:`strip_b
 every window row that meets it (:func:`rows_meeting`), each window's class probabilities weighted by
 :func:`blend_weights` (a linear ramp over ``overlap`` px at each edge, positive everywhere, so every pixel has
 weight) and divided by the summed weight. A strip therefore depends only on its own windows: strips are computed
-in any order, on any rank, and resumed independently; memory is one strip plus a window batch.
+in any order, on any rank, and resumed independently; memory is one strip (``K x stride x width`` float32 plus
+``stride x width`` weights) plus a window batch.
 """
 from __future__ import annotations
 
@@ -40,17 +41,19 @@ def blend_strip(predict: Callable[[list[tuple[int, int]]], tuple[np.ndarray, np.
 
     ``predict(windows)`` takes ``[(row, col), ...]`` and returns ``(probs [N, K, S, S], valid [N, S, S])``.
     """
-    acc, wsum, valid = None, np.zeros((b - a, width), np.float64), np.zeros((b - a, width), bool)
+    # float32 sums of at most a few weighted probabilities; divided in place: the strip is held once, K x rows x width
+    acc, wsum, valid = None, np.zeros((b - a, width), np.float32), np.zeros((b - a, width), bool)
     todo = [(r, c) for r in rows_meeting(row_starts, size, a, b) for c in col_starts]
     for i in range(0, len(todo), max(batch, 1)):
         chunk = todo[i:i + batch]
         probs, ok = predict(chunk)
         if acc is None:
-            acc = np.zeros((probs.shape[1], b - a, width), np.float64)
+            acc = np.zeros((probs.shape[1], b - a, width), np.float32)
         for (r, c), p, v in zip(chunk, probs, ok):
             lo, hi = max(a, r), min(b, r + size)
             src = slice(lo - r, hi - r)
             acc[:, lo - a:hi - a, c:c + size] += p[:, src] * weights[src]
             wsum[lo - a:hi - a, c:c + size] += weights[src]
             valid[lo - a:hi - a, c:c + size] |= v[src]
-    return (acc / np.maximum(wsum, 1e-12)).astype(np.float32), valid
+    acc /= np.maximum(wsum, 1e-12)
+    return acc, valid
