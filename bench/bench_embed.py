@@ -5,12 +5,13 @@
 
 Prints one JSON object. For every side S a uint16 3-band S x S UTM GeoTIFF (tiled 256 px, uncompressed) is written
 to a temporary folder by this process (in strips, GDAL cache capped: the writer's memory stays small) and embedded
-by ``main_embed.main`` in a fresh child process that does nothing else, so each peak RSS (``ru_maxrss``) is that
-run's own, with a randomly initialised model on CPU. The memory bound is a window batch plus one window row's
-embeddings (and, at the end, the GeoParquet assembly, which grows with the window count), not the raster: peak RSS
-should stay flat as S grows while the time grows with the window count. The child runs with the environment given
-(no ``GDAL_CACHEMAX``: the launchers' own cap, ``inference.tiling.bound_gdal_cache``). Wall-clock on a shared
-machine: noisy; each run records the load average before and after it.
+by ``main_embed.main`` in a fresh child process that does nothing else, with a randomly initialised model on CPU;
+each peak RSS is that child's own (``VmHWM``, not ``ru_maxrss``, which on Linux includes the parent's: see
+:func:`own_rss_mib`). The memory bound is a window batch, one window row's embeddings, one GeoParquet row group
+and GDAL's block cache (capped by the launcher, ``inference.tiling.bound_gdal_cache``, unless the environment sets
+``GDAL_CACHEMAX``), not the raster: peak RSS should stop growing once the raster exceeds the cache while the time
+grows with the window count. Wall-clock on a shared machine: noisy; each run records the load average before and
+after it.
 
 ``bench/bench_predict.py`` measures ``main_predict.py`` the same way with the helpers of this file.
 """
@@ -68,21 +69,36 @@ def commit() -> str:
         return "unknown"
 
 
+def own_rss_mib() -> tuple[float, float]:
+    """``(current, peak)`` resident set size of this process in MiB: ``VmRSS`` / ``VmHWM`` of ``/proc/self/status``
+    (Linux). Not ``ru_maxrss``: Linux carries the parent's high-water mark over ``fork``/``exec`` into the child's
+    ``ru_maxrss`` (a child of a 400 MiB parent reports >= 400 MiB), which here would be the bench parent's torch
+    and raster writing; elsewhere ``ru_maxrss`` is returned for both."""
+    try:
+        with open("/proc/self/status") as fh:
+            vals = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in fh) if k in ("VmRSS", "VmHWM")}
+        return round(vals["VmRSS"] / 1024, 1), round(vals["VmHWM"] / 1024, 1)
+    except (OSError, KeyError, ValueError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return round(peak, 1), round(peak, 1)
+
+
 def measure(run: Callable[[], dict], windows: Callable[[dict], dict]) -> dict:
-    """Run ``run()`` (a launcher's ``main``) in this (fresh) process: seconds, peak RSS (MiB, ``ru_maxrss``) before
-    and after, the load average before and after, GDAL's block cache limit in force after the run (MiB), and the
-    counts ``windows(result)`` gives; ``windows_per_s`` uses its ``windows`` entry."""
+    """Run ``run()`` (a launcher's ``main``) in this (fresh) process: seconds, this process's peak RSS (MiB,
+    :func:`own_rss_mib`) and its RSS before the run (imports done), the load average before and after, GDAL's block
+    cache limit in force after the run (MiB), and the counts ``windows(result)`` gives; ``windows_per_s`` uses its
+    ``windows`` entry."""
     from rasterio.env import get_gdal_config
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before, _ = own_rss_mib()
     load0 = [round(v, 2) for v in os.getloadavg()]
     start = time.perf_counter()
     result = run()
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _, peak = own_rss_mib()
     counts = windows(result)
     return {**counts, "seconds": round(seconds, 2), "windows_per_s": round(counts["windows"] / seconds, 1),
-            "peak_rss_mib": round(peak / 1024, 1), "rss_before_run_mib": round(base / 1024, 1),
+            "peak_rss_mib": peak, "rss_before_run_mib": before,
             "gdal_cache_mib": round(int(get_gdal_config("GDAL_CACHEMAX")) / 2**20, 1),
             "GDAL_CACHEMAX_env": os.environ.get("GDAL_CACHEMAX"),
             "load_avg_before": load0, "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
