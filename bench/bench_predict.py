@@ -7,11 +7,13 @@ Prints one JSON object. For every side S a uint8 3-band S x S UTM GeoTIFF (1 m, 
 (``bench_embed.write_raster``) and segmented by ``main_predict.main`` in a fresh child process that does nothing
 else (peak RSS = that run's own), on the raster's own grid, with a randomly initialised segmentation checkpoint of
 the layout ``main_predict.load_segmenter`` reads (``--model`` backbone + UPerNet of ``--head_channels``, 3 classes)
-on CPU, writing the class map COG and nothing else unless ``--probabilities``. Per run: ``windows`` (the window
+on CPU, writing the class map COG and nothing else unless ``--probabilities``. Per run: ``grid_windows`` (the window
 grid), ``forwards`` (windows run through the model: with overlap each strip also recomputes the window row above
-it), windows/s (of ``forwards``) and peak RSS. The memory bound is one output strip (``K x stride x S`` float64
-plus ``stride x S`` bytes) plus a window batch: peak RSS should stay flat for the window batch and grow only
-slightly with S (strip width). Wall-clock on a shared machine: noisy (load average recorded per run).
+it), windows/s (of ``forwards``, end to end: model load and COG writing included) and peak RSS (the child's own,
+``bench_embed.own_rss_mib``). The memory bound is one output strip (``K x stride x S`` float32 plus ``stride x S``
+weights) plus a window batch and GDAL's block cache (capped by the launcher unless ``GDAL_CACHEMAX`` is set): peak
+RSS should stop growing once the raster exceeds the cache, but for the strip, which grows with S (the width).
+Wall-clock on a shared machine: noisy (load average recorded per run).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_embed import measure, report, run_sides, started, write_raster  # noqa: E402  (also puts the repo on sys.path)
+# bench_embed also puts the repository on sys.path
+from bench_embed import measure, report, run_sides, started, write_raster  # noqa: E402
 
 CLASSES = ["background", "a", "b"]
 
