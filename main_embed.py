@@ -36,6 +36,7 @@ import torch
 import harness
 from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, open_scene, open_store, shard, \
     window_grid
+from inference.tiling import bound_gdal_cache
 from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 
@@ -309,6 +310,7 @@ def run_settings(args: argparse.Namespace, size: int, pools: list[str], mean: to
 def main(args: argparse.Namespace) -> dict:
     """Embed every window; returns ``{"output", "windows", "computed_blocks", "skipped_blocks"}``."""
     device = harness.setup(args)
+    bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     out = check_output(args)
     for flag in ("batch_size", "input_size", "stride"):
@@ -439,40 +441,67 @@ def write_dense(path: Path, store: BlockStore, blocks: list[Block], ds, patch: i
     atomic_write(path, write, by_name=True)
 
 
+ROWS_PER_GROUP = 4096  # GeoParquet rows assembled in memory at a time (one Parquet row group)
+
+
+def footprint_bounds(store: BlockStore, blocks: list[Block], size: int) -> list[float]:
+    """``[xmin, ymin, xmax, ymax]`` of the ``size`` px footprints of every window of ``blocks`` (from each block
+    file's ``transform`` array only; corners as :func:`assemble` computes them)."""
+    lo, hi = np.full(2, np.inf), np.full(2, -np.inf)
+    for block in blocks:
+        with np.load(store.path(block), allow_pickle=False) as z:
+            a, b, c, d, e, f = np.asarray(z["transform"], dtype=np.float64).T[:6]
+        for u, v in ((0, 0), (size, 0), (size, size), (0, size)):
+            xy = np.stack([u * a + v * b + c, u * d + v * e + f])
+            lo, hi = np.minimum(lo, xy.min(1)), np.maximum(hi, xy.max(1))
+    return [float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1])]
+
+
 def assemble(out: Path, store: BlockStore, blocks: list[Block], scenes: list, gsds: list[float], size: int,
              crs: str, pools: list[str], settings: dict) -> int:
-    """Read every finished block (in plan order) and write the GeoParquet file once; returns the row count."""
+    """Write the GeoParquet file from every finished block (in plan order), streamed: blocks are read until
+    :data:`ROWS_PER_GROUP` rows are gathered, written as one row group and dropped, so memory holds one group
+    (not the file, whose rows grow with the window count); returns the row count."""
     from affine import Affine
     from shapely.geometry import Polygon
     import shapely
     from pyproj import Transformer
 
-    from inference.geoparquet import EMBEDDING_PREFIX, write_geoparquet
+    from inference.geoparquet import EMBEDDING_PREFIX, write_geoparquet_parts
 
     to_wgs84 = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform
-    cols: dict[str, list] = {k: [] for k in ("source", "tile", "row", "col", "height", "width", "gsd", "gsd_read",
-                                             "res", "valid_fraction", "footprint_wgs84")}
-    geoms, vecs = [], {p: [] for p in pools}
-    for block in blocks:
-        part = store.load(block)
-        ds = scenes[block.gsd_index]
-        for i, (t, r, c) in enumerate(part["windows"].tolist()):
-            a = Affine(*part["transform"][i])
-            geom = Polygon([a @ (u, v) for u, v in ((0, 0), (size, 0), (size, size), (0, size))])
-            geoms.append(geom)
-            cols["source"].append(str(ds.tile_index["path"].iloc[t]))
-            for k, v in (("tile", t), ("row", r), ("col", c), ("height", size), ("width", size)):
-                cols[k].append(int(v))
-            cols["gsd"].append(gsds[block.gsd_index])
-            for k in ("gsd_read", "res", "valid_fraction"):
-                cols[k].append(float(part[k][i]))
-        for p in pools:
-            vecs[p].append(part[f"vec_{p}"])
-    cols["footprint_wgs84"] = shapely.to_wkt(shapely.transform(np.asarray(geoms, dtype=object), to_wgs84,
-                                                               interleaved=False)).tolist()
-    write_geoparquet(out, cols, geoms, crs, {f"{EMBEDDING_PREFIX}{p}": np.concatenate(v) for p, v in vecs.items()},
-                     metadata=settings)
-    return len(geoms)
+    count = 0
+
+    def groups():
+        nonlocal count
+        cols: dict[str, list] = {}
+        for i, block in enumerate(blocks):
+            if not cols:  # a new group
+                cols = {k: [] for k in ("source", "tile", "row", "col", "height", "width", "gsd", "gsd_read", "res",
+                                        "valid_fraction")}
+                geoms, vecs = [], {p: [] for p in pools}
+            part = store.load(block)
+            ds = scenes[block.gsd_index]
+            for j, (t, r, c) in enumerate(part["windows"].tolist()):
+                a = Affine(*part["transform"][j])
+                geoms.append(Polygon([a @ (u, v) for u, v in ((0, 0), (size, 0), (size, size), (0, size))]))
+                cols["source"].append(str(ds.tile_index["path"].iloc[t]))
+                for k, v in (("tile", t), ("row", r), ("col", c), ("height", size), ("width", size)):
+                    cols[k].append(int(v))
+                cols["gsd"].append(gsds[block.gsd_index])
+                for k in ("gsd_read", "res", "valid_fraction"):
+                    cols[k].append(float(part[k][j]))
+            for p in pools:
+                vecs[p].append(part[f"vec_{p}"])
+            if len(geoms) >= ROWS_PER_GROUP or i == len(blocks) - 1:
+                cols["footprint_wgs84"] = shapely.to_wkt(shapely.transform(np.asarray(geoms, dtype=object), to_wgs84,
+                                                                           interleaved=False)).tolist()
+                count += len(geoms)
+                yield cols, geoms, {f"{EMBEDDING_PREFIX}{p}": np.concatenate(v) for p, v in vecs.items()}
+                cols = {}
+
+    write_geoparquet_parts(out, groups(), crs, ["Polygon"], footprint_bounds(store, blocks, size), settings)
+    return count
 
 
 if __name__ == "__main__":

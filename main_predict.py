@@ -27,7 +27,8 @@ import torch
 
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
-from inference.tiling import Block, BlockStore, axis_starts, native_gsd, neighbour_sides, open_scene, open_store, shard
+from inference.tiling import Block, BlockStore, axis_starts, bound_gdal_cache, native_gsd, neighbour_sides, \
+    open_scene, open_store, shard
 from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
@@ -135,6 +136,7 @@ def main(args: argparse.Namespace) -> dict:
     from util.gsd import window_res
 
     device = harness.setup(args)
+    bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     source = expand_inputs(args.input)
     model, saved, classes, data = load_segmenter(args.resume)

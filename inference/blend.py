@@ -4,7 +4,8 @@ The output rows of a tile are cut into strips of ``stride`` rows (:func:`strip_b
 every window row that meets it (:func:`rows_meeting`), each window's class probabilities weighted by
 :func:`blend_weights` (a linear ramp over ``overlap`` px at each edge, positive everywhere, so every pixel has
 weight) and divided by the summed weight. A strip therefore depends only on its own windows: strips are computed
-in any order, on any rank, and resumed independently; memory is one strip plus a window batch.
+in any order, on any rank, and resumed independently; memory is one strip (``K x stride x width`` float32 plus
+``stride x width`` weights) plus a window batch.
 """
 from __future__ import annotations
 
@@ -42,13 +43,14 @@ def blend_strip(predict: Callable[[list[tuple[int, int]]], tuple[np.ndarray, np.
     Windows may reach past the output on any side (rows before 0 or past the strip, columns before 0 or past
     ``width``: a mosaic tile's windows reaching into its neighbours); only their pixels inside are blended.
     """
-    acc, wsum, valid = None, np.zeros((b - a, width), np.float64), np.zeros((b - a, width), bool)
+    # float32 sums of at most a few weighted probabilities; divided in place: the strip is held once, K x rows x width
+    acc, wsum, valid = None, np.zeros((b - a, width), np.float32), np.zeros((b - a, width), bool)
     todo = [(r, c) for r in rows_meeting(row_starts, size, a, b) for c in col_starts]
     for i in range(0, len(todo), max(batch, 1)):
         chunk = todo[i:i + batch]
         probs, ok = predict(chunk)
         if acc is None:
-            acc = np.zeros((probs.shape[1], b - a, width), np.float64)
+            acc = np.zeros((probs.shape[1], b - a, width), np.float32)
         for (r, c), p, v in zip(chunk, probs, ok):
             lo, hi = max(a, r), min(b, r + size)
             left, right = max(0, c), min(width, c + size)  # a window may start before column 0 / end past width
@@ -56,4 +58,5 @@ def blend_strip(predict: Callable[[list[tuple[int, int]]], tuple[np.ndarray, np.
             acc[:, lo - a:hi - a, left:right] += p[:, rows, cols] * weights[rows, cols]
             wsum[lo - a:hi - a, left:right] += weights[rows, cols]
             valid[lo - a:hi - a, left:right] |= v[rows, cols]
-    return (acc / np.maximum(wsum, 1e-12)).astype(np.float32), valid
+    acc /= np.maximum(wsum, 1e-12)
+    return acc, valid

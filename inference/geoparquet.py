@@ -1,6 +1,7 @@
 """GeoParquet files of per-window rows: a WKB ``geometry`` column (GeoParquet 1.0 ``geo`` metadata, the raster's
 CRS as PROJJSON), plain columns, and fixed-size float32 list columns (embeddings). ``geopandas.read_parquet``
 reads them; :func:`read_embeddings` returns the rows and an embedding column as a ``[N, D]`` array.
+:func:`write_geoparquet_parts` streams a file part by part (one row group each): memory of one part.
 
 Needs ``pyarrow`` (geopandas' own Parquet engine), imported when a file is written or read.
 """
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from util.io import atomic_write
 
-__all__ = ["write_geoparquet", "read_embeddings", "embedding_columns"]
+__all__ = ["write_geoparquet", "write_geoparquet_parts", "read_embeddings", "embedding_columns"]
 
 EMBEDDING_PREFIX = "embedding_"
 
@@ -38,27 +39,69 @@ def write_geoparquet(path: str | Path, columns: Mapping[str, Sequence[Any]], geo
     metadata key ``scalemae``.
     """
     import shapely
+
+    geoms = np.asarray(geometry, dtype=object)
+    kinds = sorted({int(shapely.get_type_id(g)) for g in geoms if g is not None})
+    bbox = [float(v) for v in shapely.total_bounds(geoms)] if any(g is not None for g in geoms) else None
+    return write_geoparquet_parts(path, [(columns, geoms, vectors)], crs, [GEOMETRY_TYPES.get(k, "Unknown")
+                                                                          for k in kinds], bbox, metadata)
+
+
+GEOMETRY_TYPES = {0: "Point", 3: "Polygon", 6: "MultiPolygon"}  # shapely type id -> GeoParquet geometry type
+
+
+def write_geoparquet_parts(path: str | Path, parts: Iterable[tuple[Mapping[str, Sequence[Any]], Sequence[Any],
+                                                                   Mapping[str, np.ndarray]]],
+                           crs: str | None, geometry_types: Sequence[str], bbox: Sequence[float] | None,
+                           metadata: Mapping[str, Any] | None = None) -> Path:
+    """Write a GeoParquet file atomically from ``parts`` consumed one at a time, each ``(columns, geometry,
+    vectors)`` as in :func:`write_geoparquet` and written as one Parquet row group: memory holds one part, not the
+    file. The ``geo`` metadata is fixed before the first row: ``geometry_types`` (GeoParquet names, e.g.
+    ``["Polygon"]``) and ``bbox`` (``[xmin, ymin, xmax, ymax]`` of all geometries, or None) are the caller's.
+    Every part must have the columns, types and vector widths of the first (cast to its schema)."""
     from pyproj import CRS
 
     pa, pq = _pyarrow()
-    geoms = np.asarray(geometry, dtype=object)
+    geo = {"version": "1.0.0", "primary_column": "geometry",
+           "columns": {"geometry": {"encoding": "WKB", "geometry_types": list(geometry_types),
+                                    "crs": None if crs is None else CRS.from_user_input(crs).to_json_dict()}}}
+    if bbox is not None:
+        geo["columns"]["geometry"]["bbox"] = [float(v) for v in bbox]
+    meta = {b"geo": json.dumps(geo).encode()}
+    if metadata:
+        meta[b"scalemae"] = json.dumps(metadata, sort_keys=True, default=str).encode()
+
+    def write(tmp: str) -> None:
+        writer = None
+        try:
+            for columns, geometry, vectors in parts:
+                table = _table(pa, columns, geometry, vectors)
+                if writer is None:
+                    schema = table.schema.with_metadata(meta)
+                    # dictionary pages only for plain columns: an embedding's floats rarely repeat, and a
+                    # dictionary page per row group would only add to the file
+                    writer = pq.ParquetWriter(tmp, schema, use_dictionary=[n for n in schema.names if n != "geometry"
+                                                                           and n not in vectors])
+                writer.write_table(table.replace_schema_metadata(meta).cast(schema))
+            if writer is None:
+                raise ValueError(f"{path}: no rows to write")
+        finally:
+            if writer is not None:
+                writer.close()
+
+    return atomic_write(path, write, by_name=True)
+
+
+def _table(pa, columns: Mapping[str, Sequence[Any]], geometry: Sequence[Any], vectors: Mapping[str, np.ndarray]):
+    """One part's ``pyarrow.Table``: plain columns, fixed-size float32 list columns, WKB ``geometry``."""
+    import shapely
+
     data = {name: pa.array(list(values)) for name, values in columns.items()}
     for name, arr in vectors.items():
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         data[name] = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), int(arr.shape[1]))
-    data["geometry"] = pa.array(shapely.to_wkb(geoms).tolist(), type=pa.binary())
-    kinds = sorted({shapely.get_type_id(g) for g in geoms if g is not None})
-    names = {0: "Point", 3: "Polygon", 6: "MultiPolygon"}
-    geo = {"version": "1.0.0", "primary_column": "geometry",
-           "columns": {"geometry": {"encoding": "WKB", "geometry_types": [names.get(k, "Unknown") for k in kinds],
-                                    "crs": None if crs is None else CRS.from_user_input(crs).to_json_dict()}}}
-    if any(g is not None for g in geoms):
-        geo["columns"]["geometry"]["bbox"] = [float(v) for v in shapely.total_bounds(geoms)]
-    meta = {b"geo": json.dumps(geo).encode()}
-    if metadata:
-        meta[b"scalemae"] = json.dumps(metadata, sort_keys=True, default=str).encode()
-    table = pa.table(data).replace_schema_metadata(meta)
-    return atomic_write(path, lambda tmp: pq.write_table(table, tmp), by_name=True)
+    data["geometry"] = pa.array(shapely.to_wkb(np.asarray(geometry, dtype=object)).tolist(), type=pa.binary())
+    return pa.table(data)
 
 
 def embedding_columns(names: Sequence[str]) -> list[str]:
