@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -70,17 +69,11 @@ def commit() -> str:
 
 
 def own_rss_mib() -> tuple[float, float]:
-    """``(current, peak)`` resident set size of this process in MiB: ``VmRSS`` / ``VmHWM`` of ``/proc/self/status``
-    (Linux). Not ``ru_maxrss``: Linux carries the parent's high-water mark over ``fork``/``exec`` into the child's
-    ``ru_maxrss`` (a child of a 400 MiB parent reports >= 400 MiB), which here would be the bench parent's torch
-    and raster writing; elsewhere ``ru_maxrss`` is returned for both."""
-    try:
-        with open("/proc/self/status") as fh:
-            vals = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in fh) if k in ("VmRSS", "VmHWM")}
-        return round(vals["VmRSS"] / 1024, 1), round(vals["VmHWM"] / 1024, 1)
-    except (OSError, KeyError, ValueError):
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return round(peak, 1), round(peak, 1)
+    """``(current, peak)`` resident set size of this process in MiB (``bench_utils``: ``VmRSS``/``VmHWM`` on Linux,
+    the child's own, not the parent's high-water mark that ``ru_maxrss`` carries over)."""
+    from bench_utils import current_rss, peak_rss
+
+    return round(current_rss() / 2**20, 1), round(peak_rss() / 2**20, 1)
 
 
 def measure(run: Callable[[], dict], windows: Callable[[dict], dict]) -> dict:

@@ -83,20 +83,31 @@ def time_calls(fn: Callable[[], object], warmup: int, iters: int) -> List[float]
     return out
 
 
-def current_rss() -> int:
-    """Resident set size of this process now, bytes (from /proc; falls back to the peak)."""
+def _proc_status_kib(key: str) -> Optional[int]:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), else None."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
         pass
-    return peak_rss()
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size of this process now, bytes (``VmRSS``; falls back to the peak)."""
+    kib = _proc_status_kib("VmRSS")
+    return kib * 1024 if kib is not None else peak_rss()
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process so far (``ru_maxrss``), bytes."""
+    """Peak resident set size of this process so far, bytes: ``VmHWM`` on Linux, else ``ru_maxrss``. Not
+    ``ru_maxrss`` on Linux: it carries the parent's high-water mark over ``fork``/``exec`` into a child (a child of
+    a 400 MiB parent reports >= 400 MiB), so a bench child would report its launcher's memory."""
+    kib = _proc_status_kib("VmHWM")
+    if kib is not None:
+        return kib * 1024
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(kb if sys.platform == "darwin" else kb * 1024)
 
