@@ -25,7 +25,8 @@ import torch
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, native_gsd, open_scene, open_store, shard
-from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
+from inference.inputs import add_reader_args, check_dtype, check_flags, check_scene, check_upsampling, expand_inputs, \
+    norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
 
@@ -130,6 +131,8 @@ def main(args: argparse.Namespace) -> dict:
 
     device = harness.setup(args)
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    check_flags(args)
+    harness.check_writable(args.output_dir, "--output_dir", folder=True)
     source = expand_inputs(args.input)
     model, saved, classes, data = load_segmenter(args.resume)
     trained_gsd, trained_ref = training_gsd(data)
@@ -322,4 +325,5 @@ def write_outputs(out_dir: Path, stem: str, store: BlockStore, blocks: list, ds,
 
 
 if __name__ == "__main__":
-    harness.run(main, get_args_parser())
+    harness.run(main, get_args_parser(), interrupted="the finished strips are kept in <--output_dir>/.predict.blocks/; "
+                                                     "rerun the same command to resume there")

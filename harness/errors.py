@@ -93,13 +93,14 @@ def debug_enabled(args: Optional[argparse.Namespace] = None) -> bool:
 
 
 def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-        argv: Optional[Sequence[str]] = None) -> Any:
+        argv: Optional[Sequence[str]] = None, interrupted: Optional[str] = None) -> Any:
     """Command-line entry point of a launcher: parse ``argv``, run ``main(args)``, report user errors.
 
     User errors (``UserError``, ``SystemExit("message")``, config/data/checkpoint errors, ``ValueError``, missing
     files) become one ``error: ...`` line on rank 0 and exit status 2; a non-finite loss exits with 1 (the
     launcher's ``training_run`` prints it). With ``--debug`` or ``SCALEMAE_DEBUG=1`` the traceback is printed
-    before the line. Returns ``main``'s result.
+    before the line. ``interrupted``: what the Ctrl-C line says is kept and how to resume (default: the training
+    launchers' checkpoint). Returns ``main``'s result.
     """
     args = parser.parse_args(argv)
     try:
@@ -110,8 +111,9 @@ def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPars
         _report(exc, str(exc.code), args)
         raise SystemExit(2) from None
     except KeyboardInterrupt as exc:
-        _report(exc, f"interrupted (Ctrl-C): stopped at once; {LATEST} in --output_dir holds the last complete save "
-                     f"(saves are atomic), rerun the same command to resume from it", args)
+        _report(exc, "interrupted (Ctrl-C): stopped at once; " + (
+            interrupted or f"{LATEST} in --output_dir holds the last complete save (saves are atomic), rerun the "
+                           f"same command to resume from it"), args)
         raise SystemExit(130) from None
     except _user_error_types() as exc:
         _report(exc, str(exc) or type(exc).__name__, args)
