@@ -59,6 +59,7 @@ EMBED_CASES = [  # (extra flags, what the line must say); {note} / {probe}: the 
     (["--dense", "{note}/d.tif"], "is a file, not a folder"),
     (["--checkpoint_path", "{probe}"], "a classifier checkpoint"),
     (["--stride", "0"], "--stride 0: must be > 0"),
+    (["--input_size", "256"], "--input_size or a finer --gsd"),  # the reader's check, in the launcher's flags
 ]
 
 
@@ -95,6 +96,7 @@ PREDICT_CASES = [
     (["--crs", "EPSG:99999"], "--crs EPSG:99999: not a CRS PROJ knows"),
     (["--preview", "--preview_size", "0"], "--preview_size 0: must be > 0"),
     (["--overlap", str(SIZE)], f"--overlap {SIZE}: must be in [0, --input_size)"),
+    (["--gsd", "8"], f"no raster holds a {SIZE} px window at --gsd 8 (largest read grid 12x16 px)"),
 ]
 
 
