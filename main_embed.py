@@ -330,7 +330,7 @@ def main(args: argparse.Namespace) -> dict:
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     check_flags(args)
     out = check_output(args)
-    source = expand_inputs(args.input)
+    source = expand_inputs(args.input, args.glob, IMAGE_SUFFIXES)
     label = " ".join(args.input)
     images = image_files(source)
 

@@ -133,7 +133,7 @@ def main(args: argparse.Namespace) -> dict:
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
     check_flags(args)
     harness.check_writable(args.output_dir, "--output_dir", folder=True)
-    source = expand_inputs(args.input)
+    source = expand_inputs(args.input, args.glob)
     model, saved, classes, data = load_segmenter(args.resume)
     trained_gsd, trained_ref = training_gsd(data)
     gsd = args.gsd if args.gsd is not None else trained_gsd

@@ -92,8 +92,12 @@ def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tup
     return [float(x) for x in mean], [float(x) for x in std]
 
 
-def expand_inputs(items: list[str]) -> Any:
-    """--input as the reader's source: one path as is, globs expanded (one line when nothing matches)."""
+def expand_inputs(items: list[str], glob: str | None = None, images: Sequence[str] = ()) -> Any:
+    """--input as the reader's source: one path as is, globs expanded (one line when nothing matches); a folder
+    with no GeoTIFF under it (nor a file of the suffixes ``images``, e.g. main_embed.py's JPEG/PNG) is one line
+    too, unless ``glob`` (``--glob``) names the files to read."""
+    from dataloaders.geo_index import RASTER_SUFFIXES
+
     paths: list[str] = []
     for item in items:
         if any(ch in item for ch in "*?["):
@@ -102,9 +106,17 @@ def expand_inputs(items: list[str]) -> Any:
                 raise harness.UserError(f"--input {item}: the pattern matches no file")
             paths.extend(hits)
         else:
-            if not os.path.exists(os.path.expanduser(item)):
+            path = os.path.expanduser(item)
+            if not os.path.exists(path):
                 raise harness.UserError(f"--input {item}: not found")
-            paths.append(os.path.expanduser(item))
+            suffixes = tuple(RASTER_SUFFIXES) + tuple(images)
+            if os.path.isdir(path) and glob is None and not any(
+                    name.lower().endswith(suffixes) for _, _, names in os.walk(path) for name in names):
+                kinds = "GeoTIFF (.tif, .tiff)" + (f" or {'/'.join(s.lstrip('.').upper() for s in images)} "
+                                                   f"image" if images else "")
+                raise harness.UserError(f"--input {item}: a folder with no {kinds} file in it; give the "
+                                        f"rasters' folder, files or a quoted glob, or --glob PATTERN for other names")
+            paths.append(path)
     return paths[0] if len(paths) == 1 else paths
 
 

@@ -33,7 +33,8 @@ def one_error(capsys, main, parser, argv: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def extra_files(world):
-    """A text file (in the way of an output folder) and a classifier (linear-probe) checkpoint."""
+    """A text file (in the way of an output folder), a classifier (linear-probe) checkpoint, a folder with no
+    raster."""
     import models_vit
 
     root = world["root"]
@@ -42,7 +43,10 @@ def extra_files(world):
     probe = root / "probe.pth"
     torch.save({"model": models_vit.vit_tiny_patch16(num_classes=5).state_dict(),
                 "args": {"model": "vit_tiny_patch16", "nb_classes": 5}}, probe)
-    return {"note": note, "probe": probe}
+    empty = root / "no_rasters"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no raster here\n")
+    return {"note": note, "probe": probe, "empty": empty}
 
 
 EMBED_CASES = [  # (extra flags, what the line must say); {note} / {probe}: the extra_files
@@ -60,6 +64,7 @@ EMBED_CASES = [  # (extra flags, what the line must say); {note} / {probe}: the 
     (["--checkpoint_path", "{probe}"], "a classifier checkpoint"),
     (["--stride", "0"], "--stride 0: must be > 0"),
     (["--input_size", "256"], "--input_size or a finer --gsd"),  # the reader's check, in the launcher's flags
+    (["--input", "{empty}"], "a folder with no GeoTIFF (.tif, .tiff) or JPG/JPEG/PNG image file in it"),
 ]
 
 
@@ -108,10 +113,15 @@ def test_predict_bad_flags_one_line_nothing_written(world, segmenter, tmp_path, 
     assert not (tmp_path / "preds").exists() or list((tmp_path / "preds").rglob("*")) == []
 
 
-def test_predict_output_dir_under_a_file(world, segmenter, extra_files, capsys):
+def test_predict_output_dir_under_a_file_and_a_folder_without_rasters(world, segmenter, extra_files, capsys):
     line = one_error(capsys, main_predict.main, main_predict.get_args_parser(),
                      predict_args(segmenter[1], world["utm"], extra_files["note"] / "preds"))
     assert line.startswith("error: --output_dir") and "is a file, not a folder" in line
+    line = one_error(capsys, main_predict.main, main_predict.get_args_parser(),
+                     predict_args(segmenter[1], extra_files["empty"], extra_files["empty"] / "preds"))
+    assert line == f"error: --input {extra_files['empty']}: a folder with no GeoTIFF (.tif, .tiff) file in it; give " \
+                   f"the rasters' folder, files or a quoted glob, or --glob PATTERN for other names"
+    assert sorted(p.name for p in extra_files["empty"].iterdir()) == ["readme.txt"]
 
 
 # ------------------------------------------------------------------------------------- default --input_size
