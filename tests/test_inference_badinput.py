@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +213,7 @@ def test_search_hits_as_geopackage_and_geojson(world, embeddings, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- Ctrl-C
-def test_ctrl_c_line_names_what_the_inference_launchers_keep(monkeypatch, capsys):
+def test_ctrl_c_and_sigterm_lines_name_what_the_inference_launchers_keep(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
 
@@ -220,6 +222,18 @@ def test_ctrl_c_line_names_what_the_inference_launchers_keep(monkeypatch, capsys
                                                                 "--output", "z.parquet"], interrupted="KEPT HERE")
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 130 and err == "error: interrupted (Ctrl-C): stopped at once; KEPT HERE"
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler raises at once; the loop never ends otherwise
+        while True:
+            time.sleep(0.01)
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        harness.run(terminated, main_embed.get_args_parser(), ["--input", "x", "--checkpoint_path", "y",
+                                                               "--output", "z.parquet"], interrupted="KEPT HERE")
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 143 and err == "error: stopped by SIGTERM: stopped at once; KEPT HERE"
+    assert signal.getsignal(signal.SIGTERM) == before  # the launcher's handler is removed when it returns
     seen: list = []  # what each launcher's __main__ passes
     monkeypatch.setattr(harness, "run", lambda main, parser, argv=None, interrupted=None: seen.append(interrupted))
     for script in ("main_embed.py", "main_predict.py"):
