@@ -25,8 +25,7 @@ import torch
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, native_gsd, open_scene, open_store, shard
-from inference.inputs import add_reader_args, check_dtype, check_flags, check_scene, check_upsampling, expand_inputs, \
-    norm_stats
+from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
 
@@ -127,6 +126,7 @@ def training_gsd(data: dict) -> tuple[Optional[float], Optional[float]]:
 
 def main(args: argparse.Namespace) -> dict:
     """Predict every tile; returns ``{"outputs": [...], "computed_blocks", "skipped_blocks"}``."""
+    from inference.inputs import check_flags
     from util.gsd import window_res
 
     device = harness.setup(args)
