@@ -37,7 +37,8 @@ import harness
 from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, open_scene, open_store, shard, \
     window_grid
 from inference.tiling import bound_gdal_cache
-from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
+from inference.inputs import add_reader_args, check_dtype, check_flags, check_scene, check_upsampling, expand_inputs, \
+    norm_stats
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
@@ -90,6 +91,10 @@ def load_encoder(path: str) -> tuple[torch.nn.Module, dict]:
     state, saved_args = read_pretrained(path)
     if not saved_args:  # an exported encoder: its metadata records the input normalisation (util/weights.py)
         saved_args = exported_metadata(path)
+    if any(k.startswith("head.") for k in state):
+        raise harness.UserError(f"--checkpoint_path {path}: a classifier checkpoint (it has a head.*: linear probe or "
+                                f"fine-tuning); export its encoder first (python tools/export_encoder.py {path} "
+                                f"--output PREFIX) and pass PREFIX.safetensors")
     try:
         model = models_vit.import_encoder(state)
     except ValueError as err:
@@ -148,7 +153,20 @@ def check_output(args: argparse.Namespace) -> Path:
         raise harness.UserError(f"--output {out} exists; pass --overwrite to replace it (or choose another name)")
     if args.dense is not None and Path(args.dense).suffix.lower() not in (".tif", ".tiff"):
         raise harness.UserError(f"--dense {args.dense}: give a .tif file name (GeoTIFF)")
+    harness.check_writable(out, "--output")
+    if args.dense is not None:
+        harness.check_writable(args.dense, "--dense")
     return out
+
+
+def trained_size(model: torch.nn.Module, saved_args: dict) -> int:
+    """The window side (px) the checkpoint was trained at: its saved ``input_size``, else the side of its stored
+    positional-embedding table (``[1, 1 + g * g, D]``: ``g`` patches; 224 for the released checkpoint)."""
+    saved = saved_args.get("input_size")
+    if isinstance(saved, int) and saved > 0:
+        return saved
+    grid = math.isqrt(int(model.pos_embed.shape[1]) - model.num_prefix_tokens)
+    return grid * int(model.patch_embed.patch_size[0])
 
 
 def dense_paths(dense: str, gsds: list[float]) -> list[Path]:
@@ -312,14 +330,9 @@ def main(args: argparse.Namespace) -> dict:
     device = harness.setup(args)
     bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    check_flags(args)
     out = check_output(args)
-    for flag in ("batch_size", "input_size", "stride"):
-        v = getattr(args, flag)
-        if v is not None and v <= 0:
-            raise harness.UserError(f"--{flag} {v}: must be a positive integer")
-    if args.gsd is not None and any(not (g > 0 and math.isfinite(g)) for g in args.gsd):
-        raise harness.UserError(f"--gsd {' '.join(map(str, args.gsd))}: every GSD must be a positive number of metres")
-    source = expand_inputs(args.input)
+    source = expand_inputs(args.input, args.glob, IMAGE_SUFFIXES)
     label = " ".join(args.input)
     images = image_files(source)
 
@@ -327,7 +340,7 @@ def main(args: argparse.Namespace) -> dict:
     model = model.to(device)
     patch = int(model.patch_embed.patch_size[0])
     in_chans = int(model.patch_embed.proj.weight.shape[1])
-    size = int(args.input_size or model.patch_embed.img_size[0])
+    size = int(args.input_size or trained_size(model, saved_args))
     if size % patch:
         raise harness.UserError(f"--input_size {size}: not a multiple of the model's patch {patch}")
     stride = int(args.stride or size)
@@ -505,4 +518,5 @@ def assemble(out: Path, store: BlockStore, blocks: list[Block], scenes: list, gs
 
 
 if __name__ == "__main__":
-    harness.run(main, get_args_parser())
+    harness.run(main, get_args_parser(), interrupted="the finished window rows are kept in <--output>.blocks/; rerun "
+                                                     "the same command to resume there")

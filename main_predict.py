@@ -133,12 +133,15 @@ def training_gsd(data: dict) -> tuple[Optional[float], Optional[float]]:
 
 def main(args: argparse.Namespace) -> dict:
     """Predict every tile; returns ``{"outputs": [...], "computed_blocks", "skipped_blocks"}``."""
+    from inference.inputs import check_flags
     from util.gsd import window_res
 
     device = harness.setup(args)
     bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
     rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    source = expand_inputs(args.input)
+    check_flags(args)
+    harness.check_writable(args.output_dir, "--output_dir", folder=True)
+    source = expand_inputs(args.input, args.glob)
     model, saved, classes, data = load_segmenter(args.resume)
     trained_gsd, trained_ref = training_gsd(data)
     gsd = args.gsd if args.gsd is not None else trained_gsd
@@ -333,4 +336,5 @@ def write_outputs(out_dir: Path, stem: str, store: BlockStore, blocks: list, ds,
 
 
 if __name__ == "__main__":
-    harness.run(main, get_args_parser())
+    harness.run(main, get_args_parser(), interrupted="the finished strips are kept in <--output_dir>/.predict.blocks/; "
+                                                     "rerun the same command to resume there")

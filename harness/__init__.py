@@ -27,8 +27,8 @@ from harness.checkpoints import (OLD_ASIDE, VERIFIED, CheckpointKeeper, checkpoi
                                  find_resume, load_resumed_weights, nothing_left, read_checkpoint,
                                  remove_stale_temp_files, restore_training_state, rng_state, set_rng_state,
                                  state_is_finite)
-from harness.output import (make_folder, open_log_writer, prepare_output, record_raster_dtype, resolve_data_config,
-                            save_run_config)
+from harness.output import (check_writable, make_folder, open_log_writer, prepare_output, record_raster_dtype,
+                            resolve_data_config, save_run_config)
 from harness.skeleton import TrainingRun, evaluate_only, start_optimizer, stop_preempted, training_run
 
 __all__ = [
@@ -41,7 +41,7 @@ __all__ = [
     "OLD_ASIDE", "VERIFIED", "CheckpointKeeper", "checkpoint_kind", "checkpoint_writer", "find_resume",
     "load_resumed_weights", "nothing_left", "read_checkpoint", "remove_stale_temp_files", "restore_training_state",
     "rng_state", "set_rng_state", "state_is_finite",
-    "make_folder", "open_log_writer", "prepare_output", "record_raster_dtype", "resolve_data_config",
-    "save_run_config",
+    "check_writable", "make_folder", "open_log_writer", "prepare_output", "record_raster_dtype",
+    "resolve_data_config", "save_run_config",
     "TrainingRun", "evaluate_only", "start_optimizer", "stop_preempted", "training_run",
 ]

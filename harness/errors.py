@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
+import threading
 import traceback
 from typing import Any, Callable, Optional, Sequence
 
@@ -37,6 +39,15 @@ class UserError(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in a launcher run with ``run(..., interrupted=...)`` (one that stops at once, keeping what it
+    finished: the inference launchers); training launchers stop at a step instead (``StopRequest``)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 def _user_error_types() -> tuple:
@@ -93,15 +104,20 @@ def debug_enabled(args: Optional[argparse.Namespace] = None) -> bool:
 
 
 def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
-        argv: Optional[Sequence[str]] = None) -> Any:
+        argv: Optional[Sequence[str]] = None, interrupted: Optional[str] = None) -> Any:
     """Command-line entry point of a launcher: parse ``argv``, run ``main(args)``, report user errors.
 
     User errors (``UserError``, ``SystemExit("message")``, config/data/checkpoint errors, ``ValueError``, missing
     files) become one ``error: ...`` line on rank 0 and exit status 2; a non-finite loss exits with 1 (the
     launcher's ``training_run`` prints it). With ``--debug`` or ``SCALEMAE_DEBUG=1`` the traceback is printed
-    before the line. Returns ``main``'s result.
+    before the line. ``interrupted``: what the Ctrl-C line says is kept and how to resume (default: the training
+    launchers' checkpoint); given, SIGTERM also stops at once with that line (exit 143), for launchers whose
+    finished work is kept as it goes (the inference launchers' blocks). Returns ``main``'s result.
     """
     args = parser.parse_args(argv)
+    previous = None
+    if interrupted is not None and threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)  # SIGTERM stops at once too, with the same line
     try:
         return main(args)
     except SystemExit as exc:
@@ -110,9 +126,11 @@ def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPars
         _report(exc, str(exc.code), args)
         raise SystemExit(2) from None
     except KeyboardInterrupt as exc:
-        _report(exc, f"interrupted (Ctrl-C): stopped at once; {LATEST} in --output_dir holds the last complete save "
-                     f"(saves are atomic), rerun the same command to resume from it", args)
-        raise SystemExit(130) from None
+        how = "stopped by SIGTERM" if isinstance(exc, Terminated) else "interrupted (Ctrl-C)"
+        _report(exc, f"{how}: stopped at once; " + (
+            interrupted or f"{LATEST} in --output_dir holds the last complete save (saves are atomic), rerun the "
+                           f"same command to resume from it"), args)
+        raise SystemExit(128 + signal.SIGTERM if isinstance(exc, Terminated) else 130) from None
     except _user_error_types() as exc:
         _report(exc, str(exc) or type(exc).__name__, args)
         raise SystemExit(2) from None
@@ -122,6 +140,8 @@ def run(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentPars
         cleanup_quietly()
         raise SystemExit(1) from None
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         release_output_lock()
 
 

@@ -15,7 +15,7 @@ from harness.errors import UserError
 from harness.run_control import take_output_lock
 
 __all__ = ["SHIPPED_CONFIGS", "DEFAULT_DATA_ROOT", "resolve_data_config", "prepare_output", "make_folder",
-           "save_run_config", "record_raster_dtype", "open_log_writer"]
+           "check_writable", "save_run_config", "record_raster_dtype", "open_log_writer"]
 
 _REPO = Path(__file__).resolve().parent.parent  # the launchers live in the repository root
 SHIPPED_CONFIGS = _REPO / "config"
@@ -92,6 +92,25 @@ def make_folder(path: str | os.PathLike, flag: str) -> Path:
     except OSError as err:
         where = f" ({err.filename})" if err.filename and os.fspath(err.filename) != os.fspath(path) else ""
         raise UserError(f"{flag} {path}: cannot create the folder: {_os_reason(err)}{where}") from None
+    return path
+
+
+def check_writable(path: str | os.PathLike, flag: str, folder: bool = False) -> Path:
+    """Refuse, before any work and creating nothing, an output ``path`` that cannot be written: a file
+    (``folder=False``: its folder) or a folder (``folder=True``: itself) whose nearest existing ancestor must be a
+    folder this process may create files in. A file in the way, a read-only or foreign folder: one ``UserError``
+    naming ``flag``. Returns the path."""
+    path = Path(os.path.expanduser(str(path)))
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{flag} {path}: exists and is not a folder")
+    here = (path if folder else path.parent).absolute()
+    while not here.exists() and here != here.parent:
+        here = here.parent
+    if not here.is_dir():
+        raise UserError(f"{flag} {path}: {here} is a file, not a folder; choose a path in a folder")
+    if not os.access(here, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {here} (permission denied or read-only); choose a "
+                        f"folder you can write in")
     return path
 
 

@@ -114,10 +114,14 @@ def read_embeddings(path: str | Path, column: str | None = None):
     import geopandas as gpd
 
     _pyarrow()
-    gdf = gpd.read_parquet(path)
+    what = "not an embedding file of main_embed.py (GeoParquet with embedding_* columns)"
+    try:
+        gdf = gpd.read_parquet(path)
+    except (OSError, ValueError) as err:  # not Parquet, or Parquet without geometry metadata
+        raise ValueError(f"{path}: {what}: {' '.join(str(err).split())}") from None
     cols = embedding_columns(list(gdf.columns))
     if not cols:
-        raise ValueError(f"{path}: no embedding column (embedding_*) in {list(gdf.columns)}")
+        raise ValueError(f"{path}: {what}: its columns are {list(gdf.columns)}")
     column = column or cols[0]
     if column not in cols:
         raise ValueError(f"{path}: no embedding column {column!r}; it has {cols}")

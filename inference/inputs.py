@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import argparse
 import glob as globmod
+import math
 import os
 from typing import Any, Sequence
 
 import harness
+from dataloaders.geo_read import RESAMPLING_METHODS
 from dataloaders.pixel_dtype import RASTER_DTYPE_KEY
 
-__all__ = ["add_reader_args", "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype",
+__all__ = ["add_reader_args", "check_flags", "check_crs", "POSITIVE_FLAGS", "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype",
            "check_upsampling", "UPSAMPLE_TOLERANCE"]
 
 # a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
 UPSAMPLE_TOLERANCE = 0.01
+# flags that are lengths, counts or factors: > 0 wherever an inference launcher has them (0 would give NaN pixels
+# (--scale), no window (--gsd, --input_size), a degenerate positional embedding (--base_resolution) ...)
+POSITIVE_FLAGS = ("gsd", "reference_gsd", "scale", "base_resolution", "input_size", "stride", "batch_size",
+                  "preview_size")
 
 
 def add_reader_args(group: Any, input_help: str = "") -> None:
@@ -37,11 +43,33 @@ def add_reader_args(group: Any, input_help: str = "") -> None:
     group.add_argument("--no_upsample", action="store_true",
                        help="a read GSD finer than the raster is an error (default: a warning, the raster is "
                             "upsampled)")
-    group.add_argument("--resampling", default=None, help="warp method of reads at another GSD (default bilinear)")
+    group.add_argument("--resampling", default=None, choices=RESAMPLING_METHODS,
+                       help="warp method of reads at another GSD (default bilinear)")
     group.add_argument("--ignore_dtype", action="store_true",
                        help=f"read rasters whose pixel dtype differs from the one the checkpoint was trained on "
                             f"({RASTER_DTYPE_KEY}; default: an error), e.g. float32 rasters holding the training "
                             f"values: --scale must then bring them to the training range")
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """One line, before any work (nothing read or written yet), for flag values no run can use: a length, count or
+    factor of :data:`POSITIVE_FLAGS` that is not > 0 (or not finite), a ``--crs`` PROJ does not know."""
+    harness.check_positive(args, *POSITIVE_FLAGS)
+    check_crs(getattr(args, "crs", None), "--crs")
+
+
+def check_crs(crs: str | None, flag: str) -> None:
+    """One line when ``crs`` (given with ``flag``; None: not given) is not a CRS PROJ knows."""
+    if crs is None:
+        return
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(crs)
+    except CRSError:
+        raise harness.UserError(f"{flag} {crs}: not a CRS PROJ knows; give one such as EPSG:4326 (lon lat), "
+                                f"EPSG:32633 (UTM 33N) or EPSG:3857") from None
 
 
 def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tuple[list[float], list[float]]:
@@ -57,11 +85,19 @@ def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tup
                                     f"pass {flag} with {in_chans} values")
         if len(v) != in_chans:
             raise harness.UserError(f"{flag}: {len(v)} values, but the model takes {in_chans} bands")
+    if not all(math.isfinite(float(x)) for x in list(mean) + list(std)) or min(float(s) for s in std) <= 0:
+        raise harness.UserError(f"--mean {' '.join(f'{float(x):g}' for x in mean)} --std "
+                                f"{' '.join(f'{float(x):g}' for x in std)}: every std must be > 0 and every value "
+                                f"finite (a std of 0 divides by zero)")
     return [float(x) for x in mean], [float(x) for x in std]
 
 
-def expand_inputs(items: list[str]) -> Any:
-    """--input as the reader's source: one path as is, globs expanded (one line when nothing matches)."""
+def expand_inputs(items: list[str], glob: str | None = None, images: Sequence[str] = ()) -> Any:
+    """--input as the reader's source: one path as is, globs expanded (one line when nothing matches); a folder
+    with no GeoTIFF under it (nor a file of the suffixes ``images``, e.g. main_embed.py's JPEG/PNG) is one line
+    too, unless ``glob`` (``--glob``) names the files to read."""
+    from dataloaders.geo_index import RASTER_SUFFIXES
+
     paths: list[str] = []
     for item in items:
         if any(ch in item for ch in "*?["):
@@ -70,9 +106,17 @@ def expand_inputs(items: list[str]) -> Any:
                 raise harness.UserError(f"--input {item}: the pattern matches no file")
             paths.extend(hits)
         else:
-            if not os.path.exists(os.path.expanduser(item)):
+            path = os.path.expanduser(item)
+            if not os.path.exists(path):
                 raise harness.UserError(f"--input {item}: not found")
-            paths.append(os.path.expanduser(item))
+            suffixes = tuple(RASTER_SUFFIXES) + tuple(images)
+            if os.path.isdir(path) and glob is None and not any(
+                    name.lower().endswith(suffixes) for _, _, names in os.walk(path) for name in names):
+                kinds = "GeoTIFF (.tif, .tiff)" + (f" or {'/'.join(s.lstrip('.').upper() for s in images)} "
+                                                   f"image" if images else "")
+                raise harness.UserError(f"--input {item}: a folder with no {kinds} file in it; give the "
+                                        f"rasters' folder, files or a quoted glob, or --glob PATTERN for other names")
+            paths.append(path)
     return paths[0] if len(paths) == 1 else paths
 
 

@@ -32,14 +32,24 @@ def window_at(gdf, x: float, y: float, crs: Optional[str] = None, gsd: Optional[
     import shapely
     from pyproj import Transformer
 
+    if gdf.crs is None or gdf.geometry.is_empty.all():
+        raise ValueError("--point: the file's windows have no footprint (embeddings of plain images, no "
+                         "georeferencing); query by row with --window")
     if crs is not None:
         x, y = Transformer.from_crs(crs, gdf.crs, always_xy=True).transform(x, y)
     point = shapely.Point(x, y)
     hits = np.flatnonzero(shapely.intersects_xy(np.asarray(gdf.geometry.values, dtype=object), x, y))  # edges too
     if gsd is not None:
+        have = np.unique(gdf["gsd"].to_numpy())
+        if not np.isclose(have, gsd).any():
+            raise ValueError(f"--gsd {gsd:g}: the file has windows at gsd {', '.join(f'{g:g}' for g in have)} only")
         hits = hits[np.isclose(gdf["gsd"].to_numpy()[hits], gsd)]
     if len(hits) == 0:
-        raise ValueError(f"no window{'' if gsd is None else f' at gsd {gsd:g}'} contains the point ({x:.6g}, {y:.6g})")
+        x0, y0, x1, y1 = gdf.total_bounds
+        raise ValueError(f"no window{'' if gsd is None else f' at gsd {gsd:g}'} contains the point ({x:.6g}, {y:.6g})"
+                         f" in {gdf.crs.to_string() if gdf.crs else 'the file CRS'}; the windows cover x {x0:.6g} .. "
+                         f"{x1:.6g}, y {y0:.6g} .. {y1:.6g}: check --point (x y; lon lat for EPSG:4326), "
+                         f"--point_crs and --gsd")
     finest = gdf["gsd"].to_numpy()[hits].min()
     hits = hits[gdf["gsd"].to_numpy()[hits] == finest]
     dist = shapely.distance(shapely.centroid(np.asarray(gdf.geometry.values[hits], dtype=object)), point)

@@ -64,12 +64,22 @@ def open_scene(source: Any, gsd: Optional[float], window: int, *, band_files: Op
                index_cache: Any = False):
     """The :class:`~dataloaders.geotiff.GeoTiffDataset` of ``source`` with read grids of ``gsd`` metres (None: the
     files' own grid) and windows of ``window`` px; ``sample['res']`` is ``reference_gsd_factor(gsd, reference_gsd)``.
-    Raises ``DataError`` (one line) for unreadable input."""
+    Raises ``DataError`` (one line) for unreadable input, and when no raster's read grid holds one window (said in
+    the launchers' flags: the dataset's own check speaks of a data config's keys)."""
+    from dataloaders.errors import DataError
     from dataloaders.geotiff import GeoTiffDataset
 
-    return GeoTiffDataset(source, window_size=window, band_files=band_files, scene_glob=scene_glob, glob=glob, crs=crs, nodata=nodata,
-                          scale=scale, target_gsd=gsd, resampling=resampling, mosaic=mosaic,
-                          reference_gsd=reference_gsd, index_cache=index_cache)
+    ds = GeoTiffDataset(source, window_size=1, band_files=band_files, scene_glob=scene_glob, glob=glob, crs=crs,
+                        nodata=nodata, scale=scale, target_gsd=gsd, resampling=resampling, mosaic=mosaic,
+                        reference_gsd=reference_gsd, index_cache=index_cache)
+    if not mosaic and not any(h >= window and w >= window for h, w in ds.tile_shapes):
+        h, w = max(ds.tile_shapes, key=lambda hw: hw[0] * hw[1])
+        where = "" if gsd is None else f" at --gsd {gsd:g}"
+        raise DataError(f"--input {source if isinstance(source, str) else ' '.join(map(str, source))}: no raster "
+                        f"holds a {window} px window{where} (largest read grid {h}x{w} px); use a smaller "
+                        f"--input_size or a finer --gsd (or --mosaic where tiles have neighbours)")
+    ds.window_size = int(window)
+    return ds
 
 
 def bound_gdal_cache(mib: int = GDAL_CACHE_MIB) -> Optional[int]:

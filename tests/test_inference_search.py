@@ -24,5 +24,5 @@ def test_window_at_points_inside_on_edges_and_outside():
     assert window_at(gdf, 128.0, -128.0) == 15                   # the raster's outer corner still belongs to it
     with pytest.raises(ValueError, match="no window contains the point"):
         window_at(gdf, 128.5, -10.0)
-    with pytest.raises(ValueError, match="no window at gsd 2 contains"):
+    with pytest.raises(ValueError, match="--gsd 2: the file has windows at gsd 0.5, 1 only"):
         window_at(gdf, 10.0, -10.0, gsd=2.0)

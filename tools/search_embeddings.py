@@ -19,6 +19,9 @@ if _REPO_ROOT not in sys.path:  # run as a script without `pip install -e .`
 import harness  # noqa: E402
 
 
+OUTPUT_DRIVERS = {".geojson": "GeoJSON", ".json": "GeoJSON", ".gpkg": "GPKG"}  # --output suffix -> OGR driver
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = harness.ArgumentParser("Similarity search over main_embed.py embeddings", add_help=True)
     p.add_argument("embeddings", help="GeoParquet file written by main_embed.py")
@@ -36,11 +39,19 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace):
+    from inference.inputs import check_crs
     from inference.search import search
 
     if not os.path.isfile(args.embeddings):
         raise harness.UserError(f"{args.embeddings}: file not found")
     harness.check_positive(args, "k")
+    check_crs(args.point_crs, "--point_crs")
+    driver = OUTPUT_DRIVERS.get(os.path.splitext(args.output or "")[1].lower()) if args.output else None
+    if args.output:
+        harness.require(driver is not None, f"--output {args.output}: give a .geojson or .gpkg file name")
+        harness.require(not os.path.isdir(args.output), f"--output {args.output}: is a folder; give a .geojson or "
+                                                        f".gpkg file name")
+        harness.check_writable(args.output, "--output")
     query, hits = search(args.embeddings, k=args.k, index=args.window, point=args.point, crs=args.point_crs,
                          gsd=args.gsd, column=args.column)
     print(f"query: window {query.name} gsd {query['gsd']:g} {query['source']} row {query['row']} col "
@@ -51,7 +62,8 @@ def main(args: argparse.Namespace):
     if args.output:
         from util.io import atomic_write
 
-        atomic_write(args.output, lambda tmp: hits.to_file(tmp), by_name=True)
+        layer = {"layer": "hits"} if driver == "GPKG" else {}  # not the temporary file's name
+        atomic_write(args.output, lambda tmp: hits.to_file(tmp, driver=driver, **layer), by_name=True)
         print(f"hits written to {args.output}")
     return hits
 
