@@ -127,6 +127,18 @@ def report(bench: str, args: argparse.Namespace, rows: list[dict], started: tupl
                       "runs": rows}, indent=1))
 
 
+def sides_parser(doc: str, window: int, batch_size: int) -> argparse.ArgumentParser:
+    """The flags every raster-size bench shares: ``--sizes``, ``--window``, ``--batch_size`` and the hidden
+    ``--child SIDE --tmp DIR`` with which :func:`run_sides` starts one measured process per side."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="raster sides in px")
+    p.add_argument("--window", type=int, default=window, help="--input_size (px, a multiple of 16)")
+    p.add_argument("--batch_size", type=int, default=batch_size)
+    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
+    return p
+
+
 def child(args: argparse.Namespace) -> None:
     import main_embed
 
@@ -140,15 +152,10 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--window", type=int, default=64)
+    p = sides_parser(__doc__, window=64, batch_size=32)
     p.add_argument("--gsd", type=float, nargs="*", default=[1.0, 2.0],
                    help="GSDs to embed at (none: the raster's own, main_embed.py's default)")
-    p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--model", default="mae_vit_tiny_patch16")
-    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
         child(args)

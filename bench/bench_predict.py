@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # bench_embed also puts the repository on sys.path
-from bench_embed import measure, report, run_sides, started, write_raster  # noqa: E402
+from bench_embed import measure, report, run_sides, sides_parser, started, write_raster  # noqa: E402
 
 CLASSES = ["background", "a", "b"]
 
@@ -58,16 +58,11 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096])
-    p.add_argument("--window", type=int, default=224, help="--input_size (px, a multiple of 16)")
+    p = sides_parser(__doc__, window=224, batch_size=8)
     p.add_argument("--overlap", type=int, default=0, help="--overlap (px; main_predict's default is window // 4)")
-    p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--model", default="vit_tiny_patch16", help="backbone of models_seg.build_segmentation_model")
     p.add_argument("--head_channels", type=int, default=32)
     p.add_argument("--probabilities", action="store_true", help="also write the class probabilities COG")
-    p.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child is not None:
         child(args)

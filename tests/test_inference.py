@@ -15,6 +15,7 @@ from affine import Affine
 import harness
 import main_embed
 from inference.tiling import Block, BlockStore, StoreMismatch, axis_starts, shard, window_grid
+from tests.cli import one_error_line
 from tests.raster_reference import fake_values, write_tile
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,15 +203,7 @@ def test_resume_after_sigkill_gives_the_same_file(world, single, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad input
 def census(world, tmp_path, capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        harness.run(main_embed.main, main_embed.get_args_parser(), argv)
-    assert exc.value.code == 2
-    captured = capsys.readouterr()
-    text = (captured.out + captured.err).strip()
-    assert "Traceback" not in text
-    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, text
-    return lines[0]
+    return one_error_line(capsys, main_embed.main, main_embed.get_args_parser(), argv)
 
 
 def test_bad_input_one_line_each(world, tmp_path, capsys):

@@ -17,20 +17,10 @@ import torch
 import harness
 import main_embed
 import main_predict
+from tests.cli import one_error_line
 from tests.test_inference import SIZE, embed_args, predict_args, run_embed, segmenter, world  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def one_error(capsys, main, parser, argv: list[str]) -> str:
-    """Run a launcher as its ``__main__`` does; the single ``error:`` line (exit 2, no traceback, printed once)."""
-    with pytest.raises(SystemExit) as exc:
-        harness.run(main, parser, argv)
-    captured = capsys.readouterr()
-    text = (captured.out + captured.err).strip()
-    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert exc.value.code == 2 and "Traceback" not in text and len(lines) == 1, text
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +64,21 @@ EMBED_CASES = [  # (extra flags, what the line must say); {note} / {probe}: the 
 def test_embed_bad_flags_one_line_nothing_written(world, extra_files, tmp_path, capsys, extra, expected):
     pytest.importorskip("pyarrow")
     extra = [e.format(**extra_files) for e in extra]
-    line = one_error(capsys, main_embed.main, main_embed.get_args_parser(),
+    line = one_error_line(capsys, main_embed.main, main_embed.get_args_parser(),
                      embed_args(world, tmp_path / "o.parquet", *extra))
     assert expected in line, line
     assert list(tmp_path.iterdir()) == []  # no output, no blocks folder
 
 
 def test_embed_output_under_a_file_or_in_a_read_only_folder(world, extra_files, tmp_path, capsys, monkeypatch):
-    line = one_error(capsys, main_embed.main, main_embed.get_args_parser(),
+    line = one_error_line(capsys, main_embed.main, main_embed.get_args_parser(),
                      embed_args(world, extra_files["note"] / "o.parquet"))
     assert line.startswith(f"error: --output {extra_files['note']}/o.parquet") and "is a file, not a folder" in line
     locked = tmp_path / "locked"
     locked.mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real(p, mode))  # root: no EACCES
-    line = one_error(capsys, main_embed.main, main_embed.get_args_parser(),
+    line = one_error_line(capsys, main_embed.main, main_embed.get_args_parser(),
                      embed_args(world, locked / "sub" / "o.parquet"))
     assert f"cannot write in {locked}" in line and line.startswith("error: --output")
     assert list(locked.iterdir()) == []
@@ -109,17 +99,17 @@ PREDICT_CASES = [
 
 @pytest.mark.parametrize("extra,expected", PREDICT_CASES, ids=[" ".join(c[0])[:30] for c in PREDICT_CASES])
 def test_predict_bad_flags_one_line_nothing_written(world, segmenter, tmp_path, capsys, extra, expected):
-    line = one_error(capsys, main_predict.main, main_predict.get_args_parser(),
+    line = one_error_line(capsys, main_predict.main, main_predict.get_args_parser(),
                      predict_args(segmenter[1], world["utm"], tmp_path / "preds", *extra))
     assert expected in line, line
     assert not (tmp_path / "preds").exists() or list((tmp_path / "preds").rglob("*")) == []
 
 
 def test_predict_output_dir_under_a_file_and_a_folder_without_rasters(world, segmenter, extra_files, capsys):
-    line = one_error(capsys, main_predict.main, main_predict.get_args_parser(),
+    line = one_error_line(capsys, main_predict.main, main_predict.get_args_parser(),
                      predict_args(segmenter[1], world["utm"], extra_files["note"] / "preds"))
     assert line.startswith("error: --output_dir") and "is a file, not a folder" in line
-    line = one_error(capsys, main_predict.main, main_predict.get_args_parser(),
+    line = one_error_line(capsys, main_predict.main, main_predict.get_args_parser(),
                      predict_args(segmenter[1], extra_files["empty"], extra_files["empty"] / "preds"))
     assert line == f"error: --input {extra_files['empty']}: a folder with no GeoTIFF (.tif, .tiff) file in it; give " \
                    f"the rasters' folder, files or a quoted glob, or --glob PATTERN for other names"
@@ -195,7 +185,7 @@ def test_search_bad_queries_and_files_one_line(world, embeddings, extra_files, t
     ]
     main, parser = search_main()
     for argv, expected in cases:
-        line = one_error(capsys, main, parser, argv)
+        line = one_error_line(capsys, main, parser, argv)
         assert expected in line, (argv, line)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.parquet", "theirs.parquet"]
 

@@ -18,8 +18,8 @@ from hypothesis.extra.numpy import arrays
 from rasterio.features import shapes
 from shapely.geometry import shape
 
-import harness
 import main_predict
+from tests.cli import one_error_line
 from tests.cog_layout import cog_problems, read_ifds
 from tests.raster_reference import fake_values, write_tile
 from tests.test_inference import SIZE, UTM, predict_args, segmenter, world  # noqa: F401 (module fixtures)
@@ -332,16 +332,6 @@ def test_mosaic_tiles_equal_the_whole_raster_cropped(segmenter, tmp_path, monkey
 
 
 # ------------------------------------------------------------------------------------------- refused runs
-def one_error_line(capsys, main, parser, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exc:
-        harness.run(main, parser, argv)
-    captured = capsys.readouterr()
-    text = (captured.out + captured.err).strip()
-    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert exc.value.code == 2 and "Traceback" not in text and len(lines) == 1, text
-    return lines[0]
-
-
 def test_a_raster_of_another_dtype_than_the_training_data_is_refused(segmenter, tmp_path, capsys):  # noqa: F811
     rgb8 = write_tile(tmp_path / "rgb8.tif", (fake_values(3, 64, 64, seed=8) // 12).astype(np.uint8), UTM,
                       "EPSG:32610")

@@ -15,32 +15,14 @@ from affine import Affine
 
 import harness
 import main_embed
+from tests.cli import one_error_line
 from tests.raster_reference import fake_values, write_tile
 
 REPO = Path(__file__).resolve().parents[1]
 UTM = Affine(1.0, 0.0, 500000.0, 0.0, -1.0, 4200000.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def census(capsys, main, parser, argv: list[str]) -> str:
-    """Run a launcher as the command line does; it must exit 2 with one ``error:`` line and no traceback."""
-    with pytest.raises(SystemExit) as exc:
-        harness.run(main, parser, argv)
-    assert exc.value.code == 2
-    captured = capsys.readouterr()
-    text = (captured.out + captured.err).strip()
-    assert "Traceback" not in text
-    lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
-    assert len(lines) == 1, text
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ what datasets read
@@ -123,7 +105,7 @@ def test_predict_refuses_a_uint8_raster_with_a_uint16_checkpoint(segmented, tmp_
         return ["--input", str(segmented["u8"]), "--resume", str(segmented["ckpt"]), "--scale", "255",
                 "--device", "cpu", "--overlap", "8", "--batch_size", "4", "--output_dir", str(out), *extra]
 
-    line = census(capsys, main_predict.main, main_predict.get_args_parser(), argv(tmp_path / "refused"))
+    line = one_error_line(capsys, main_predict.main, main_predict.get_args_parser(), argv(tmp_path / "refused"))
     assert "pixels of dtype uint8, but the checkpoint was trained on uint16 rasters" in line, line
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
     result = main_predict.main(main_predict.get_args_parser().parse_args(argv(tmp_path / "forced", "--ignore_dtype")))
@@ -164,7 +146,7 @@ def test_pretraining_records_the_dtype_and_embed_refuses_another(pretrained, tmp
     assert yaml.safe_load((pretrained["run"] / "config.yaml").read_text())["args"]["raster_dtype"] == "uint16"
 
     parser = main_embed.get_args_parser()
-    line = census(capsys, main_embed.main, parser, embed_argv(pretrained["ckpt"], pretrained["u8"],
+    line = one_error_line(capsys, main_embed.main, parser, embed_argv(pretrained["ckpt"], pretrained["u8"],
                                                               tmp_path / "u8.parquet"))
     assert "pixels of dtype uint8, but the checkpoint was trained on uint16 rasters" in line, line
     assert "--ignore_dtype" in line and str(pretrained["u8"]) in line
