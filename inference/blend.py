@@ -14,7 +14,7 @@ most ``ceil(size / stride)`` window rows of fewer than ``size`` rows each).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -59,30 +59,38 @@ def blend_strip(predict: Callable[[list[tuple[int, int]]], tuple[np.ndarray, np.
     # float32 sums of at most a few weighted probabilities; divided in place: the strip is held once, K x rows x width
     acc, wsum, valid = None, np.zeros((b - a, width), np.float32), np.zeros((b - a, width), bool)
     kept: dict[int, Any] = {}
-    for r in rows_meeting(row_starts, size, a, b):
-        top, hi = max(a, r), min(b, r + size)  # this strip's rows of window row r; parts start at output row `top`
+
+    def windows_of(r: int, top: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(col, probs [K, rows, cols], valid [rows, cols])`` of window row ``r`` from output row ``top`` down,
+        clipped to ``[0, width)``: from the cache when it holds them from ``top``, else predicted a batch at a
+        time (the batches of a window row are always the same ones)."""
         hit = cache.get(r) if cache is not None else None
-        if hit is not None and hit[0] == a:
-            parts = hit[1]
-        else:
-            parts = []
-            for i in range(0, len(col_starts), max(batch, 1)):  # batches within one window row: the same ones always
-                chunk = list(col_starts[i:i + max(batch, 1)])
-                probs, ok = predict([(r, c) for c in chunk])
-                for c, p, v in zip(chunk, probs, ok):
-                    left, right = max(0, c), min(width, c + size)  # may start before column 0 / end past width
-                    parts.append((c, p[:, top - r:, left - c:right - c], v[top - r:, left - c:right - c]))
-        if acc is None:
-            acc = np.zeros((parts[0][1].shape[0], b - a, width), np.float32)
-        n = hi - top
-        for c, p, v in parts:
+        if hit is not None and hit[0] == top:
+            yield from hit[1]
+            return
+        step = max(batch, 1)
+        for i in range(0, len(col_starts), step):
+            chunk = list(col_starts[i:i + step])
+            probs, ok = predict([(r, c) for c in chunk])
+            for c, p, v in zip(chunk, probs, ok):
+                left, right = max(0, c), min(width, c + size)  # may start before column 0 / end past width
+                yield c, p[:, top - r:, left - c:right - c], v[top - r:, left - c:right - c]
+
+    for r in rows_meeting(row_starts, size, a, b):
+        top, hi = max(a, r), min(b, r + size)  # this strip's rows of window row r
+        n, rest = hi - top, []
+        for c, p, v in windows_of(r, top):
+            if acc is None:
+                acc = np.zeros((p.shape[0], b - a, width), np.float32)
             left, right = max(0, c), min(width, c + size)
             w = weights[top - r:hi - r, left - c:right - c]
             acc[:, top - a:hi - a, left:right] += p[:, :n] * w
             wsum[top - a:hi - a, left:right] += w
             valid[top - a:hi - a, left:right] |= v[:n]
-        if cache is not None and r + size > b:  # rows a later strip still needs; copies: the batch is freed
-            kept[r] = (b, [(c, p[:, n:].copy(), v[n:].copy()) for c, p, v in parts])
+            if cache is not None and r + size > b:  # the rows a later strip still needs; copies: the batch is freed
+                rest.append((c, p[:, n:].copy(), v[n:].copy()))
+        if rest:
+            kept[r] = (b, rest)
     if cache is not None:
         cache.clear()
         cache.update(kept)
