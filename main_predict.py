@@ -11,9 +11,10 @@ read grid (the source's CRS and transform at that GSD); pixels without valid inp
 ``_prob.tif`` (class probabilities), ``_pred.gpkg`` (polygons), ``_preview.png``. With ``--mosaic`` (tiles of one
 mosaic) a tile's windows continue past each edge where another tile lies (``inference.tiling.neighbour_sides``,
 ``mosaic_margin``), read from every tile they touch: pixels near a tile edge get the neighbour's context and the
-maps of neighbouring tiles meet without seams; each tile's files stay on its own grid. Output strips are sharded over
-ranks and kept in ``<output_dir>/.predict.blocks/`` until every tile is written: a killed run resumes where it
-stopped.
+maps of neighbouring tiles meet without seams; each tile's files stay on its own grid. Output strips are split over
+ranks in contiguous runs (``inference.tiling.runs``; a rank's consecutive strips reuse the windows they share, so
+each window is predicted once per run) and kept in ``<output_dir>/.predict.blocks/`` until every tile is
+written: a killed run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, bound_gdal_cache, native_gsd, neighbour_sides, \
-    open_scene, open_store, shard
+    open_scene, open_store, runs
 from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
 from util import dist as dist_util
 from util.io import atomic_write
@@ -220,14 +221,19 @@ def main(args: argparse.Namespace) -> dict:
         return predict
 
     computed = skipped = 0
-    for block in shard(plan, rank, world):
+    cache: dict = {}  # window rows shared with the next strip of the same tile (inference/blend.py)
+    tile = None
+    for block in runs(plan, rank, world):
+        if block.tile != tile:
+            cache, tile = {}, block.tile
         if store.done(block):
             skipped += 1
+            cache.clear()  # the next strip predicts its windows anew
             continue
         h, w = ds.tile_shapes[block.tile]
         a, b = block.row, min(block.row + stride, h)
         probs, valid = blend_strip(predictor(block.tile), *layouts[block.tile], w, size, a, b, weights,
-                                   args.batch_size)
+                                   args.batch_size, cache=cache)
         pred = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
         arrays = {"pred": pred}
         if args.probabilities:

@@ -9,7 +9,8 @@ window is read by the project's reader ("one pixel, one value"), never by a seco
   side where a mosaic tile has a neighbour (:func:`neighbour_sides`) the windows continue past the edge instead
   (:func:`mosaic_margin`);
 * :func:`blocks_of` / :func:`shard` -- windows grouped into *blocks* (one row of windows of one tile), the unit of
-  sharding over ranks and of resuming;
+  sharding over ranks and of resuming; :func:`runs` -- contiguous runs per rank instead (``main_predict``'s
+  strips, which share windows with their neighbours);
 * :class:`BlockStore` -- a folder of finished blocks, each written atomically (``util.io.atomic_write``), with a
   manifest of the run's settings: a killed run resumes without recomputing the blocks it finished, and a folder
   of other settings is refused.
@@ -34,7 +35,7 @@ import numpy as np
 from util.io import atomic_write, atomic_write_text
 
 __all__ = ["Block", "open_store", "open_scene", "bound_gdal_cache", "native_gsd", "axis_starts", "mosaic_margin",
-           "neighbour_sides", "window_grid", "blocks_of", "shard", "batches",
+           "neighbour_sides", "window_grid", "blocks_of", "shard", "runs", "batches",
            "BlockStore", "StoreMismatch"]
 
 T = TypeVar("T")
@@ -174,6 +175,15 @@ def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside a world of {world}")
     return list(items[rank::world])
+
+
+def runs(items: Sequence[T], rank: int, world: int) -> list[T]:
+    """One contiguous run of ``items`` per rank, balanced by count (lengths differ by at most one): consecutive
+    items (strips of a tile) stay on one rank, which reuses the windows they share."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside a world of {world}")
+    n = len(items)
+    return list(items[rank * n // world:(rank + 1) * n // world])
 
 
 def batches(items: Sequence[T], n: int) -> Iterator[Sequence[T]]:

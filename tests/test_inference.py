@@ -288,6 +288,52 @@ def test_blended_tiling_equals_a_whole_image_forward_of_a_pointwise_model():
         np.testing.assert_allclose(np.concatenate(strips, axis=1), whole, rtol=1e-5, atol=1e-6)
 
 
+def test_strip_cache_predicts_each_window_once_with_the_same_result():
+    from collections import Counter
+
+    from inference.blend import blend_strip, blend_weights, strip_bounds
+    from inference.tiling import runs
+
+    rng = np.random.default_rng(1)
+    image = rng.random((3, 70, 90)).astype(np.float32)
+    size, overlap = 32, 20  # overlap > stride: a window row meets three strips (two of them from the cache)
+    stride, weights = size - overlap, blend_weights(size, overlap)
+    rows, cols = axis_starts(70, size, stride, before=True), axis_starts(90, size, stride)
+    padded = np.pad(image, ((0, 0), (size, 0), (0, 0)), mode="reflect")  # window rows before 0 (a mosaic top)
+
+    def run(strips, cache):
+        seen = Counter()
+
+        def predict(windows):
+            assert 0 < len(windows) <= 5 and len({r for r, _ in windows}) == 1  # one window row per batch
+            seen.update(windows)
+            crops = np.stack([padded[:, size + r:2 * size + r, c:c + size] for r, c in windows])
+            return np.exp(crops) / np.exp(crops).sum(1, keepdims=True), crops[:, 0] > 0.05
+        out = [blend_strip(predict, rows, cols, 90, size, a, b, weights, 5, cache=cache) for a, b in strips]
+        return out, seen
+
+    strips = strip_bounds(70, stride)
+    plain, plain_seen = run(strips, None)
+    cached, seen = run(strips, {})
+    for (p, v), (q, u) in zip(plain, cached):
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(v, u)
+    assert set(seen) == {(r, c) for r in rows for c in cols} and set(seen.values()) == {1}
+    assert max(plain_seen.values()) == 3  # without the cache: up to three times
+    # two ranks, one contiguous run each: each window once per run, the first strip of a run from scratch
+    halves = [runs(strips, k, 2) for k in (0, 1)]
+    assert halves[0] + halves[1] == strips and abs(len(halves[0]) - len(halves[1])) <= 1
+    second, seen = run(halves[1], {})
+    for (p, _), (q, _) in zip(second, cached[len(halves[0]):]):
+        np.testing.assert_array_equal(p, q)
+    assert set(seen.values()) == {1}
+    # a cache left by a strip that is not the one just before is not used
+    cache: dict = {}
+    run(strips[:1], cache)
+    (p, _), = run(strips[2:3], cache)[0]
+    np.testing.assert_array_equal(p, cached[2][0])
+
+
 @pytest.fixture(scope="module")
 def segmenter(world):
     import models_seg
@@ -510,6 +556,24 @@ def _pixels_and_grid(path: Path):
 
     with rasterio.open(path) as ds:
         return ds.read(), ds.transform, ds.crs, ds.nodata
+
+
+def test_predict_computes_each_window_once(world, segmenter, single_pred, tmp_path, monkeypatch):
+    """Overlapping strips share window rows: one process predicts each of the 4 x 5 windows once (40 before)."""
+    import main_predict
+
+    load, batches = main_predict.load_segmenter, []
+
+    def counting(path):
+        model, *rest = load(path)
+        forward = model.forward
+        model.forward = lambda x, res: batches.append(len(x)) or forward(x, res)
+        return (model, *rest)
+    monkeypatch.setattr(main_predict, "load_segmenter", counting)
+    main_predict.main(main_predict.get_args_parser().parse_args(predict_args(segmenter[1], world["utm"], tmp_path)))
+    assert axis_starts(96, SIZE, SIZE - 8) == [0, 24, 48, 64] and len(axis_starts(128, SIZE, SIZE - 8)) == 5
+    assert sum(batches) == 4 * 5 and max(batches) <= 4
+    assert (tmp_path / "utm_pred.tif").read_bytes() == single_pred.read_bytes()
 
 
 def test_predict_two_processes_equal_one(world, segmenter, single_pred, tmp_path):
