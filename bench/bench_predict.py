@@ -8,9 +8,9 @@ Prints one JSON object. For every side S a uint8 3-band S x S UTM GeoTIFF (1 m, 
 else (peak RSS = that run's own), on the raster's own grid, with a randomly initialised segmentation checkpoint of
 the layout ``main_predict.load_segmenter`` reads (``--model`` backbone + UPerNet of ``--head_channels``, 3 classes)
 on CPU, writing the class map COG and nothing else unless ``--probabilities``. Per run: ``grid_windows`` (the window
-grid), ``forwards`` (windows run through the model: with overlap each strip also recomputes the window row above
-it), windows/s (of ``forwards``, end to end: model load and COG writing included) and peak RSS (the child's own,
-``bench_embed.own_rss_mib``). The memory bound is one output strip (``K x stride x S`` float32 plus ``stride x S``
+grid), ``forwards`` (windows run through the model, counted: one process predicts each window once, the strip
+cache of ``inference/blend.py``), windows/s (of ``forwards``, end to end: model load and COG writing included) and
+peak RSS (the child's own, ``bench_embed.own_rss_mib``). The memory bound is one output strip (``K x stride x S`` float32 plus ``stride x S``
 weights) plus a window batch and GDAL's block cache (capped by the launcher unless ``GDAL_CACHEMAX`` is set): peak
 RSS should stop growing once the raster exceeds the cache, but for the strip, which grows with S (the width).
 Wall-clock on a shared machine: noisy (load average recorded per run).
@@ -30,15 +30,25 @@ from bench_embed import measure, report, run_sides, sides_parser, started, write
 CLASSES = ["background", "a", "b"]
 
 
-def forwards(side: int, size: int, overlap: int) -> tuple[int, int]:
-    """``(grid windows, window forwards)`` of main_predict on a ``side`` px square raster."""
-    from inference.blend import rows_meeting, strip_bounds
-    from inference.tiling import axis_starts
+def count_forwards(main_predict) -> dict:
+    """Count the windows ``main_predict`` runs through its model (the loaded model's forward wrapped); returns the
+    live counter ``{"forwards": n}``."""
+    counter = {"forwards": 0}
+    load = main_predict.load_segmenter
 
-    stride = size - overlap
-    rows, cols = axis_starts(side, size, stride), axis_starts(side, size, stride)
-    calls = sum(len(rows_meeting(rows, size, a, b)) for a, b in strip_bounds(side, stride)) * len(cols)
-    return len(rows) * len(cols), calls
+    def counted(path: str):
+        model, *rest = load(path)
+        forward = model.forward
+
+        def run(x, *a, **k):
+            counter["forwards"] += int(x.shape[0])
+            return forward(x, *a, **k)
+
+        model.forward = run
+        return (model, *rest)
+
+    main_predict.load_segmenter = counted
+    return counter
 
 
 def child(args: argparse.Namespace) -> None:
@@ -50,8 +60,12 @@ def child(args: argparse.Namespace) -> None:
             "--batch_size", str(args.batch_size), "--output_dir", str(tmp / f"r{side}.out"), "--overwrite"] + \
         ["--probabilities"] * args.probabilities
     parsed = main_predict.get_args_parser().parse_args(argv)
-    windows, calls = forwards(side, args.window, args.overlap)
-    row = measure(lambda: main_predict.main(parsed), lambda r: {"windows": calls, "grid_windows": windows,
+    from inference.tiling import axis_starts
+
+    stride = args.window - args.overlap
+    grid = len(axis_starts(side, args.window, stride)) ** 2
+    counter = count_forwards(main_predict)
+    row = measure(lambda: main_predict.main(parsed), lambda r: {"windows": counter["forwards"], "grid_windows": grid,
                                                                "strips": r["computed_blocks"]})
     row["forwards"] = row.pop("windows")  # windows_per_s counts the forwards
     print(json.dumps({"side": side, **row}))
