@@ -38,7 +38,7 @@ from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, 
     window_grid
 from inference.tiling import bound_gdal_cache
 from inference.inputs import add_reader_args, check_dtype, check_flags, check_scene, check_upsampling, expand_inputs, \
-    norm_stats
+    input_scaling, training_data
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
@@ -344,7 +344,9 @@ def main(args: argparse.Namespace) -> dict:
     if size % patch:
         raise harness.UserError(f"--input_size {size}: not a multiple of the model's patch {patch}")
     stride = int(args.stride or size)
-    mean, std = (torch.tensor(v) for v in norm_stats(args, saved_args, in_chans))
+    data = {} if exported_metadata(args.checkpoint_path) else training_data(args.checkpoint_path, saved_args)
+    args.scale, *stats = input_scaling(args, saved_args, data, in_chans)  # as trained, unless flags say otherwise
+    mean, std = (torch.tensor(v) for v in stats)
     pools = [p for p in POOLS if p in args.pool]
 
     if images:

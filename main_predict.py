@@ -30,7 +30,8 @@ import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, bound_gdal_cache, native_gsd, neighbour_sides, \
     open_scene, open_store, runs
-from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, norm_stats
+from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, \
+    input_scaling, training_data
 from util import dist as dist_util
 from util.io import atomic_write
 
@@ -101,29 +102,6 @@ def load_segmenter(path: str) -> tuple[torch.nn.Module, dict, list, dict]:
     return model.eval(), saved, classes, training_data(path, saved, ckpt.get("data"))
 
 
-def training_data(path: str, saved: dict, ckpt_data: Any = None) -> dict:
-    """The ``data`` section of the config a segmentation checkpoint was trained with (``{}`` when not found).
-
-    Looked up in order: the checkpoint's own ``data`` entry, the run's resolved ``config.yaml`` next to the
-    checkpoint (``harness.save_run_config``: ``{"args": ..., "data": ...}``), the YAML file of its ``--config``.
-    """
-    import yaml
-
-    if isinstance(ckpt_data, dict):
-        return dict(ckpt_data)
-    candidates = [Path(path).resolve().parent / "config.yaml"]
-    if saved.get("config"):
-        candidates.append(Path(os.path.expanduser(str(saved["config"]))))
-    for cand in candidates:
-        try:
-            doc = yaml.safe_load(cand.read_text(encoding="utf-8")) if cand.is_file() else None
-        except (OSError, yaml.YAMLError):
-            doc = None
-        if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
-            return dict(doc["data"])
-    return {}
-
-
 def training_gsd(data: dict) -> tuple[Optional[float], Optional[float]]:
     """``(read GSD, reference GSD)`` in metres of a training ``data`` section: its ``target_gsd`` (else its
     ``reference_gsd``) and its ``reference_gsd``; None where the config has none."""
@@ -160,7 +138,8 @@ def main(args: argparse.Namespace) -> dict:
     overlap = size // 4 if args.overlap is None else int(args.overlap)
     harness.require(0 <= overlap < size, f"--overlap {overlap}: must be in [0, --input_size)")
     stride = size - overlap
-    mean, std = (torch.tensor(v) for v in norm_stats(args, saved, in_chans))
+    args.scale, *stats = input_scaling(args, saved, data, in_chans)  # as trained, unless flags say otherwise
+    mean, std = (torch.tensor(v) for v in stats)
     base_resolution = float(saved.get("base_resolution", 1.0))
     if gsd is not None:
         native = open_scene(source, None, size, band_files=args.band_files, scene_glob=args.scene_glob,

@@ -7,14 +7,19 @@ import argparse
 import glob as globmod
 import math
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import harness
+from dataloaders.config import GEO_TYPES, SEG_TYPES
 from dataloaders.geo_read import RESAMPLING_METHODS
 from dataloaders.pixel_dtype import RASTER_DTYPE_KEY
 
-__all__ = ["add_reader_args", "check_flags", "check_crs", "POSITIVE_FLAGS", "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype",
-           "check_upsampling", "UPSAMPLE_TOLERANCE"]
+__all__ = ["add_reader_args", "check_flags", "check_crs", "POSITIVE_FLAGS", "training_data", "input_scaling",
+           "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype", "check_upsampling",
+           "UPSAMPLE_TOLERANCE"]
+
+RASTER_TYPES = tuple(dict.fromkeys(GEO_TYPES + SEG_TYPES))  # data types read with a `scale` key (others: 8-bit images)
 
 # a --gsd this much finer than the raster counts as upsampling (ground vs grid metres differ by a UTM scale factor)
 UPSAMPLE_TOLERANCE = 0.01
@@ -38,8 +43,9 @@ def add_reader_args(group: Any, input_help: str = "") -> None:
     group.add_argument("--glob", default=None, help="file pattern under a folder --input (default *.tif / *.tiff)")
     group.add_argument("--crs", default=None, help="read every raster in this CRS (needed when they differ)")
     group.add_argument("--nodata", default=None, type=float, help="nodata value overriding the files' own")
-    group.add_argument("--scale", default=1.0, type=float,
-                       help="raw values are divided by it (255 for 8-bit imagery)")
+    group.add_argument("--scale", default=None, type=float,
+                       help="raw values are divided by it (default: the training data config's, else 1; 255 for "
+                            "8-bit imagery)")
     group.add_argument("--no_upsample", action="store_true",
                        help="a read GSD finer than the raster is an error (default: a warning, the raster is "
                             "upsampled)")
@@ -70,6 +76,53 @@ def check_crs(crs: str | None, flag: str) -> None:
     except CRSError:
         raise harness.UserError(f"{flag} {crs}: not a CRS PROJ knows; give one such as EPSG:4326 (lon lat), "
                                 f"EPSG:32633 (UTM 33N) or EPSG:3857") from None
+
+
+def training_data(path: str, saved: dict, ckpt_data: Any = None) -> dict:
+    """The ``data`` section of the config a checkpoint was trained with (``{}`` when not found).
+
+    Looked up in order: the checkpoint's own ``data`` entry, the run's resolved ``config.yaml`` next to it
+    (``harness.save_run_config``: ``{"args": ..., "data": ...}``), the YAML file of its ``--config``.
+    """
+    import yaml
+
+    if isinstance(ckpt_data, dict):
+        return dict(ckpt_data)
+    candidates = [Path(path).resolve().parent / "config.yaml"]
+    if saved.get("config"):
+        candidates.append(Path(os.path.expanduser(str(saved["config"]))))
+    for cand in candidates:
+        try:
+            doc = yaml.safe_load(cand.read_text(encoding="utf-8")) if cand.is_file() else None
+        except (OSError, yaml.YAMLError):
+            doc = None
+        if isinstance(doc, dict) and isinstance(doc.get("data"), dict):
+            return dict(doc["data"])
+    return {}
+
+
+def input_scaling(args: argparse.Namespace, saved_args: dict, data: dict, in_chans: int
+                  ) -> tuple[float, list[float], list[float]]:
+    """``(scale, mean, std)`` the pixels are read with, as the model was trained: each of ``--scale``, ``--mean``,
+    ``--std`` given wins; else the training data config's (``data``: :func:`training_data`; an image-folder config
+    was read as 8-bit images, i.e. scale 255), else the checkpoint's recorded mean/std, else scale 1 and ImageNet's
+    mean/std (3 bands). Rank 0 prints one line saying which. One line when a length is wrong."""
+    from util import dist as dist_util
+
+    scale, scale_from = args.scale, "--scale"
+    if scale is None and data:
+        is_raster = data.get("type") in RASTER_TYPES
+        scale, scale_from = (float(data.get("scale") or 1.0), "the training data config") if is_raster else             (255.0, "the training data config (8-bit images)")
+    if scale is None:
+        scale, scale_from = 1.0, "the default (nothing recorded)"
+    trained = {"mean": data["mean"], "std": data["std"]} if isinstance(data.get("mean"), list) and \
+        isinstance(data.get("std"), list) else saved_args
+    mean, std = norm_stats(args, trained, in_chans)
+    stats_from = "--mean/--std" if args.mean and args.std else \
+        ("the training data config" if trained is not saved_args else "the checkpoint or ImageNet")
+    if dist_util.is_main_process():
+        print(f"input: values / {scale:g} (from {scale_from}), then mean/std from {stats_from}")
+    return float(scale), mean, std
 
 
 def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tuple[list[float], list[float]]:
