@@ -38,7 +38,7 @@ from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, 
     window_grid
 from inference.tiling import bound_gdal_cache
 from inference.inputs import add_reader_args, check_dtype, check_flags, check_scene, check_upsampling, expand_inputs, \
-    input_scaling, training_data
+    input_scaling, trained_bands, training_data
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
@@ -351,7 +351,8 @@ def main(args: argparse.Namespace) -> dict:
 
     if images:
         return embed_images(args, images, model, device, size, mean, std, pools, out, rank, world)
-    reader_kw = dict(band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob, crs=args.crs, nodata=args.nodata,
+    reader_kw = dict(band_files=args.band_files, bands=trained_bands(args, data), scene_glob=args.scene_glob,
+                     glob=args.glob, crs=args.crs, nodata=args.nodata,
                      scale=args.scale, resampling=args.resampling, mosaic=args.mosaic)
     native = open_scene(source, None, size, **reader_kw)  # the files' own grid: CRS, bands, finest GSD
     check_scene(native, in_chans, label)

@@ -31,7 +31,7 @@ from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, bound_gdal_cache, native_gsd, neighbour_sides, \
     open_scene, open_store, runs
 from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, \
-    input_scaling, training_data
+    input_scaling, trained_bands, training_data
 from util import dist as dist_util
 from util.io import atomic_write
 
@@ -141,13 +141,14 @@ def main(args: argparse.Namespace) -> dict:
     args.scale, *stats = input_scaling(args, saved, data, in_chans)  # as trained, unless flags say otherwise
     mean, std = (torch.tensor(v) for v in stats)
     base_resolution = float(saved.get("base_resolution", 1.0))
+    bands = trained_bands(args, data)
     if gsd is not None:
-        native = open_scene(source, None, size, band_files=args.band_files, scene_glob=args.scene_glob,
+        native = open_scene(source, None, size, band_files=args.band_files, bands=bands, scene_glob=args.scene_glob,
                             glob=args.glob, crs=args.crs, nodata=args.nodata, scale=args.scale)
         check_scene(native, in_chans, " ".join(args.input))
         check_upsampling([gsd], native_gsd(native), args.no_upsample)  # also for the training GSD as default
-    ds = open_scene(source, gsd, size, band_files=args.band_files, scene_glob=args.scene_glob, glob=args.glob,
-                    crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
+    ds = open_scene(source, gsd, size, band_files=args.band_files, bands=bands, scene_glob=args.scene_glob,
+                    glob=args.glob, crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
                     mosaic=args.mosaic, reference_gsd=reference_gsd)
     check_scene(ds, in_chans, " ".join(args.input))
     check_dtype(ds, {"args": saved, "data": data}, " ".join(args.input),  # where the training run recorded one
@@ -176,8 +177,8 @@ def main(args: argparse.Namespace) -> dict:
     settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": gsd, "size": size,
                 "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan),
                 "reference_gsd": reference_gsd, "scale": args.scale, "crs": args.crs, "nodata": args.nodata,
-                "band_files": args.band_files, "resampling": args.resampling, "probabilities": args.probabilities,
-                "mosaic": args.mosaic}
+                "band_files": args.band_files, "bands": bands, "resampling": args.resampling,
+                "probabilities": args.probabilities, "mosaic": args.mosaic}
     if rank == 0:
         harness.make_folder(out_dir, "--output_dir")
     open_store(store, settings, args.overwrite, len(plan), "strips")

@@ -16,6 +16,7 @@ from dataloaders.geo_read import RESAMPLING_METHODS
 from dataloaders.pixel_dtype import RASTER_DTYPE_KEY
 
 __all__ = ["add_reader_args", "check_flags", "check_crs", "POSITIVE_FLAGS", "training_data", "input_scaling",
+           "trained_bands",
            "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype", "check_upsampling",
            "UPSAMPLE_TOLERANCE"]
 
@@ -46,6 +47,9 @@ def add_reader_args(group: Any, input_help: str = "") -> None:
     group.add_argument("--scale", default=None, type=float,
                        help="raw values are divided by it (default: the training data config's, else 1; 255 for "
                             "8-bit imagery)")
+    group.add_argument("--bands", nargs="+", type=int, default=None,
+                       help="1-based bands of each file to read, in order (default: the training data config's "
+                            "bands, else all; not with --band_files)")
     group.add_argument("--no_upsample", action="store_true",
                        help="a read GSD finer than the raster is an error (default: a warning, the raster is "
                             "upsampled)")
@@ -125,6 +129,24 @@ def input_scaling(args: argparse.Namespace, saved_args: dict, data: dict, in_cha
     return float(scale), mean, std
 
 
+def trained_bands(args: argparse.Namespace, data: dict) -> list[int] | None:
+    """The 1-based bands to read: ``--bands``, else the training data config's ``bands`` (a raster config, and no
+    ``--band_files`` given: rank 0 says so in one line), else None (every band)."""
+    from util import dist as dist_util
+
+    if args.bands is not None:
+        if args.band_files:
+            raise harness.UserError("--bands: selects bands of multi-band files; with --band_files the band files "
+                                    "are the bands (drop one of the two)")
+        if min(args.bands) < 1:
+            raise harness.UserError(f"--bands {' '.join(map(str, args.bands))}: band numbers start at 1")
+        return list(args.bands)
+    bands = data.get("bands") if data.get("type") in RASTER_TYPES and not args.band_files else None
+    if bands and dist_util.is_main_process():
+        print(f"input: bands {' '.join(map(str, bands))} (from the training data config)")
+    return [int(b) for b in bands] if bands else None
+
+
 def norm_stats(args: argparse.Namespace, saved_args: dict, in_chans: int) -> tuple[list[float], list[float]]:
     """--mean/--std, else the checkpoint's, else ImageNet's (3 bands); one line when the length is wrong."""
     from util.weights import IMAGENET_MEAN, IMAGENET_STD, find_norm_stats
@@ -184,7 +206,7 @@ def check_scene(ds, in_chans: int, source: str) -> None:
                                 f"pass --crs to read them all in one")
     if ds.num_bands != in_chans:
         raise harness.UserError(f"--input {source}: {ds.num_bands} band(s), but the model takes {in_chans}; "
-                                f"select bands (--band_files) matching its training data")
+                                f"select bands (--bands, or --band_files) matching its training data")
 
 
 def recorded_dtype(saved_args: Any) -> str | None:

@@ -62,7 +62,7 @@ class Block:
 def open_scene(source: Any, gsd: Optional[float], window: int, *, band_files: Optional[Sequence[str]] = None,
                scene_glob: Optional[str] = None, glob: Optional[str] = None, crs: Optional[str] = None, nodata: Any = None, scale: float = 1.0,
                resampling: Optional[str] = None, mosaic: bool = False, reference_gsd: Optional[float] = None,
-               index_cache: Any = False):
+               index_cache: Any = False, bands: Optional[Sequence[int]] = None):
     """The :class:`~dataloaders.geotiff.GeoTiffDataset` of ``source`` with read grids of ``gsd`` metres (None: the
     files' own grid) and windows of ``window`` px; ``sample['res']`` is ``reference_gsd_factor(gsd, reference_gsd)``.
     Raises ``DataError`` (one line) for unreadable input, and when no raster's read grid holds one window (said in
@@ -72,7 +72,7 @@ def open_scene(source: Any, gsd: Optional[float], window: int, *, band_files: Op
 
     ds = GeoTiffDataset(source, window_size=1, band_files=band_files, scene_glob=scene_glob, glob=glob, crs=crs,
                         nodata=nodata, scale=scale, target_gsd=gsd, resampling=resampling, mosaic=mosaic,
-                        reference_gsd=reference_gsd, index_cache=index_cache)
+                        reference_gsd=reference_gsd, index_cache=index_cache, bands=bands)
     if not mosaic and not any(h >= window and w >= window for h, w in ds.tile_shapes):
         h, w = max(ds.tile_shapes, key=lambda hw: hw[0] * hw[1])
         where = "" if gsd is None else f" at --gsd {gsd:g}"

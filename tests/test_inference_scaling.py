@@ -77,3 +77,44 @@ def test_embed_reads_a_pretraining_run_as_trained(world, tmp_path, capsys):  # n
     explicit = embed("explicit.parquet", "--scale", "3000", "--mean", *map(str, DATA["mean"]), "--std",
                      *map(str, DATA["std"]))
     np.testing.assert_array_equal(default, explicit)
+
+
+def test_bands_from_the_flag_or_the_training_config(world, segmenter, tmp_path, capsys):  # noqa: F811
+    """A 4-band raster and a 3-band model: refused naming --bands; --bands 3 1 2 reads those bands (the same map as a
+    3-band file holding them); a training config with ``bands: [3, 1, 2]`` makes them the default."""
+    from tests.cli import one_error_line
+
+    _, ckpt = segmenter
+    arr = fake_values(4, 64, 80, seed=6)
+    four = write_tile(tmp_path / "four.tif", arr, UTM, "EPSG:32610")
+    three = write_tile(tmp_path / "three.tif", arr[[2, 0, 1]], UTM, "EPSG:32610")
+
+    def argv(src, ck, out: str, *extra: str) -> list[str]:
+        return ["--input", str(src), "--resume", str(ck), "--device", "cpu", "--scale", "3000", "--overlap", "8",
+                "--mean", *map(str, DATA["mean"]), "--std", *map(str, DATA["std"]), "--output_dir",
+                str(tmp_path / out), *extra]
+
+    def predict(src, ck, out: str, *extra: str) -> bytes:
+        main_predict.main(main_predict.get_args_parser().parse_args(argv(src, ck, out, *extra)))
+        return (tmp_path / out / f"{src.stem}_pred.tif").read_bytes()
+
+    line = one_error_line(capsys, main_predict.main, main_predict.get_args_parser(), argv(four, ckpt, "refused"))
+    assert "4 band(s), but the model takes 3" in line and "--bands" in line
+    predict(three, ckpt, "three")
+    with_flag = predict(four, ckpt, "flag", "--bands", "3", "1", "2")
+    import rasterio
+
+    with rasterio.open(tmp_path / "three" / "three_pred.tif") as a, \
+            rasterio.open(tmp_path / "flag" / "four_pred.tif") as b:
+        assert (a.read() == b.read()).all() and a.transform == b.transform
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(ckpt, run / "checkpoint-latest.pth")
+    (run / "config.yaml").write_text(yaml.safe_dump({"args": {}, "data": {**DATA, "bands": [3, 1, 2]}}))
+    capsys.readouterr()
+    default = predict(four, run / "checkpoint-latest.pth", "config")
+    assert "input: bands 3 1 2 (from the training data config)" in capsys.readouterr().out
+    assert default == with_flag
+    line = one_error_line(capsys, main_predict.main, main_predict.get_args_parser(),
+                          argv(four, ckpt, "both", "--bands", "1", "2", "3", "--band_files", "*_B1.tif"))
+    assert "--bands" in line and "--band_files" in line
