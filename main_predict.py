@@ -110,10 +110,105 @@ def training_gsd(data: dict) -> tuple[Optional[float], Optional[float]]:
     return (float(gsd) if gsd else None), (float(ref) if ref else None)
 
 
+def window_layout(args: argparse.Namespace, model: torch.nn.Module, saved: dict) -> tuple[int, int]:
+    """``(window px, overlap px)``: ``--input_size`` (default the checkpoint's) and ``--overlap`` (default a quarter
+    window); one line when the model cannot take them."""
+    size = int(args.input_size or saved["input_size"])
+    harness.require(size % model.patch_size == 0 and size >= 2 * model.patch_size,
+                    f"--input_size {size}: must be a multiple of the patch {model.patch_size}, at least "
+                    f"{2 * model.patch_size}")
+    overlap = size // 4 if args.overlap is None else int(args.overlap)
+    harness.require(0 <= overlap < size, f"--overlap {overlap}: must be in [0, --input_size)")
+    return size, overlap
+
+
+def open_rasters(args: argparse.Namespace, source: Any, gsd: Optional[float], reference_gsd: Optional[float],
+                 size: int, bands: Optional[list], in_chans: int, trained: dict):
+    """The scene on its read grid (``inference.tiling.open_scene``), checked against the model: CRS, band count,
+    the training dtype (``trained``: the checkpoint's args and data config) and, for a ``gsd`` other than the
+    files' own, upsampling (``--no_upsample``)."""
+    label = " ".join(args.input)
+    reader = dict(band_files=args.band_files, bands=bands, scene_glob=args.scene_glob, glob=args.glob, crs=args.crs,
+                  nodata=args.nodata, scale=args.scale)
+    if gsd is not None:
+        native = open_scene(source, None, size, **reader)
+        check_scene(native, in_chans, label)
+        check_upsampling([gsd], native_gsd(native), args.no_upsample)  # also for the training GSD as default
+    ds = open_scene(source, gsd, size, resampling=args.resampling, mosaic=args.mosaic, reference_gsd=reference_gsd,
+                    **reader)
+    check_scene(ds, in_chans, label)
+    check_dtype(ds, trained, label, ignore=args.ignore_dtype)  # where the training run recorded one
+    return ds
+
+
+def plan_strips(ds, names: list[str], size: int, stride: int, mosaic: bool) -> tuple[list[Block], list[tuple]]:
+    """``(strips, layouts)``: every output strip (``stride`` rows) of every tile, and each tile's window layout
+    ``(row starts, col starts)`` (past the edges that have a neighbouring tile with ``mosaic``)."""
+    plan, layouts = [], []
+    for t, (h, w) in enumerate(ds.tile_shapes):
+        top, bottom, left, right = neighbour_sides(ds, t) if mosaic else (False,) * 4
+        layouts.append((axis_starts(h, size, stride, top, bottom), axis_starts(w, size, stride, left, right)))
+        if not layouts[-1][0] or not layouts[-1][1]:
+            raise harness.UserError(f"{names[t]}: the read grid ({h}x{w} px) is smaller than one {size} px window; "
+                                    f"use a smaller --input_size or a finer --gsd"
+                                    + ("" if mosaic else ", or --mosaic where it has neighbouring tiles"))
+        plan += [Block(0, t, a) for a, _ in strip_bounds(h, stride)]
+    return plan, layouts
+
+
+def window_predictor(ds, model: torch.nn.Module, device: torch.device, size: int, mean: torch.Tensor,
+                     std: torch.Tensor, base_resolution: float) -> Callable[[int], Callable]:
+    """``predictor(tile)`` -> ``predict(windows)``: the windows ``[(row, col), ...]`` of ``tile`` read, normalised
+    (invalid pixels at the band mean) and run at their ``res`` -> ``(probabilities [N, K, S, S], valid [N, S, S])``
+    (``inference.blend.blend_strip``'s contract)."""
+    from dataloaders.geotiff import WindowSpec
+    from util.gsd import window_res
+
+    def predictor(tile: int) -> Callable:
+        @torch.no_grad()
+        def predict(windows):
+            imgs, res, valid = [], [], []
+            for r, c in windows:
+                s = ds.read_window(WindowSpec(tile, r, c, size, size))
+                img = (s["image"] - mean[:, None, None]) / std[:, None, None]
+                imgs.append(torch.where(s["mask"][None], img, torch.zeros(())))
+                res.append(window_res(size, size, base_resolution) * s["res"])
+                valid.append(s["mask"].numpy())
+            logits = model(torch.stack(imgs).to(device), torch.tensor(res, device=device))
+            return logits.float().softmax(1).cpu().numpy(), np.stack(valid)
+        return predict
+    return predictor
+
+
+def predict_strips(strips: list[Block], layouts: list[tuple], ds, store: BlockStore, predictor: Callable,
+                   size: int, stride: int, weights: np.ndarray, args: argparse.Namespace) -> tuple[int, int]:
+    """Compute and save this rank's ``strips`` not yet in ``store`` (class ids, and probabilities with
+    ``--probabilities``); consecutive strips of a tile share their window rows. Returns ``(computed, skipped)``."""
+    computed = skipped = 0
+    cache: dict = {}  # window rows shared with the next strip of the same tile (inference/blend.py)
+    tile = None
+    for block in strips:
+        if block.tile != tile:
+            cache, tile = {}, block.tile
+        if store.done(block):
+            skipped += 1
+            cache.clear()  # the next strip predicts its windows anew
+            continue
+        h, w = ds.tile_shapes[block.tile]
+        a, b = block.row, min(block.row + stride, h)
+        probs, valid = blend_strip(predictor(block.tile), *layouts[block.tile], w, size, a, b, weights,
+                                   args.batch_size, cache=cache)
+        arrays = {"pred": np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)}
+        if args.probabilities:
+            arrays["prob"] = np.where(valid[None], np.rint(probs * PROB_SCALE), NODATA).astype(np.uint8)
+        store.save(block, arrays)
+        computed += 1
+    return computed, skipped
+
+
 def main(args: argparse.Namespace) -> dict:
     """Predict every tile; returns ``{"outputs": [...], "computed_blocks", "skipped_blocks"}``."""
     from inference.inputs import check_flags
-    from util.gsd import window_res
 
     device = harness.setup(args)
     bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
@@ -131,48 +226,23 @@ def main(args: argparse.Namespace) -> dict:
                                       "pass --gsd to choose one)")
     model = model.to(device)
     in_chans = int(model.backbone.patch_embed.proj.weight.shape[1])
-    size = int(args.input_size or saved["input_size"])
-    harness.require(size % model.patch_size == 0 and size >= 2 * model.patch_size,
-                    f"--input_size {size}: must be a multiple of the patch {model.patch_size}, at least "
-                    f"{2 * model.patch_size}")
-    overlap = size // 4 if args.overlap is None else int(args.overlap)
-    harness.require(0 <= overlap < size, f"--overlap {overlap}: must be in [0, --input_size)")
+    size, overlap = window_layout(args, model, saved)
     stride = size - overlap
     args.scale, *stats = input_scaling(args, saved, data, in_chans)  # as trained, unless flags say otherwise
     mean, std = (torch.tensor(v) for v in stats)
-    base_resolution = float(saved.get("base_resolution", 1.0))
     bands = trained_bands(args, data)
-    if gsd is not None:
-        native = open_scene(source, None, size, band_files=args.band_files, bands=bands, scene_glob=args.scene_glob,
-                            glob=args.glob, crs=args.crs, nodata=args.nodata, scale=args.scale)
-        check_scene(native, in_chans, " ".join(args.input))
-        check_upsampling([gsd], native_gsd(native), args.no_upsample)  # also for the training GSD as default
-    ds = open_scene(source, gsd, size, band_files=args.band_files, bands=bands, scene_glob=args.scene_glob,
-                    glob=args.glob, crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
-                    mosaic=args.mosaic, reference_gsd=reference_gsd)
-    check_scene(ds, in_chans, " ".join(args.input))
-    check_dtype(ds, {"args": saved, "data": data}, " ".join(args.input),  # where the training run recorded one
-                ignore=args.ignore_dtype)
+    ds = open_rasters(args, source, gsd, reference_gsd, size, bands, in_chans, {"args": saved, "data": data})
     out_dir = Path(args.output_dir)
     harness.require(64 <= args.blocksize <= 4096 and args.blocksize & (args.blocksize - 1) == 0,
                     f"--blocksize {args.blocksize}: must be a power of two from 64 to 4096 (GDAL writes the "
                     f"overviews of other sizes in 128 px tiles)")
     stems = [Path(str(p)).stem for p in ds.tile_index["path"]]
-    names = [f"{stem}_pred.tif" for stem in stems]
     if not args.overwrite:
         existing = [f"{stem}{suffix}" for stem in stems for suffix in output_suffixes(args)
                     if (out_dir / f"{stem}{suffix}").exists()]
         if existing:
             raise harness.UserError(f"--output_dir {out_dir}: {existing[0]} exists; pass --overwrite to replace it")
-    plan, layouts = [], []  # layouts: (row starts, col starts) of each tile's windows
-    for t, (h, w) in enumerate(ds.tile_shapes):
-        top, bottom, left, right = neighbour_sides(ds, t) if args.mosaic else (False,) * 4
-        layouts.append((axis_starts(h, size, stride, top, bottom), axis_starts(w, size, stride, left, right)))
-        if not layouts[-1][0] or not layouts[-1][1]:
-            raise harness.UserError(f"{names[t]}: the read grid ({h}x{w} px) is smaller than one {size} px window; "
-                                    f"use a smaller --input_size or a finer --gsd"
-                                    + ("" if args.mosaic else ", or --mosaic where it has neighbouring tiles"))
-        plan += [Block(0, t, a) for a, _ in strip_bounds(h, stride)]
+    plan, layouts = plan_strips(ds, [f"{stem}_pred.tif" for stem in stems], size, stride, args.mosaic)
     store = BlockStore(out_dir / ".predict.blocks")
     settings = {"resume": os.path.abspath(args.resume), "input": list(args.input), "gsd": gsd, "size": size,
                 "overlap": overlap, "mean": mean.tolist(), "std": std.tolist(), "blocks": len(plan),
@@ -182,44 +252,9 @@ def main(args: argparse.Namespace) -> dict:
     if rank == 0:
         harness.make_folder(out_dir, "--output_dir")
     open_store(store, settings, args.overwrite, len(plan), "strips")
-    weights = blend_weights(size, overlap)
-
-    def predictor(tile: int):
-        from dataloaders.geotiff import WindowSpec
-
-        @torch.no_grad()
-        def predict(windows):
-            imgs, res, valid = [], [], []
-            for r, c in windows:
-                s = ds.read_window(WindowSpec(tile, r, c, size, size))
-                img = (s["image"] - mean[:, None, None]) / std[:, None, None]
-                imgs.append(torch.where(s["mask"][None], img, torch.zeros(())))
-                res.append(window_res(size, size, base_resolution) * s["res"])
-                valid.append(s["mask"].numpy())
-            logits = model(torch.stack(imgs).to(device), torch.tensor(res, device=device))
-            return logits.float().softmax(1).cpu().numpy(), np.stack(valid)
-        return predict
-
-    computed = skipped = 0
-    cache: dict = {}  # window rows shared with the next strip of the same tile (inference/blend.py)
-    tile = None
-    for block in runs(plan, rank, world):
-        if block.tile != tile:
-            cache, tile = {}, block.tile
-        if store.done(block):
-            skipped += 1
-            cache.clear()  # the next strip predicts its windows anew
-            continue
-        h, w = ds.tile_shapes[block.tile]
-        a, b = block.row, min(block.row + stride, h)
-        probs, valid = blend_strip(predictor(block.tile), *layouts[block.tile], w, size, a, b, weights,
-                                   args.batch_size, cache=cache)
-        pred = np.where(valid, probs.argmax(0), NODATA).astype(np.uint8)
-        arrays = {"pred": pred}
-        if args.probabilities:
-            arrays["prob"] = np.where(valid[None], np.rint(probs * PROB_SCALE), NODATA).astype(np.uint8)
-        store.save(block, arrays)
-        computed += 1
+    predictor = window_predictor(ds, model, device, size, mean, std, float(saved.get("base_resolution", 1.0)))
+    computed, skipped = predict_strips(runs(plan, rank, world), layouts, ds, store, predictor, size, stride,
+                                       blend_weights(size, overlap), args)
     dist_util.barrier()
     outputs = []
     if rank == 0:
