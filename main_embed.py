@@ -325,6 +325,77 @@ def run_settings(args: argparse.Namespace, size: int, pools: list[str], mean: to
 
 
 # ----------------------------------------------------------------------------------------------------- main
+def open_scenes(args: argparse.Namespace, source: Any, size: int, reader_kw: dict, in_chans: int, saved_args: dict,
+                label: str) -> tuple[list, list[float], float]:
+    """``(scene per GSD, GSDs, reference GSD)``: the files checked on their own grid (CRS, bands, dtype, upsampling
+    for each ``--gsd``), then read on the grid of each GSD (default: the finest the files have)."""
+    native = open_scene(source, None, size, **reader_kw)  # the files' own grid: CRS, bands, finest GSD
+    check_scene(native, in_chans, label)
+    check_dtype(native, saved_args, label, ignore=args.ignore_dtype)
+    finest = native_gsd(native)
+    gsds = [float(g) for g in (args.gsd or [round(finest, 6)])]
+    check_upsampling(gsds, finest, args.no_upsample)
+    reference = float(args.reference_gsd or min(gsds))
+    scenes = [open_scene(source, None if args.gsd is None else g, size, reference_gsd=reference, **reader_kw)
+              for g in gsds]
+    return scenes, gsds, reference
+
+
+def plan_windows(args: argparse.Namespace, scenes: list, gsds: list[float], size: int, stride: int, patch: int,
+                 label: str) -> tuple[dict[Block, list], list[Path]]:
+    """``(blocks, dense files)``: every block (a row of windows) of every GSD with its windows, and the ``--dense``
+    GeoTIFF of each GSD (checked: one raster, a stride on the patch grid, not there unless ``--overwrite``)."""
+    plan: dict[Block, list] = {}
+    for gi, ds in enumerate(scenes):
+        windows = window_grid(ds.tile_shapes, size, stride)
+        if args.dense is not None:  # origins on the patch grid: window tokens fall on whole dense cells
+            windows = list(dict.fromkeys((t, r - r % patch, c - c % patch) for t, r, c in windows))
+        plan.update(blocks_of(windows, gi))
+    dense = dense_paths(args.dense, gsds) if args.dense is not None else []
+    if dense:
+        if len(scenes[0].tile_shapes) > 1:
+            raise harness.UserError(f"--dense: --input {label} has {len(scenes[0].tile_shapes)} rasters; --dense "
+                                    f"writes the grid of one raster: give one (merge the tiles first)")
+        if stride % patch:
+            raise harness.UserError(f"--stride {stride}: --dense needs a multiple of the model's patch {patch}")
+        for d in dense:
+            if d.exists() and not args.overwrite:
+                raise harness.UserError(f"--dense {d} exists; pass --overwrite to replace it (or choose another name)")
+    if not plan:
+        smallest = min(min(h, w) for ds in scenes for h, w in ds.tile_shapes)
+        raise harness.UserError(f"--input {label}: no {size} px window fits (smallest read grid side {smallest} px); "
+                                f"use a smaller --input_size, a finer --gsd or --mosaic")
+    return plan, dense
+
+
+def embed_blocks(blocks: list[Block], plan: dict[Block, list], scenes: list, store: BlockStore,
+                 model: torch.nn.Module, device: torch.device, size: int, mean: torch.Tensor, std: torch.Tensor,
+                 pools: list[str], dense: bool, args: argparse.Namespace) -> tuple[int, int]:
+    """Embed and save the ``blocks`` not yet in ``store`` (per window: the pools, the patch tokens with ``dense``,
+    ``gsd_read``, ``valid_fraction``, ``transform``, ``res``); returns ``(computed, skipped)``."""
+    computed = skipped = 0
+    wanted = pools + ["patch"] * bool(dense)
+    for block in blocks:
+        if store.done(block):
+            skipped += 1
+            continue
+        ds = scenes[block.gsd_index]
+        vecs: dict[str, list] = {p: [] for p in wanted}
+        cols: dict[str, list] = {"gsd_read": [], "valid_fraction": [], "transform": [], "res": []}
+        for chunk in batches(plan[block], args.batch_size):
+            images, res, meta = _window_rows(ds, list(chunk), size, args.base_resolution, mean, std)
+            for k, v in embed_batch(model, images.to(device), res.to(device), wanted).items():
+                vecs[k].append(v)
+            for k in meta:
+                cols[k].extend(meta[k])
+            cols["res"].extend(res.tolist())
+        windows = np.asarray(plan[block], dtype=np.int64)
+        store.save(block, {"windows": windows, **{k: np.asarray(v) for k, v in cols.items()},
+                           **{f"vec_{k}": np.concatenate(v) for k, v in vecs.items()}})
+        computed += 1
+    return computed, skipped
+
+
 def main(args: argparse.Namespace) -> dict:
     """Embed every window; returns ``{"output", "windows", "computed_blocks", "skipped_blocks"}``."""
     device = harness.setup(args)
@@ -352,66 +423,17 @@ def main(args: argparse.Namespace) -> dict:
     if images:
         return embed_images(args, images, model, device, size, mean, std, pools, out, rank, world)
     reader_kw = dict(band_files=args.band_files, bands=trained_bands(args, data), scene_glob=args.scene_glob,
-                     glob=args.glob, crs=args.crs, nodata=args.nodata,
-                     scale=args.scale, resampling=args.resampling, mosaic=args.mosaic)
-    native = open_scene(source, None, size, **reader_kw)  # the files' own grid: CRS, bands, finest GSD
-    check_scene(native, in_chans, label)
-    check_dtype(native, saved_args, label, ignore=args.ignore_dtype)
-    finest = native_gsd(native)
-    gsds = [float(g) for g in (args.gsd or [round(finest, 6)])]
-    check_upsampling(gsds, finest, args.no_upsample)
-    reference = float(args.reference_gsd or min(gsds))
-    scenes = [open_scene(source, None if args.gsd is None else g, size, reference_gsd=reference, **reader_kw)
-              for g in gsds]
+                     glob=args.glob, crs=args.crs, nodata=args.nodata, scale=args.scale, resampling=args.resampling,
+                     mosaic=args.mosaic)
+    scenes, gsds, reference = open_scenes(args, source, size, reader_kw, in_chans, saved_args, label)
     crs = str(scenes[0].tile_index["crs"].iloc[0])
-
-    # the plan: every block (row of windows) of every GSD; this rank's share
-    plan: dict[Block, list] = {}
-    for gi, ds in enumerate(scenes):
-        windows = window_grid(ds.tile_shapes, size, stride)
-        if args.dense is not None:  # origins on the patch grid: window tokens fall on whole dense cells
-            windows = list(dict.fromkeys((t, r - r % patch, c - c % patch) for t, r, c in windows))
-        plan.update(blocks_of(windows, gi))
-    dense = dense_paths(args.dense, gsds) if args.dense is not None else []
-    if dense:
-        if len(scenes[0].tile_shapes) > 1:
-            raise harness.UserError(f"--dense: --input {label} has {len(scenes[0].tile_shapes)} rasters; --dense "
-                                    f"writes the grid of one raster: give one (merge the tiles first)")
-        if stride % patch:
-            raise harness.UserError(f"--stride {stride}: --dense needs a multiple of the model's patch {patch}")
-        for d in dense:
-            if d.exists() and not args.overwrite:
-                raise harness.UserError(f"--dense {d} exists; pass --overwrite to replace it (or choose another name)")
-    if not plan:
-        smallest = min(min(h, w) for ds in scenes for h, w in ds.tile_shapes)
-        raise harness.UserError(f"--input {label}: no {size} px window fits (smallest read grid side {smallest} px); "
-                                f"use a smaller --input_size, a finer --gsd or --mosaic")
+    plan, dense = plan_windows(args, scenes, gsds, size, stride, patch, label)
     settings = run_settings(args, size, pools, mean, std, gsd=gsds, stride=stride, reference_gsd=reference,
-                            reader={k: v for k, v in reader_kw.items()}, blocks=len(plan),
-                            dense=[str(d) for d in dense])
+                            reader=dict(reader_kw), blocks=len(plan), dense=[str(d) for d in dense])
     store = BlockStore(out.parent / f"{out.name}.blocks")
     open_store(store, settings, args.overwrite, len(plan), "window rows")
-
-    mine = shard(sorted(plan), rank, world)
-    computed = skipped = 0
-    for block in mine:
-        if store.done(block):
-            skipped += 1
-            continue
-        ds = scenes[block.gsd_index]
-        vecs: dict[str, list] = {p: [] for p in pools + ["patch"] * bool(dense)}
-        cols: dict[str, list] = {"gsd_read": [], "valid_fraction": [], "transform": [], "res": []}
-        for chunk in batches(plan[block], args.batch_size):
-            images, res, meta = _window_rows(ds, list(chunk), size, args.base_resolution, mean, std)
-            for k, v in embed_batch(model, images.to(device), res.to(device), pools + ["patch"] * bool(dense)).items():
-                vecs[k].append(v)
-            for k in meta:
-                cols[k].extend(meta[k])
-            cols["res"].extend(res.tolist())
-        windows = np.asarray(plan[block], dtype=np.int64)
-        store.save(block, {"windows": windows, **{k: np.asarray(v) for k, v in cols.items()},
-                           **{f"vec_{k}": np.concatenate(v) for k, v in vecs.items()}})
-        computed += 1
+    computed, skipped = embed_blocks(shard(sorted(plan), rank, world), plan, scenes, store, model, device, size,
+                                     mean, std, pools, bool(dense), args)
     dist_util.barrier()
     n = 0
     if rank == 0:
