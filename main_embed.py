@@ -36,9 +36,8 @@ import torch
 import harness
 from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, open_scene, open_store, shard, \
     window_grid
-from inference.tiling import bound_gdal_cache
-from inference.inputs import add_reader_args, check_dtype, check_flags, check_scene, check_upsampling, expand_inputs, \
-    input_scaling, trained_bands, training_data
+from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, \
+    input_scaling, start, trained_bands, training_data
 from util import dist as dist_util
 
 POOLS = ("cls", "mean")
@@ -398,10 +397,7 @@ def embed_blocks(blocks: list[Block], plan: dict[Block, list], scenes: list, sto
 
 def main(args: argparse.Namespace) -> dict:
     """Embed every window; returns ``{"output", "windows", "computed_blocks", "skipped_blocks"}``."""
-    device = harness.setup(args)
-    bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    check_flags(args)
+    device, rank, world = start(args)  # device, process group, GDAL cache cap, flag checks
     out = check_output(args)
     source = expand_inputs(args.input, args.glob, IMAGE_SUFFIXES)
     label = " ".join(args.input)

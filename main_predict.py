@@ -28,10 +28,10 @@ import torch
 
 import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
-from inference.tiling import Block, BlockStore, axis_starts, bound_gdal_cache, native_gsd, neighbour_sides, \
+from inference.tiling import Block, BlockStore, axis_starts, native_gsd, neighbour_sides, \
     open_scene, open_store, runs
 from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, \
-    input_scaling, trained_bands, training_data
+    input_scaling, start, trained_bands, training_data
 from util import dist as dist_util
 from util.io import atomic_write
 
@@ -208,12 +208,7 @@ def predict_strips(strips: list[Block], layouts: list[tuple], ds, store: BlockSt
 
 def main(args: argparse.Namespace) -> dict:
     """Predict every tile; returns ``{"outputs": [...], "computed_blocks", "skipped_blocks"}``."""
-    from inference.inputs import check_flags
-
-    device = harness.setup(args)
-    bound_gdal_cache()  # before any raster is read; GDAL_CACHEMAX in the environment wins
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
-    check_flags(args)
+    device, rank, world = start(args)  # device, process group, GDAL cache cap, flag checks
     harness.check_writable(args.output_dir, "--output_dir", folder=True)
     source = expand_inputs(args.input, args.glob)
     model, saved, classes, data = load_segmenter(args.resume)

@@ -15,7 +15,7 @@ from dataloaders.config import GEO_TYPES, SEG_TYPES
 from dataloaders.geo_read import RESAMPLING_METHODS
 from dataloaders.pixel_dtype import RASTER_DTYPE_KEY
 
-__all__ = ["add_reader_args", "check_flags", "check_crs", "POSITIVE_FLAGS", "training_data", "input_scaling",
+__all__ = ["add_reader_args", "start", "check_flags", "check_crs", "POSITIVE_FLAGS", "training_data", "input_scaling",
            "trained_bands",
            "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype", "check_upsampling",
            "UPSAMPLE_TOLERANCE"]
@@ -59,6 +59,19 @@ def add_reader_args(group: Any, input_help: str = "") -> None:
                        help=f"read rasters whose pixel dtype differs from the one the checkpoint was trained on "
                             f"({RASTER_DTYPE_KEY}; default: an error), e.g. float32 rasters holding the training "
                             f"values: --scale must then bring them to the training range")
+
+
+def start(args: argparse.Namespace) -> tuple[Any, int, int]:
+    """What both inference launchers do first: ``harness.setup`` (device, process group), GDAL's block cache capped
+    before any raster is read (``inference.tiling.bound_gdal_cache``; ``GDAL_CACHEMAX`` in the environment wins) and
+    :func:`check_flags`. Returns ``(device, rank, world size)``."""
+    from inference.tiling import bound_gdal_cache
+    from util import dist as dist_util
+
+    device = harness.setup(args)
+    bound_gdal_cache()
+    check_flags(args)
+    return device, dist_util.get_rank(), dist_util.get_world_size()
 
 
 def check_flags(args: argparse.Namespace) -> None:
