@@ -36,7 +36,7 @@ import torch
 import harness
 from inference.tiling import Block, BlockStore, batches, blocks_of, native_gsd, open_scene, open_store, shard, \
     window_grid
-from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, \
+from inference.inputs import add_reader_args, add_run_args, check_dtype, check_scene, check_upsampling, expand_inputs, \
     input_scaling, start, trained_bands, training_data
 from util import dist as dist_util
 
@@ -72,10 +72,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(one raster; several --gsd: PATH_<gsd>m.tif); window origins snap to the patch")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --output (once the new one is "
                                                             "complete)")
-    g.add_argument("--batch_size", default=16, type=int, help="windows per forward (bounds the memory)")
-    g.add_argument("--device", default="cuda", help="cuda or cpu; falls back to cpu when CUDA is unavailable")
-    g.add_argument("--seed", default=0, type=int, help="torch/numpy seed (embeddings do not depend on it)")
-    g.add_argument("--debug", action="store_true", help=f"tracebacks of errors (also {harness.DEBUG_ENV}=1)")
+    add_run_args(g, batch_size=16, product="embeddings")
     harness.add_distributed_args(p)
     return p
 

@@ -30,7 +30,7 @@ import harness
 from inference.blend import blend_strip, blend_weights, strip_bounds
 from inference.tiling import Block, BlockStore, axis_starts, native_gsd, neighbour_sides, \
     open_scene, open_store, runs
-from inference.inputs import add_reader_args, check_dtype, check_scene, check_upsampling, expand_inputs, \
+from inference.inputs import add_reader_args, add_run_args, check_dtype, check_scene, check_upsampling, expand_inputs, \
     input_scaling, start, trained_bands, training_data
 from util import dist as dist_util
 from util.io import atomic_write
@@ -71,10 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--blocksize", default=256, type=int, help="tile size of the output COGs and their overviews "
                                                               "in px (a power of two, 64 to 4096); overviews "
                                                               "halve until one fits a tile")
-    g.add_argument("--batch_size", default=8, type=int, help="windows per forward (bounds the memory)")
-    g.add_argument("--device", default="cuda", help="cuda or cpu; falls back to cpu when CUDA is unavailable")
-    g.add_argument("--seed", default=0, type=int, help="torch/numpy seed (predictions do not depend on it)")
-    g.add_argument("--debug", action="store_true", help=f"tracebacks of errors (also {harness.DEBUG_ENV}=1)")
+    add_run_args(g, batch_size=8, product="predictions")
     harness.add_distributed_args(p)
     return p
 

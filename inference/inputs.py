@@ -15,7 +15,7 @@ from dataloaders.config import GEO_TYPES, SEG_TYPES
 from dataloaders.geo_read import RESAMPLING_METHODS
 from dataloaders.pixel_dtype import RASTER_DTYPE_KEY
 
-__all__ = ["add_reader_args", "start", "check_flags", "check_crs", "POSITIVE_FLAGS", "training_data", "input_scaling",
+__all__ = ["add_reader_args", "add_run_args", "start", "check_flags", "check_crs", "POSITIVE_FLAGS", "training_data", "input_scaling",
            "trained_bands",
            "norm_stats", "expand_inputs", "check_scene", "recorded_dtype", "check_dtype", "check_upsampling",
            "UPSAMPLE_TOLERANCE"]
@@ -59,6 +59,15 @@ def add_reader_args(group: Any, input_help: str = "") -> None:
                        help=f"read rasters whose pixel dtype differs from the one the checkpoint was trained on "
                             f"({RASTER_DTYPE_KEY}; default: an error), e.g. float32 rasters holding the training "
                             f"values: --scale must then bring them to the training range")
+
+
+def add_run_args(group: Any, batch_size: int, product: str) -> None:
+    """The run flags both inference launchers share (``--batch_size`` with its default, ``--device``, ``--seed``,
+    ``--debug``; ``product``: what the seed does not change, e.g. ``"embeddings"``)."""
+    group.add_argument("--batch_size", default=batch_size, type=int, help="windows per forward (bounds the memory)")
+    group.add_argument("--device", default="cuda", help="cuda or cpu; falls back to cpu when CUDA is unavailable")
+    group.add_argument("--seed", default=0, type=int, help=f"torch/numpy seed ({product} do not depend on it)")
+    group.add_argument("--debug", action="store_true", help=f"tracebacks of errors (also {harness.DEBUG_ENV}=1)")
 
 
 def start(args: argparse.Namespace) -> tuple[Any, int, int]:
